@@ -1,0 +1,36 @@
+# Two commands matter: `make quickstart` (the main job, end to end on an embedded local Ray) and `make test`.
+SHELL := /bin/bash
+VENV := .venv/bin
+# Keep every Ray listener on loopback (see NOTES.md) and never reach a model hub from tests.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup quickstart test test-unit test-integration lint format bench
+
+setup:
+	@bash scripts/setup.sh
+
+quickstart: setup
+	$(VENV)/python -m ray_jobs.quickstart --config configs/quickstart.yaml
+
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+format: setup
+	$(VENV)/ruff format .
+	$(VENV)/ruff check --fix .
+
+test: setup lint
+	$(VENV)/python -m pytest -q tests
+
+test-unit: setup
+	$(VENV)/python -m pytest -q -m "not integration" tests
+
+test-integration: setup
+	$(VENV)/python -m pytest -q -m integration tests
+
+bench: setup
+	for b in benchmarks/*.py; do $(VENV)/python $$b || exit 1; done

@@ -1,0 +1,57 @@
+"""The ``chatmusician`` console script: one subcommand per workflow, each driven by that workflow's typed config.
+
+Every subcommand takes ``--config FILE.yaml`` and one flag per config field (``--help`` lists them with their
+docs). A workflow registers itself by adding one line to ``COMMANDS``: (config class, run function, help),
+imported lazily so that one command's heavy imports never slow another's start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from chatmusician.config import make_parser, namespace_to_config
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build-tiny": (
+        "chatmusician.model.config:TinyModelConfig",
+        "chatmusician.model.tiny:run_build",
+        "Build the offline tiny LLaMA model and tokenizer.",
+    ),
+}
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="chatmusician", description="ChatMusician on Ray: data, training, serving, rendering.")
+    subcommands = parser.add_subcommands(required=True, dest="command")
+    for name, (config_path, _, help_text) in COMMANDS.items():
+        subcommands.add_subcommand(name, make_parser(_resolve(config_path)), help=help_text)
+    return parser
+
+
+def run_command(name: str, args: Sequence[str]) -> Any:
+    """Run one workflow from its command-line arguments (what ``ray_jobs/*`` entrypoints call)."""
+    config_path, run_path, _ = COMMANDS[name]
+    config_cls = _resolve(config_path)
+    parser = make_parser(config_cls, prog=f"chatmusician {name}")
+    return _resolve(run_path)(namespace_to_config(config_cls, parser.parse_args(list(args)), parser))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    build_parser().parse_args(argv)  # validates the whole command line and serves --help
+    run_command(argv[0], argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

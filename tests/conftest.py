@@ -1,0 +1,58 @@
+"""Shared fixtures: offline settings, the tiny model, and ONE local Ray cluster for the whole session.
+
+A Ray cluster per test costs seconds of start-up on 2 cores, so every integration test that needs Ray takes
+``ray_cluster``; tests that need their own cluster (``ray start`` for job submission) start it on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Keep every Ray listener on loopback (NOTES.md) and never reach a model hub from tests.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The cached nano LLaMA + tokenizer (built once, ~10 s)."""
+    from chatmusician.model.tiny import ensure_tiny
+
+    return str(ensure_tiny("nano"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session: 4 logical CPUs so that Data tasks never starve 2 train workers
+    (NOTES.md), the dashboard on a free port (Tune needs it), everything on loopback."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
+    yield ray
+    from contextlib import suppress
+
+    with suppress(Exception):
+        from ray import serve
+
+        serve.shutdown()
+    ray.shutdown()
