@@ -22,6 +22,36 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.model.tiny:run_build",
         "Build the offline tiny LLaMA model and tokenizer.",
     ),
+    "pretrain": (
+        "chatmusician.train.config:PretrainConfig",
+        "chatmusician.train.recipe:run",
+        "Continual pretraining (Ray Train + DeepSpeed + LoRA).",
+    ),
+    "sft": (
+        "chatmusician.train.config:SFTConfig",
+        "chatmusician.train.recipe:run",
+        "Supervised fine-tuning (Ray Train + DeepSpeed + LoRA).",
+    ),
+    "merge": (
+        "chatmusician.train.config:MergeConfig",
+        "chatmusician.model.merge:run",
+        "Merge a LoRA adapter into its base model.",
+    ),
+    "render": (
+        "chatmusician.render.config:RenderCommandConfig",
+        "chatmusician.render.command:run_render",
+        "Render ABC to MIDI, WAV, MP3, SVG, PNG (sandboxed).",
+    ),
+    "chat": (
+        "chatmusician.serve.config:ChatConfig",
+        "chatmusician.chat:run_chat",
+        "Chat with a model in the terminal, or answer a prompts file in batch.",
+    ),
+    "serve": (
+        "chatmusician.serve.config:ServeAppConfig",
+        "chatmusician.serve.app:run_serve",
+        "Run the Serve app (REST, OpenAI API, web UI) on a local Ray.",
+    ),
 }
 
 

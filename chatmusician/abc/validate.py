@@ -1,0 +1,290 @@
+"""Validate one tune: header values, balanced brackets/quotes/slurs, ties, repeats, and bar durations per voice.
+
+The music is tokenized by ``abcnotes`` (PyPI, MIT, pure Python: notes, rests, chords, tuplets, broken rhythm,
+grace notes, decorations, chord symbols, inline fields), a few milliseconds per tune. What it leaves out,
+this module adds: multi-voice bar checks, positions relative to the text given, structured issues, and
+never raising on hostile input (values it would choke on are blanked before it sees them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+
+import abcnotes
+
+from chatmusician.abc.issues import ERROR, WARNING, Issue
+from chatmusician.abc.parse import Tune, check_field_value, iter_body_fields, parse_tune
+
+DEFAULT_VOICE = ""
+
+
+class _Tokenizer(abcnotes.Tune):
+    """abcnotes' body tokenizer fed with our own header values (its parse_abc re-reads the header and
+    raises on values we already report as issues)."""
+
+    def __init__(self, header: dict[str, str]):
+        self.strict = False  # unreadable characters become Unknown tokens
+        self.header = header
+        self.fields = []
+
+
+@dataclass
+class Bar:
+    """One bar of one voice: its tokens (the opening bar line first, if any) and what it adds up to."""
+
+    tokens: list = field(default_factory=list)
+    duration: Fraction = Fraction(0)
+    """Sum of the note/rest lengths (first layer, chords once, grace notes not), in whole notes."""
+    meter: Fraction | None = None
+    """The meter in force at its first note or rest; None for free meter."""
+    first: object | None = None
+    """Its first note or rest token (for the issue position)."""
+    whole_bar_rest: bool = False
+    """It holds a Z/X (multi-)measure rest: full by definition."""
+    starts_part: bool = False
+    """A P: field (a new part) opened it instead of a bar line."""
+
+    @property
+    def opening(self):
+        return self.tokens[0] if self.tokens and isinstance(self.tokens[0], abcnotes.BarLine) else None
+
+
+@dataclass
+class _Voice:
+    bars: list[Bar] = field(default_factory=lambda: [Bar()])
+    slurs: list = field(default_factory=list)
+    previous_note: object | None = None
+    in_overlay: bool = False
+
+
+def _position(tune: Tune, token) -> tuple[int, int]:
+    return tune.body_line + token._line, token._char + 1
+
+
+def _blank(value: str, replacement: str = "") -> str:
+    """``replacement`` padded to the length of ``value`` so that later columns on the line stay put."""
+    return replacement.ljust(len(value))
+
+
+def _tokenizer_lines(tune: Tune) -> list[str]:
+    """Body lines with unreadable K:/M:/L:/Q: values blanked (they are reported by parse_tune)."""
+    lines = [line.rstrip("\r") for line in tune.body.split("\n")]
+    for f in iter_body_fields(lines, tune.body_line):
+        if check_field_value(f.letter, f.value) is None:
+            continue
+        replacement = f"{tune.unit_length.numerator}/{tune.unit_length.denominator}" if f.letter == "L" else ""
+        i, start = f.line - tune.body_line, f.column - 1
+        lines[i] = lines[i][:start] + _blank(f.value, replacement) + lines[i][start + len(f.value) :]
+    return lines
+
+
+def _tokenizer_header(tune: Tune) -> dict[str, str]:
+    ok = {letter: tune.header(letter) is not None and check_field_value(letter, tune.header(letter)) is None for letter in "KMQ"}
+    header = {
+        "key": tune.header("K") if ok["K"] else "",
+        "meter": tune.header("M") if ok["M"] else ("free" if tune.header("M") is None else "none"),
+        "unit note length": f"{tune.unit_length.numerator}/{tune.unit_length.denominator}",
+    }
+    if ok["Q"]:
+        header["tempo"] = tune.header("Q")
+    return header
+
+
+def tokenize(tune: Tune) -> list:
+    """abcnotes tokens of the body (token._line is the 0-based body line, token._char the 0-based column)."""
+    return _Tokenizer(_tokenizer_header(tune)).tokenize(_tokenizer_lines(tune), {})
+
+
+def _field_text(token) -> str:
+    return token._text.strip("[]") if isinstance(token, (abcnotes.BodyField, abcnotes.InlineField)) else ""
+
+
+def _length(token) -> Fraction | None:
+    """Length of a note or rest in whole notes; None when a length has a zero denominator."""
+    return _whole_notes(*token.length, *token.time_sig._unit_len)
+
+
+@lru_cache(maxsize=4096)
+def _whole_notes(num: int, den: int, unit_num: int, unit_den: int) -> Fraction | None:
+    if den == 0 or unit_den == 0:
+        return None
+    return Fraction(num, den) * Fraction(unit_num, unit_den)
+
+
+def split_voices(tune: Tune, tokens: list, issues: list[Issue]) -> dict[str, list[Bar]]:
+    """Group tokens by voice and bar, adding up durations; bracket/quote/slur/tie problems go to ``issues``."""
+    voices: dict[str, _Voice] = {}
+    current = tune.voices[0] if tune.voices else DEFAULT_VOICE
+    voice = voices.setdefault(current, _Voice())
+    chord_open = grace_open = None
+    in_chord_first = False  # inside [..]: only the first note counts
+    unknown_lines: set[int] = set()
+
+    def add(severity: str, code: str, message: str, token) -> None:
+        issues.append(Issue(severity, code, message, *_position(tune, token)))
+
+    for token in tokens:
+        if isinstance(token, (abcnotes.Newline, abcnotes.BarLine)) or (
+            isinstance(token, abcnotes.BodyField) and chord_open
+        ):
+            if chord_open is not None:
+                add(ERROR, "unclosed_chord", "chord '[' not closed before the end of the bar/line", chord_open)
+                chord_open = None
+            if grace_open is not None and isinstance(token, abcnotes.Newline):
+                add(ERROR, "unclosed_grace", "grace notes '{' not closed on this line", grace_open)
+                grace_open = None
+        text = _field_text(token)
+        if text.startswith("V:"):
+            current = text[2:].split()[0] if text[2:].split() else DEFAULT_VOICE
+            voice = voices.setdefault(current, _Voice())
+            continue
+        if text.startswith("P:") and voice.bars[-1].first is not None:
+            voice.bars.append(Bar(starts_part=True))  # a part ends the bar even without a bar line
+        bar = voice.bars[-1]
+        if isinstance(token, abcnotes.BarLine):
+            voice.bars.append(Bar(tokens=[token]))
+            voice.in_overlay = False
+            continue
+        bar.tokens.append(token)
+        if isinstance(token, abcnotes.ChordBracket):
+            if token._text == "[":
+                chord_open, in_chord_first = token, True
+            elif chord_open is None:
+                add(ERROR, "unmatched_bracket", "']' without an opening '['", token)
+            else:
+                chord_open = None
+        elif isinstance(token, abcnotes.GracenoteBrace):
+            if token._text != "}":
+                grace_open = token
+            elif grace_open is None:
+                add(ERROR, "unmatched_brace", "'}' without an opening '{'", token)
+            else:
+                grace_open = None
+        elif isinstance(token, abcnotes.Slur):
+            if token._text == "(":
+                voice.slurs.append(token)
+            elif voice.slurs:
+                voice.slurs.pop()
+            else:
+                add(WARNING, "unmatched_slur", "')' without an opening '('", token)
+        elif isinstance(token, abcnotes.Unknown):
+            if token._text == '"':
+                add(ERROR, "unclosed_quote", 'chord symbol or annotation \'"\' not closed on this line', token)
+            elif token._line not in unknown_lines:
+                unknown_lines.add(token._line)
+                add(WARNING, "unexpected_character", f"unexpected character {token._text!r}", token)
+        elif isinstance(token, abcnotes.VoiceOverlay):
+            voice.in_overlay = True  # '&' restarts the bar's time: count the first layer only
+        elif isinstance(token, (abcnotes.Note, abcnotes.Rest)):
+            if isinstance(token, abcnotes.Note):
+                if token.grace:
+                    continue
+                previous, voice.previous_note = voice.previous_note, (None if chord_open else token)
+                if previous is not None and previous.tie and chord_open is None:
+                    if (previous.note, previous.octave) != (token.note, token.octave):
+                        add(WARNING, "tie_mismatch", f"tie from {previous._text} to a different note {token._text}", previous)
+                if chord_open is not None:
+                    if not in_chord_first:
+                        continue
+                    in_chord_first = False
+            if voice.in_overlay:
+                continue
+            length = _length(token)
+            if length is None:
+                add(ERROR, "invalid_note_length", f"length of {token._text!r} divides by zero", token)
+                continue
+            if bar.first is None:
+                bar.first = token
+                meter = token.time_sig._meter
+                bar.meter = Fraction(*meter) if meter and meter[1] else None
+            if isinstance(token, abcnotes.Rest) and token.symbol in "XZ":
+                bar.whole_bar_rest = True
+            else:
+                bar.duration += length
+    for name, v in voices.items():
+        for slur in v.slurs:
+            add(WARNING, "unclosed_slur", "slur '(' never closed" + (f" in voice {name}" if name else ""), slur)
+    return {name: v.bars for name, v in voices.items()}
+
+
+def _is_boundary(bar: Bar | None) -> bool:
+    """Whether a bar starts a section: a new part, or a repeat sign, double bar or ending opens it."""
+    line = bar.opening if bar is not None else None
+    return bar is not None and (
+        bar.starts_part
+        or (line is not None and (line.repeat_start or line.repeat_end or line.double or line.endings is not None))
+    )
+
+
+def bar_duration_issues(tune: Tune, voice: str, bars: list[Bar]) -> list[Issue]:
+    """Bars whose length differs from the meter. Tolerated: a short first bar (pickup), a short last bar,
+    and a short bar opened or closed by a repeat sign, double bar, ending or P: part (a section's pickup or
+    its completion). Bars with no notes, a measure rest, or a free meter are not checked."""
+    issues = []
+    sounding = [i for i, bar in enumerate(bars) if bar.first is not None]
+    for n, i in enumerate(sounding):
+        bar = bars[i]
+        if bar.meter is None or bar.whole_bar_rest or bar.duration == bar.meter:
+            continue
+        if bar.duration < bar.meter:
+            following = bars[i + 1] if i + 1 < len(bars) else None
+            if n == 0 or n == len(sounding) - 1 or _is_boundary(bar) or _is_boundary(following):
+                continue
+        where = f" of voice {voice}" if voice else ""
+        issues.append(
+            Issue(
+                WARNING,
+                "bar_duration",
+                f"bar {n + 1}{where} lasts {bar.duration} of a whole note; the meter asks for {bar.meter}",
+                *_position(tune, bar.first),
+            )
+        )
+    return issues
+
+
+def _repeat_issues(tune: Tune, bars: list[Bar]) -> list[Issue]:
+    groups = [bar.tokens for bar in bars if bar.tokens]
+    issues = []
+    for index, message in abcnotes.check_repeats(groups):
+        line, column = _position(tune, groups[index][0]) if groups[index] else (None, None)
+        issues.append(Issue(WARNING, "repeat_structure", message, line, column))
+    return issues
+
+
+def _music_issues(tune: Tune) -> list[Issue]:
+    issues: list[Issue] = []
+    voices = split_voices(tune, tokenize(tune), issues)
+    if not any(bar.first is not None for bars in voices.values() for bar in bars):
+        issues.append(Issue(ERROR, "no_music", "the tune has no notes or rests", tune.body_line))
+        return issues
+    for name, bars in voices.items():
+        issues += bar_duration_issues(tune, name, bars)
+        issues += _repeat_issues(tune, bars)
+    return issues
+
+
+def bar_durations(text: str | Tune) -> dict[str, list[Fraction]]:
+    """Voice id -> the duration of each bar with notes, in whole notes (what the bar check compares)."""
+    tune = text if isinstance(text, Tune) else parse_tune(text)
+    voices = split_voices(tune, tokenize(tune), [])
+    return {name: [bar.duration for bar in bars if bar.first is not None] for name, bars in voices.items()}
+
+
+def _sort_key(issue: Issue) -> tuple:
+    return (issue.line or 0, issue.column or 0)
+
+
+def validate_tune(text: str | Tune) -> list[Issue]:
+    """Every problem found in one tune, sorted by position. Never raises."""
+    try:
+        tune = text if isinstance(text, Tune) else parse_tune(text)
+        issues = list(tune.issues)
+    except Exception as e:  # noqa: BLE001 - a request must get an answer, not a traceback
+        return [Issue(ERROR, "internal_error", f"could not read the tune: {type(e).__name__}: {e}")]
+    try:
+        issues += _music_issues(tune)
+    except Exception as e:  # noqa: BLE001 - the tokenizer is third-party; report, don't crash
+        issues.append(Issue(WARNING, "not_checked", f"music not checked: {type(e).__name__}: {e}"))
+    return sorted(issues, key=_sort_key)

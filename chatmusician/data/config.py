@@ -1,0 +1,80 @@
+"""Config of the data stage (``chatmusician tokenize``): sources, mode, lengths, packing, output. No torch/ray here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["pt", "sft"]
+Packing = Literal["none", "greedy"]
+Format = Literal["auto", "hub", "parquet", "jsonl", "json", "abc"]
+
+
+@dataclass
+class SourceConfig:
+    """One input of the mixture."""
+
+    path: str
+    """A Hugging Face dataset id (m-a-p/MusicPile), or a local/remote (s3://, gs://) file, directory or glob."""
+    format: Format = "auto"
+    """auto (hub id when the path looks like owner/name and is no local path, else from the extension) | hub | parquet | jsonl | json | abc."""
+    split: str = "train"
+    """Hub datasets: read only the files whose path names this split (when any file does)."""
+    weight: float = 1.0
+    """Sampling weight = expected uses of each row: 0.5 keeps a deterministic half, 2 repeats every row twice."""
+    src_weights: dict[str, float] = field(default_factory=dict)
+    """Extra weights by the row's `src` value (MusicPile's source column), multiplied onto `weight`; unlisted = 1."""
+    text_field: str | None = None
+    """pt mode: this source's text column (default: TokenizeConfig.text_field)."""
+
+
+@dataclass
+class TokenizeConfig:
+    """Ray Data tokenization of MusicPile-style corpora into training shards (pt or sft), with optional packing."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Inputs; several make a mixture (see SourceConfig.weight, src_weights and verbal_score_ratio)."""
+    mode: Mode = "pt"
+    """pt: continual pretraining on raw text | sft: instruction/input (masked) -> output (trained)."""
+    tokenizer: str = "m-a-p/ChatMusician-Base"
+    """Tokenizer hub id or local path (loaded with chatmusician.model.loading.load_tokenizer)."""
+    max_len: int = 2048
+    """Tokens per training row (the original's 2048)."""
+    max_source_len: int = 1536
+    """sft: source (template + instruction + input) tokens kept; longer sources are truncated (the original's 1536)."""
+    packing: Packing = "none"
+    """none: one document/sample per row (the original) | greedy: fill max_len rows in order, positions restart per document."""
+    text_field: str = "text"
+    """pt: the text column."""
+    add_eos: bool = True
+    """pt: end every document with EOS (documents are joined with EOS); False gives the original's ids exactly."""
+    sft_truncate: bool = True
+    """sft: truncate over-long samples like the original; False rejects them (reason too_long) instead."""
+    max_row_chars: int = 4_000_000
+    """Rows whose text fields together exceed this many characters are rejected as too_long (bounds worker memory)."""
+    verbal_score_ratio: list[float] | None = None
+    """Optional verbal:score row ratio, e.g. [1, 2]; the larger class is subsampled to reach it (costs one extra read pass)."""
+    seed: int = 0
+    """Seed of the deterministic per-row sampling that fractional weights use."""
+    hub_root: str | None = None
+    """A local directory standing in for the Hugging Face hub (holds datasets/<owner>/<name>/...); None = the real hub."""
+    output_dir: str | None = None
+    """Where write_shards puts parquet shards + manifest.json (local or s3://, gs://); None = run and count only."""
+    train_batch_size: int = 8
+    """Rows per training batch assumed by the manifest's padding fraction (the original's global batch 8)."""
+    shard_rows: int = 2048
+    """Rows per parquet shard."""
+    batch_size: int = 512
+    """Documents per tokenizer call; greedy packing fills rows within one batch, so larger batches pad less."""
+    read_rows: int = 1024
+    """Rows per block that a read task emits."""
+    num_tokenizers: int = 2
+    """Size of the tokenizer actor pool (the tokenizer is loaded once per actor)."""
+    tokenizer_cpus: float = 1.0
+    """CPUs each tokenizer actor reserves."""
+    read_cpus: float = 0.5
+    """CPUs each read task reserves."""
+    reject_samples: int = 20
+    """How many rejected row ids (with reasons) the manifest keeps."""
+    progress: bool = True
+    """Show Ray Data progress bars."""

@@ -1,0 +1,358 @@
+"""The Ray Data tokenization stage: read -> tokenize + pack (actor pool) -> training rows, streamed.
+
+    plan (work items: parquet row groups / files, sources interleaved)
+      -> read tasks (sources.read_item: rows, bad ones become reasons, mixture repeats)
+      -> tokenizer actors (tokenize.process_batch: tokenizer loaded once per actor; tokenize, pack)
+      -> build_dataset: the stream, for training directly
+      -> write_shards: parquet shards + manifest.json, written in order by the driver
+
+Everything streams (bounded blocks in flight), and with ``preserve_order`` the same input and config give the
+same rows in the same order, so the shards are byte-identical and a training run can resume at a row.
+Re-running into the same output_dir rewrites the same shard names and deletes stale ones: never duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from chatmusician.config import to_dict
+from chatmusician.data import sources
+from chatmusician.data.config import TokenizeConfig
+from chatmusician.data.packing import IGNORE_INDEX
+from chatmusician.data.tokenize import empty_stats, process_batch
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "chatmusician.tokenized/1"
+_SHARD = re.compile(r"^part-\d{5}\.parquet$")
+READ_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("src", pa.string()),
+        ("reject", pa.string()),
+        ("repeats", pa.int32()),
+        ("is_score", pa.bool_()),
+        ("text", pa.large_string()),
+        ("source", pa.large_string()),
+        ("target", pa.large_string()),
+    ]
+)
+
+
+# --- Ray stages (thin: the logic is in sources.py / tokenize.py / packing.py) ---------------------------------
+
+
+def _read(items: pa.Table, cfg: TokenizeConfig, class_weights: tuple[float, float]):
+    for item in items.to_pylist():
+        for batch in sources.read_item(item, cfg, class_weights):
+            yield pa.table(batch, schema=READ_SCHEMA)
+
+
+class _Tokenizer:
+    """Actor: loads the tokenizer once, then tokenizes and packs batch after batch."""
+
+    def __init__(self, cfg: TokenizeConfig, with_stats: bool):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one actor per core already
+        from chatmusician.model.loading import load_tokenizer
+
+        self.cfg, self.with_stats = cfg, with_stats
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return process_batch(batch.to_pydict(), self.tokenizer, self.cfg, self.with_stats)
+
+
+def _ordered(ds, cfg: TokenizeConfig):
+    ds.context.execution_options.preserve_order = True  # deterministic rows, byte-identical shards
+    ds.context.enable_progress_bars = cfg.progress
+    return ds
+
+
+def _read_dataset(cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)):
+    import ray
+
+    items = sources.item_dicts(sources.plan(cfg))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _read,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=cfg.read_cpus,
+        fn_kwargs={"cfg": cfg, "class_weights": class_weights},
+    )
+    return _ordered(ds, cfg)
+
+
+def class_weights(cfg: TokenizeConfig) -> tuple[float, float]:
+    """(verbal, score) weights that reach ``cfg.verbal_score_ratio``: one extra read pass counts the classes."""
+    if not cfg.verbal_score_ratio:
+        return 1.0, 1.0
+    if len(cfg.verbal_score_ratio) != 2:
+        raise ValueError(f"verbal_score_ratio needs two numbers (verbal, score), got {cfg.verbal_score_ratio}")
+    counts = [0, 0]
+    for batch in _read_dataset(cfg).select_columns(["repeats", "is_score"]).iter_batches(batch_format="pyarrow"):
+        for score in (False, True):
+            chosen = batch.filter(pc.equal(batch["is_score"], score))
+            counts[int(score)] += pc.sum(chosen["repeats"]).as_py() or 0
+    return sources.ratio_multipliers(counts[0], counts[1], tuple(cfg.verbal_score_ratio))
+
+
+def build_dataset(cfg: TokenizeConfig, *, with_stats: bool = False, weights: tuple[float, float] | None = None):
+    """The streaming ``ray.data.Dataset`` of training rows: ``input_ids``, ``labels`` (list<int32>, -100 = no
+    loss) and, when packed, ``position_ids``. Lazy: nothing runs until it is consumed.
+
+    ``with_stats=True`` adds a ``stats`` column: "" on training rows, and on one extra row per batch (empty
+    ids) a JSON object with that batch's counts (see tokenize.process_batch); :func:`write_shards` uses it
+    for the manifest. Filter those rows out before training (``stats == ""``)."""
+    from ray.data import ActorPoolStrategy
+
+    _check(cfg)
+    weights = weights if weights is not None else class_weights(cfg)
+    ds = _read_dataset(cfg, weights).map_batches(
+        _Tokenizer,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=cfg.num_tokenizers),
+        num_cpus=cfg.tokenizer_cpus,
+        fn_constructor_kwargs={"cfg": cfg, "with_stats": with_stats},
+    )
+    return _ordered(ds, cfg)
+
+
+def _check(cfg: TokenizeConfig) -> None:
+    if cfg.max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {cfg.max_len}")
+    if cfg.mode == "sft" and not 0 < cfg.max_source_len < cfg.max_len:
+        raise ValueError(f"max_source_len must be in (0, max_len), got {cfg.max_source_len} (max_len {cfg.max_len})")
+    if cfg.shard_rows < 1 or cfg.batch_size < 1 or cfg.read_rows < 1 or cfg.num_tokenizers < 1:
+        raise ValueError("shard_rows, batch_size, read_rows and num_tokenizers must be positive")
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+def output_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def tokenizer_fingerprint(name_or_path: str) -> dict[str, Any]:
+    """Name plus a SHA-256 of the serialized fast tokenizer (vocabulary, merges, normalizer, special tokens)."""
+    from chatmusician.model.loading import load_tokenizer
+
+    tok = load_tokenizer(name_or_path)
+    blob = tok.backend_tokenizer.to_str().encode()
+    return {
+        "name": name_or_path,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+class ShardWriter:
+    """Writes rows in order into ``part-NNNNN.parquet`` shards of exactly ``shard_rows`` rows (the last may be
+    shorter): each shard goes to a temporary name first and is renamed when complete."""
+
+    def __init__(self, output_dir: str, shard_rows: int):
+        self.fs, self.root = output_filesystem(output_dir)
+        self.shard_rows = shard_rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.shards: list[dict[str, Any]] = []
+        self.fs.create_dir(self.root, recursive=True)
+        self._delete([MANIFEST])  # no manifest while a run is in progress: a crashed run never looks complete
+
+    def _delete(self, names):
+        for name in names:
+            if self.fs.get_file_info(f"{self.root}/{name}").is_file:
+                self.fs.delete_file(f"{self.root}/{name}")
+
+    def _listing(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        return [i.base_name for i in infos if i.is_file]
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.shard_rows:
+            self._write(self.shard_rows)
+
+    def _write(self, n_rows: int) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks()
+        shard, rest = table.slice(0, n_rows), table.slice(n_rows)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        name = f"part-{len(self.shards):05d}.parquet"
+        tmp = f"{self.root}/.{name}.tmp"
+        pq.write_table(shard, tmp, filesystem=self.fs, row_group_size=max(n_rows, 1), compression="zstd")
+        self.fs.move(tmp, f"{self.root}/{name}")
+        self.shards.append({"file": name, "rows": shard.num_rows, "tokens": _token_count(shard)})
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.pending_rows:
+            self._write(self.pending_rows)
+        written = {s["file"] for s in self.shards}
+        stale = [n for n in self._listing() if (_SHARD.match(n) and n not in written) or n.endswith(".parquet.tmp")]
+        self._delete(stale)  # shards of an earlier, longer run: never leave duplicates behind
+        return self.shards
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        tmp = f"{self.root}/.{MANIFEST}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self.fs.move(tmp, f"{self.root}/{MANIFEST}")
+
+
+def _token_count(table: pa.Table) -> int:
+    return int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+
+
+class PaddingMeter:
+    """Streaming padding fraction of consecutive rows batched ``batch_size`` at a time: padded to the batch's
+    longest row, and padded to ``max_len``."""
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.tokens = self.padded_longest = self.rows = 0
+        self.open: list[int] = []
+
+    def add(self, lengths) -> None:
+        for n in lengths:
+            self.open.append(n)
+            if len(self.open) == self.batch_size:
+                self._close()
+
+    def _close(self):
+        if self.open:
+            self.tokens += sum(self.open)
+            self.rows += len(self.open)
+            self.padded_longest += len(self.open) * max(self.open)
+            self.open = []
+
+    def result(self) -> dict[str, float]:
+        self._close()
+        frac = (lambda padded: round(1 - self.tokens / padded, 6) if padded else 0.0)
+        return {
+            f"pad_to_longest_batch_{self.batch_size}": frac(self.padded_longest),
+            "pad_to_max_len": frac(self.rows * self.max_len),
+        }
+
+
+def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
+    """Run the pipeline; write shards + ``manifest.json`` into ``cfg.output_dir`` (None: count only) and
+    return the manifest: tokenizer name and hash, mode, lengths, rows read / written / rejected by reason (with
+    sample row ids), token counts, padding fraction, shard list."""
+    weights = class_weights(cfg)
+    ds = build_dataset(cfg, with_stats=True, weights=weights)
+    writer = ShardWriter(cfg.output_dir, cfg.shard_rows) if cfg.output_dir else None
+    totals, rejected, samples = empty_stats(), Counter(), []
+    padding = PaddingMeter(cfg.train_batch_size, cfg.max_len)
+    sequences = tokens = loss_tokens = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        is_stats = pc.not_equal(batch["stats"], "")
+        for blob in batch.filter(is_stats)["stats"].to_pylist():
+            stats = json.loads(blob)
+            for key in ("read", "accepted", "sampled_out", "truncated", "documents"):
+                totals[key] += stats[key]
+            rejected.update(stats["rejected"])
+            samples += stats["samples"][: max(cfg.reject_samples - len(samples), 0)]
+        rows = batch.filter(pc.invert(is_stats)).drop_columns(["stats"])
+        if not rows.num_rows:
+            continue
+        lengths = pc.list_value_length(rows["input_ids"])
+        padding.add(lengths.to_pylist())
+        sequences += rows.num_rows
+        tokens += int(pc.sum(lengths).as_py())
+        loss_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(rows["labels"]), IGNORE_INDEX).cast(pa.int64())).as_py())
+        if writer:
+            writer.add(rows)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "mode": cfg.mode,
+        "packing": cfg.packing,
+        "max_len": cfg.max_len,
+        "max_source_len": cfg.max_source_len if cfg.mode == "sft" else None,
+        "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
+        "columns": ["input_ids", "labels"] + (["position_ids"] if cfg.packing != "none" else []),
+        "rows": {
+            "read": totals["read"],
+            "written": totals["documents"],
+            "accepted": totals["accepted"],
+            "sampled_out": totals["sampled_out"],
+            "truncated": totals["truncated"],
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": dict(sorted(rejected.items())),
+            "reject_samples": [{"row_id": r, "reason": why} for r, why in samples],
+        },
+        "class_weights": {"verbal": weights[0], "score": weights[1]},
+        "sequences": sequences,
+        "tokens": {"input": tokens, "loss": loss_tokens},
+        "padding_fraction": padding.result(),
+        "shards": writer.close() if writer else [],
+        "config": to_dict(cfg),
+    }
+    if writer:
+        writer.write_manifest(manifest)
+    return manifest
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    fs, root = output_filesystem(path)
+    with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+        return json.loads(f.read())
+
+
+def read_shards(path: str):
+    """The shards that :func:`write_shards` wrote into ``path``, in order, as a ``ray.data.Dataset`` (same
+    columns). The manifest names the shards; a folder without one is an unfinished run: a clear error."""
+    import ray
+
+    fs, root = output_filesystem(path)
+    if not fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+        raise FileNotFoundError(f"{path}: no {MANIFEST}; the run that wrote it did not finish (re-run write_shards)")
+    files = [f"{root}/{s['file']}" for s in read_manifest(path)["shards"]]
+    if not files:
+        return ray.data.from_items([])
+    ds = ray.data.read_parquet(files, filesystem=fs)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+# --- entrypoint -----------------------------------------------------------------------------------------------
+
+
+def run(cfg: TokenizeConfig) -> dict[str, Any]:
+    """CLI / ``ray job submit`` entry: connect to the cluster (``RAY_ADDRESS``) or start a local Ray, write the
+    shards, print a summary, and shut down only what it started."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
+    started = not ray.is_initialized()
+    if started:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        manifest = write_shards(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+    summary = {k: manifest[k] for k in ("mode", "packing", "max_len", "rows", "sequences", "tokens", "padding_fraction")}
+    summary["rows"] = {k: v for k, v in summary["rows"].items() if k != "reject_samples"}
+    summary["output_dir"] = cfg.output_dir
+    summary["shards"] = len(manifest["shards"])
+    print(json.dumps(summary, indent=2))
+    return manifest

@@ -1,0 +1,348 @@
+"""Where rows come from: hub ids, local/remote parquet, jsonl, json and raw ABC files, read row by row with
+every bad row turned into a reason instead of an exception. Mixture weights and the verbal:score ratio are
+per-row, deterministic decisions (a hash of the row id), so they stream and reproduce.
+
+Everything here is Ray-free: :func:`plan` lists work items (one parquet row group or one file each) and
+:func:`read_item` turns one item into column batches; the pipeline runs ``read_item`` in Ray Data tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from chatmusician.data.config import SourceConfig, TokenizeConfig
+from chatmusician.prompts import sft_source_target
+
+EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".abc": "abc"}
+COMPRESSIONS = (".gz", ".bz2", ".zst")  # pyarrow decompresses these streams by extension
+REJECT_REASONS = ("missing_field", "not_string", "empty", "invalid_utf8", "too_long", "malformed_json")
+SFT_FIELDS = ("instruction", "input", "output")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TUNE_START = re.compile(rb"(?m)^X:")
+_ABC_KEY_LINE = re.compile(r"(?m)^K:")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (no files, unknown format): a config error, reported before any work."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One read task: a whole file, or one row group of a parquet file."""
+
+    source: int
+    path: str
+    format: str
+    row_group: int = -1
+    first_row: int = 0
+
+
+# --- resolving sources ---------------------------------------------------------------------------------------
+
+
+def is_hub_id(path: str) -> bool:
+    """``owner/name`` that is no URI and no existing local path."""
+    return "://" not in path and bool(_HUB_ID.match(path)) and not Path(path).exists()
+
+
+def file_format(path: str) -> str | None:
+    name = path.lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    return EXTENSIONS.get(Path(name).suffix)
+
+
+def source_format(src: SourceConfig) -> str:
+    if src.format != "auto":
+        return src.format
+    return "hub" if is_hub_id(src.path) else "auto"  # "auto" left: decided per file by extension
+
+
+def hub_filesystem(hub_root: str | None) -> pafs.FileSystem:
+    """The hub as a pyarrow filesystem whose paths are ``datasets/<owner>/<name>/...``: the real hub (fsspec
+    HfFileSystem, streaming byte ranges, nothing downloaded first) or a local directory laid out the same way."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    if hub_root is None:
+        from huggingface_hub import HfFileSystem
+
+        return PyFileSystem(FSSpecHandler(HfFileSystem()))
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    return PyFileSystem(FSSpecHandler(DirFileSystem(path=str(hub_root), fs=LocalFileSystem())))
+
+
+def filesystem(src: SourceConfig, hub_root: str | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a source; remote URIs (s3://, gs://, hdfs://) go through pyarrow."""
+    if source_format(src) == "hub":
+        return hub_filesystem(hub_root), f"datasets/{src.path}"
+    if "://" in src.path:  # from_uri cannot parse globs: resolve the folder above the first wildcard
+        prefix = re.split(r"[*?\[]", src.path, maxsplit=1)[0].rsplit("/", 1)[0]
+        fs, base = pafs.FileSystem.from_uri(prefix)
+        return fs, base.rstrip("/") + src.path[len(prefix) :]
+    return pafs.LocalFileSystem(), str(Path(src.path).expanduser().absolute())
+
+
+def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """A file, every readable file under a directory (recursively, hidden and ``_`` files skipped), or a glob."""
+    if any(c in path for c in "*?["):
+        base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, path))
+    info = fs.get_file_info(path)
+    if info.is_file:
+        return [path]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(
+            i.path
+            for i in infos
+            if i.is_file
+            and file_format(i.path)
+            and not any(part.startswith((".", "_")) for part in i.path[len(path) :].split("/"))
+        )
+    return []
+
+
+def split_files(files: list[str], split: str) -> list[str]:
+    """Hub repos name splits in paths (``data/train-0000.parquet``, ``train/x.jsonl``): keep that split's files."""
+    token = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    chosen = [f for f in files if token.search(f.split("/", 3)[-1])]
+    return chosen or files
+
+
+def plan(cfg: TokenizeConfig) -> list[WorkItem]:
+    """Every source's work items, interleaved round-robin across sources so that a mixture streams mixed."""
+    if not cfg.sources:
+        raise SourceError("no sources given: set sources: [{path: ...}]")
+    per_source: list[list[WorkItem]] = []
+    for i, src in enumerate(cfg.sources):
+        fs, path = filesystem(src, cfg.hub_root)
+        files = list_files(fs, path)
+        if source_format(src) == "hub":
+            files = split_files([f for f in files if file_format(f)], src.split)
+        if not files:
+            raise SourceError(f"source {i} ({src.path!r}): no files found")
+        items = []
+        for f in files:
+            fmt = src.format if src.format not in ("auto", "hub") else file_format(f)
+            if fmt is None:
+                raise SourceError(f"source {i}: cannot tell the format of {f!r}; set format: parquet|jsonl|json|abc")
+            if fmt == "parquet":
+                meta = pq.ParquetFile(fs.open_input_file(f)).metadata
+                first = 0
+                for g in range(meta.num_row_groups):
+                    items.append(WorkItem(i, f, fmt, g, first))
+                    first += meta.row_group(g).num_rows
+            else:
+                items.append(WorkItem(i, f, fmt))
+        per_source.append(items)
+    mixed = []
+    for k in range(max(len(items) for items in per_source)):
+        mixed += [items[k] for items in per_source if k < len(items)]
+    return mixed
+
+
+# --- reading raw rows -----------------------------------------------------------------------------------------
+
+RawRow = tuple[str, Mapping[str, Any] | str]  # (row id, row fields | reject reason)
+
+
+def needed_columns(cfg: TokenizeConfig, src: SourceConfig) -> list[str]:
+    return [*SFT_FIELDS, "src"] if cfg.mode == "sft" else [src.text_field or cfg.text_field, "src"]
+
+
+def iter_parquet(fs: pafs.FileSystem, item: WorkItem, columns: list[str]) -> Iterator[RawRow]:
+    pf = pq.ParquetFile(fs.open_input_file(item.path))
+    present = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
+    table = pf.read_row_group(item.row_group, columns=present)
+    # Strings as bytes: invalid UTF-8 from foreign writers must become a reject, not a decode error here.
+    values = {}
+    for name in present:
+        col = table.column(name)
+        is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        values[name] = col.cast(pa.large_binary()).to_pylist() if is_text else col.to_pylist()
+    for k in range(table.num_rows):
+        yield f"{item.path}:{item.first_row + k}", {name: v[k] for name, v in values.items()}
+
+
+def parse_json_line(line: bytes) -> Mapping[str, Any] | str:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    except ValueError:
+        return "malformed_json"
+    return row if isinstance(row, dict) else "malformed_json"
+
+
+def iter_json(fs: pafs.FileSystem, item: WorkItem) -> Iterator[RawRow]:
+    """JSON lines, or one JSON array of objects (``.json`` files are either, as on the hub)."""
+    with io.BufferedReader(fs.open_input_stream(item.path)) as f:
+        if f.peek(64).lstrip()[:1] == b"[":
+            raw = f.read()
+            try:
+                rows = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                rows = "invalid_utf8"
+            except ValueError:
+                rows = "malformed_json"
+            if isinstance(rows, str):
+                yield f"{item.path}:0", rows
+                return
+            for k, row in enumerate(rows):
+                yield f"{item.path}:{k}", row if isinstance(row, dict) else "malformed_json"
+            return
+        for k, line in enumerate(f):
+            if line.strip():
+                yield f"{item.path}:{k}", parse_json_line(line)
+
+
+def iter_abc(fs: pafs.FileSystem, item: WorkItem) -> Iterator[RawRow]:
+    """One row per tune (split at ``X:`` lines), as ``{"text": tune}``."""
+    with fs.open_input_stream(item.path) as f:
+        data = f.read()
+    starts = [m.start() for m in _TUNE_START.finditer(data)]
+    for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(data)], strict=True)):
+        yield f"{item.path}:{k}", {"text": data[a:b].strip()}
+
+
+def iter_raw_rows(item: WorkItem, cfg: TokenizeConfig) -> Iterator[RawRow]:
+    src = cfg.sources[item.source]
+    fs, _ = filesystem(src, cfg.hub_root)
+    if item.format == "parquet":
+        return iter_parquet(fs, item, needed_columns(cfg, src))
+    if item.format in ("jsonl", "json"):
+        return iter_json(fs, item)
+    if item.format == "abc":
+        return iter_abc(fs, item)
+    raise SourceError(f"unknown format {item.format!r}")
+
+
+# --- validating rows ------------------------------------------------------------------------------------------
+
+
+def as_text(value: Any) -> str | None | tuple[str]:
+    """A field as str; ``None`` when missing; a 1-tuple holding the reject reason when unusable."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return ("invalid_utf8",)
+    if not isinstance(value, str):
+        return ("not_string",)
+    try:  # JSON escapes can smuggle lone surrogates, which no tokenizer accepts
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ("invalid_utf8",)
+    return value
+
+
+def validate(row: Mapping[str, Any], mode: str, text_field: str, max_chars: int) -> dict[str, str] | str:
+    """Raw row -> ``{"text"}`` (pt) or ``{"source", "target"}`` (sft) plus ``src``; or the reject reason."""
+    names = SFT_FIELDS if mode == "sft" else (text_field,)
+    fields: dict[str, str] = {}
+    for name in names:
+        value = as_text(row.get(name))
+        if isinstance(value, tuple):
+            return value[0]
+        fields[name] = value if value is not None else ""
+        if value is None and (name == "output" or mode == "pt"):
+            return "missing_field"
+    if mode == "sft" and not (fields["instruction"].strip() or fields["input"].strip()):
+        return "missing_field" if row.get("instruction") is None and row.get("input") is None else "empty"
+    main = fields["output"] if mode == "sft" else fields[text_field]
+    if not main.strip():
+        return "empty"
+    if sum(len(v) for v in fields.values()) > max_chars:
+        return "too_long"
+    src = as_text(row.get("src"))
+    out = {"src": src if isinstance(src, str) else ""}
+    if mode == "sft":
+        out["source"], out["target"] = sft_source_target(fields)
+    else:
+        out["text"] = main
+    return out
+
+
+# --- mixture sampling -----------------------------------------------------------------------------------------
+
+
+def uniform(key: str, seed: int) -> float:
+    """A deterministic number in [0, 1) for a row id."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def repeats(key: str, weight: float, seed: int) -> int:
+    """How many times a row is used: ``floor(weight)``, plus one more with probability ``frac(weight)``."""
+    whole = math.floor(weight)
+    return whole + (1 if uniform(key, seed) < weight - whole else 0)
+
+
+def is_score(text: str) -> bool:
+    """Does the text hold music in ABC notation (a ``K:`` header line and a bar line)? The verbal/score split."""
+    return "|" in text and _ABC_KEY_LINE.search(text) is not None
+
+
+def ratio_multipliers(n_verbal: float, n_score: float, ratio: tuple[float, float]) -> tuple[float, float]:
+    """Weights (verbal, score) <= 1 that subsample the larger class so that verbal:score matches ``ratio``."""
+    want_v, want_s = ratio
+    if n_verbal <= 0 or n_score <= 0 or want_v <= 0 or want_s <= 0:
+        return 1.0, 1.0
+    scale = min(n_verbal / want_v, n_score / want_s)  # the largest mix both classes can supply
+    return min(1.0, scale * want_v / n_verbal), min(1.0, scale * want_s / n_score)
+
+
+# --- the read task --------------------------------------------------------------------------------------------
+
+READ_COLUMNS = ("row_id", "src", "reject", "repeats", "is_score", "text", "source", "target")
+
+
+def read_item(
+    item: WorkItem | Mapping[str, Any], cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)
+) -> Iterator[dict[str, list]]:
+    """One work item -> column batches of ``cfg.read_rows`` rows: valid rows carry their text and how many
+    times to use them (``repeats``); bad rows carry only their id and ``reject`` reason."""
+    item = item if isinstance(item, WorkItem) else WorkItem(**item)
+    src = cfg.sources[item.source]
+    text_field = src.text_field or cfg.text_field
+    batch: dict[str, list] = {c: [] for c in READ_COLUMNS}
+    for row_id, raw in iter_raw_rows(item, cfg):
+        fields = raw if isinstance(raw, str) else validate(raw, cfg.mode, text_field, cfg.max_row_chars)
+        if isinstance(fields, str):
+            fields, reject, score, n = {}, fields, False, 0
+        else:
+            reject = ""
+            score = is_score(fields["target"] if cfg.mode == "sft" else fields["text"])
+            weight = src.weight * src.src_weights.get(fields["src"], 1.0) * class_weights[int(score)]
+            n = repeats(row_id, weight, cfg.seed)
+        for name, value in (("row_id", row_id), ("reject", reject), ("repeats", n), ("is_score", score)):
+            batch[name].append(value)
+        for name in ("src", "text", "source", "target"):
+            batch[name].append(fields.get(name, ""))
+        if len(batch["row_id"]) >= cfg.read_rows:
+            yield batch
+            batch = {c: [] for c in READ_COLUMNS}
+    if batch["row_id"]:
+        yield batch
+
+
+def item_dicts(items: list[WorkItem]) -> list[dict[str, Any]]:
+    return [asdict(i) for i in items]

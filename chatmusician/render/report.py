@@ -1,0 +1,122 @@
+"""Render a whole corpus concurrently and report success per format, with every failure and its reasons.
+
+``python -m chatmusician.render.report`` writes ``reports/render_nottingham.{md,json}`` for the 1,034
+Nottingham tunes (MIDI + SVG); the corpus test does the same and checks the rates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatmusician.render.config import RenderConfig
+from chatmusician.render.pipeline import RenderRequest, render
+
+_TITLE = re.compile(r"^T:\s*(.*)$", re.MULTILINE)
+
+
+@dataclass
+class TuneOutcome:
+    index: int
+    title: str
+    rendered: list[str]
+    errors: list[dict] = field(default_factory=list)
+    warnings: int = 0
+    seconds: float = 0.0
+
+
+def render_one(index: int, tune: str, formats: list[str], config: RenderConfig) -> TuneOutcome:
+    result = render(RenderRequest(tune, list(formats)), config)
+    title = m.group(1).strip() if (m := _TITLE.search(tune)) else ""
+    return TuneOutcome(
+        index, title, sorted(result.outputs), result.errors, len(result.warnings), result.timings["total"]
+    )
+
+
+def render_corpus(
+    tunes: list[str], formats: list[str], config: RenderConfig | None = None, workers: int = 4
+) -> list[TuneOutcome]:
+    """Render every tune; threads suffice because each render waits on sandboxed subprocesses."""
+    config = config or RenderConfig()
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda it: render_one(it[0], it[1], formats, config), enumerate(tunes)))
+
+
+def summarize(outcomes: list[TuneOutcome], formats: list[str], corpus: str) -> dict:
+    """Success count and rate per format, the failures with their errors, and the commonest error codes."""
+    total = len(outcomes)
+    per_format = {}
+    for fmt in formats:
+        ok = sum(fmt in o.rendered for o in outcomes)
+        per_format[fmt] = {"rendered": ok, "failed": total - ok, "rate": ok / total if total else 0.0}
+    failures = [
+        {
+            "index": o.index,
+            "title": o.title,
+            "missing": [f for f in formats if f not in o.rendered],
+            "errors": o.errors,
+        }
+        for o in outcomes
+        if any(f not in o.rendered for f in formats)
+    ]
+    codes = Counter(e["code"] for o in outcomes for e in o.errors)
+    return {
+        "corpus": corpus,
+        "tunes": total,
+        "formats": per_format,
+        "tunes_with_warnings": sum(o.warnings > 0 for o in outcomes),
+        "error_codes": dict(codes.most_common()),
+        "failures": failures,
+    }
+
+
+def to_markdown(summary: dict) -> str:
+    lines = [
+        f"# Render report: {summary['corpus']}",
+        "",
+        f"{summary['tunes']} tunes; {summary['tunes_with_warnings']} rendered with warnings "
+        "(recovered tool errors, underfull lines…).",
+        "",
+        "| format | rendered | failed | success |",
+        "|---|---:|---:|---:|",
+    ]
+    for fmt, s in summary["formats"].items():
+        lines.append(f"| {fmt} | {s['rendered']} | {s['failed']} | {100 * s['rate']:.2f} % |")
+    lines += ["", f"## Failures ({len(summary['failures'])})", ""]
+    if not summary["failures"]:
+        lines.append("None.")
+    for f in summary["failures"]:
+        lines.append(f"- tune {f['index']} *{f['title']}*, missing {', '.join(f['missing'])}:")
+        for e in f["errors"]:
+            where = f" (line {e['line']}, column {e['column']})" if e.get("line") else ""
+            lines.append(f"  - {e['stage']} `{e['code']}`{where}: {e['message']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict, out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    md.write_text(to_markdown(summary))
+    js.write_text(json.dumps(summary, indent=2))
+    return md, js
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chatmusician.corpora import nottingham_tunes
+
+    out_dir = (argv if argv is not None else sys.argv[1:])[:1] or ["reports"]
+    formats = ["midi", "svg"]
+    summary = summarize(render_corpus(nottingham_tunes(), formats), formats, "Nottingham (ABC_cleaned)")
+    md, _ = write_report(summary, out_dir[0], "render_nottingham")
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""App builder: ``import_path: chatmusician.serve.app:build_app`` in serve_config.yaml, ``chatmusician serve``.
+
+``args`` (the YAML's ``args:``) are the fields of :class:`~chatmusician.serve.config.ServeAppConfig`, checked by
+jsonargparse exactly like the CLI's flags. Resources set here are defaults: serve_config.yaml's
+``deployments:`` entries (Composer, Renderer, Ingress) override them, as Serve does for any app; replica counts
+and autoscaling live there only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from chatmusician.config import make_parser, namespace_to_config
+from chatmusician.serve.config import DeploymentOptions, ServeAppConfig
+
+
+def app_config(args: dict[str, Any] | ServeAppConfig | None = None) -> ServeAppConfig:
+    """A typed config from ``serve deploy`` args (nested dicts allowed); unknown or ill-typed keys -> error."""
+    if isinstance(args, ServeAppConfig):
+        return args
+    parser = make_parser(ServeAppConfig)
+    return namespace_to_config(ServeAppConfig, parser.parse_object(args or {}), parser)
+
+
+def _options(o: DeploymentOptions, retry_after_s: int) -> dict[str, Any]:
+    return {
+        "ray_actor_options": {"num_cpus": o.num_cpus, "num_gpus": o.num_gpus},
+        "max_ongoing_requests": o.max_ongoing_requests,
+        "max_queued_requests": o.max_queued_requests,
+        # Serve's own 503 (queue at the proxy full) carries Retry-After too.
+        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+    }
+
+
+@serve.deployment(name="Renderer")
+class Renderer:
+    """The render pipeline as a plain deployment composed through a handle. (The render package's own
+    Renderer carries a FastAPI ingress for standalone HTTP use, and Serve allows one ingress per app.)"""
+
+    def __init__(self, config):
+        from chatmusician.render.deployment import as_render_config
+
+        self.config = as_render_config(config)
+
+    async def render(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``{abc, formats, tune_index}`` -> ``RenderResult.to_json_dict()`` (tools run in a worker thread)."""
+        from chatmusician.render import render_dict
+
+        return await asyncio.to_thread(render_dict, request, self.config)
+
+
+def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
+    """Ingress -> (Composer, Renderer), bound with the config's resources."""
+    from chatmusician.render.deployment import deployment_options
+    from chatmusician.serve.composer import Composer
+    from chatmusician.serve.ingress import Ingress
+
+    config = app_config(args)
+    composer = Composer.options(**_options(config.composer, config.retry_after_s)).bind(config)
+    renderer = Renderer.options(**deployment_options(config.render)).bind(config.render)
+    return Ingress.options(**_options(config.ingress, config.retry_after_s)).bind(composer, renderer, config)
+
+
+def run_serve(config: ServeAppConfig) -> None:
+    """CLI entry: run the app on a local Ray (started here when none is running) until Ctrl-C."""
+    import os
+    import time
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep listeners on loopback (NOTES.md)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), _node_ip_address="127.0.0.1")
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        print(f"ChatMusician serving on http://{config.host}:{config.port} (docs: /docs, UI: {config.ui_path})")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+

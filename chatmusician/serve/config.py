@@ -1,0 +1,120 @@
+"""Configs of serving: the engine (model + adapters + generation defaults and caps), the Serve app, the chat CLI.
+
+Dataclasses only (no torch/ray imports) so that ``chatmusician serve --help`` and ``chat --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chatmusician.render.config import RenderConfig
+
+
+@dataclass
+class GenerationDefaults:
+    """Sampling defaults of the original ChatMusician (predict.py and its gradio demo)."""
+
+    temperature: float = 0.2
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest token set whose probability mass reaches top_p."""
+    top_k: int = 40
+    """Sample only among the k most likely tokens (0 = no limit)."""
+    repetition_penalty: float = 1.1
+    """Penalty (>1) on tokens already present in prompt or answer."""
+    max_new_tokens: int = 1536
+    """Tokens generated at most per answer when the request does not say."""
+
+
+@dataclass
+class EngineConfig:
+    """Which model generates, and the limits every request is checked against."""
+
+    model: str = "m-a-p/ChatMusician"
+    """Merged model, or the base model when adapters are given: hub id or local path."""
+    adapters: list[str] = field(default_factory=list)
+    """LoRA adapters (hub ids or paths) merged into the model in this order, e.g. [pretrain, sft]."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or path; default: the model's."""
+    precision: str = "fp32"
+    """Weights dtype: fp32 | bf16 | fp16 (fp16/bf16 only make sense on a GPU)."""
+    device: str = "auto"
+    """auto (GPU when one is visible, else CPU) | cpu | cuda."""
+    engine: str = "transformers"
+    """transformers (model.generate) | echo (answers with the user's message: a deterministic stand-in for UI tests)."""
+    max_prompt_tokens: int = 2048
+    """Requests whose templated prompt (history included) is longer are refused with prompt_too_long."""
+    max_new_tokens_cap: int = 2048
+    """Largest max_new_tokens a request may ask for."""
+    torch_threads: int = 0
+    """torch intra-op threads on CPU (0 = torch's default)."""
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    """Sampling defaults applied when a request leaves a parameter out."""
+
+
+@dataclass
+class DeploymentOptions:
+    """Resources and queue limits of one Serve deployment (serve_config.yaml's `deployments:` can override)."""
+
+    num_cpus: float = 1.0
+    """Logical CPUs per replica (fractions allowed)."""
+    num_gpus: float = 0.0
+    """GPUs per replica."""
+    max_ongoing_requests: int = 16
+    """Requests a replica works on at once (the composer batches among these)."""
+    max_queued_requests: int = 64
+    """Requests waiting at each caller beyond that; more are refused with 503 + Retry-After (backpressure)."""
+
+
+@dataclass
+class ServeAppConfig(EngineConfig):
+    """The Serve app: Ingress (REST + OpenAI API + web UI) -> Composer (model) and Renderer (ABC -> score/audio)."""
+
+    served_model_name: str = "chatmusician"
+    """Model id shown by /v1/models and expected in chat completion requests."""
+    max_batch_size: int = 8
+    """Dynamic batching: concurrent requests generated together (1 disables batching)."""
+    batch_wait_timeout_s: float = 0.05
+    """How long the first request of a batch waits for others to join."""
+    max_body_bytes: int = 1_000_000
+    """Larger request bodies are refused with 413."""
+    max_prompt_chars: int = 100_000
+    """Cheap character cap on prompts and ABC input, checked before tokenizing."""
+    default_formats: list[str] = field(default_factory=lambda: ["svg", "midi"])
+    """Renders returned by /v1/compose when the request names none (subset of midi, wav, mp3, svg, png)."""
+    retry_after_s: int = 1
+    """Retry-After seconds sent with 503 when the app is overloaded."""
+    web_ui: bool = True
+    """Mount the gradio web UI at ui_path."""
+    ui_path: str = "/ui"
+    """URL path of the web UI."""
+    ui_formats: list[str] = field(default_factory=lambda: ["png", "mp3"])
+    """Renders the web UI asks for: one image format (png|svg) and one audio format (mp3|wav)."""
+    composer: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=1.0))
+    """Composer deployment (set num_gpus: 1 on GPU nodes)."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    """Renderer deployment: tool options, sandbox limits and its CPU pool (``render.serve``)."""
+    ingress: DeploymentOptions = field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=256)
+    )
+    """HTTP ingress deployment."""
+    host: str = "127.0.0.1"
+    """HTTP host for `chatmusician serve` (serve_config.yaml sets its own http_options)."""
+    port: int = 8000
+    """HTTP port for `chatmusician serve`."""
+    app_name: str = "chatmusician"
+    """Serve application name for `chatmusician serve`."""
+
+
+@dataclass
+class ChatConfig(EngineConfig):
+    """Chat with a model in the terminal (the original predict.py), or answer a file of prompts in batch."""
+
+    prompts_file: str | None = None
+    """Batch mode: a .txt (one prompt per line) or .jsonl file ({"prompt": ...} or {"task": {"family", "fields"}})."""
+    output: str | None = None
+    """Batch mode: where to write the JSON predictions (default: stdout)."""
+    batch_size: int = 8
+    """Batch mode: prompts generated together."""
+    seed: int | None = None
+    """Sampling seed (reproducible answers)."""

@@ -1,0 +1,137 @@
+"""Typed configs of the training workflows (``chatmusician pretrain | sft | merge``).
+
+Dataclasses only (no torch/ray imports) so that ``--help`` stays fast. ``configs/pretrain.yaml`` and
+``configs/sft.yaml`` carry the original ChatMusician's defaults; ``configs/train_tiny.yaml`` is the CPU run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chatmusician.data.config import TokenizeConfig
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft); the defaults are the original's."""
+
+    r: int = 64
+    """Rank of the low-rank update."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers that get an adapter."""
+    modules_to_save: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"])
+    """Modules trained in full and saved with the adapter (the paper trains embeddings and lm_head)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized rows come from: materialized shards or the live Ray Data stream."""
+
+    shards: str | None = None
+    """Folder of parquet shards + manifest.json written by the data stage (``read_shards``)."""
+    stream: TokenizeConfig | None = None
+    """Tokenize on the fly with the data stage's ``build_dataset`` (used when shards is not set)."""
+
+
+@dataclass
+class TrainConfig:
+    """Continual pretraining or SFT with Ray Train + DeepSpeed ZeRO + LoRA (one recipe: chatmusician.train.recipe)."""
+
+    run_name: str = "chatmusician"
+    """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
+    storage_path: str = "./runs"
+    """Where checkpoints and TensorBoard logs go: a local/NFS folder or a URI such as s3://bucket/prefix."""
+    model: str = "m-a-p/ChatMusician-Base"
+    """Base model: hub id or local path (loaded in the profile's precision)."""
+    train_type: str = "lora"
+    """``lora`` (peft adapter + modules_to_save) or ``full`` (every weight trained)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings (used when train_type is lora)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data source."""
+    profile: str = "a800"
+    """Hardware profile: a800 (bf16), v100 (fp16 + dynamic loss scaling), cpu (fp32, gloo)."""
+    zero_stage: int | None = None
+    """DeepSpeed ZeRO stage 0-3; default: the profile's."""
+    num_workers: int = 8
+    """Number of Ray Train workers (one per GPU)."""
+    cpus_per_worker: float | None = None
+    """CPUs each worker requests; default: the profile's."""
+    accelerator_type: str | None = None
+    """Ray accelerator type the workers request (A800, V100, ...); default: the profile's; empty string: any."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all workers (micro batch x workers x accumulation)."""
+    micro_batch_size: int = 1
+    """Sequences per worker per forward pass; gradient accumulation fills the rest of the global batch."""
+    max_length: int = 2048
+    """Longest sequence fed to the model (longer rows are cut)."""
+    max_steps: int | None = None
+    """Optimizer steps of the whole run; default: epochs x rows / global batch."""
+    epochs: int = 1
+    """Passes over the data (used when max_steps is not set)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent in linear warmup before the cosine decay."""
+    grad_clip: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    seed: int = 42
+    """Seed of weight init (LoRA) and of dropout; the data order is the shards' order."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = 3
+    """How many checkpoints to keep."""
+    max_failures: int = 3
+    """How many worker failures the run survives by restarting from the last checkpoint."""
+    log_every: int = 10
+    """Report metrics to Ray Train every this many steps (TensorBoard and metrics.jsonl get every step)."""
+    fail_at_step: int | None = None
+    """Testing hook: rank 1 (or 0 alone) kills its process at this step, once per run (a marker file in storage)."""
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Continual pretraining on MusicPile (A800 nodes, bf16, ZeRO-2, LoRA) with Ray Train + DeepSpeed."""
+
+    run_name: str = "pretrain"
+    """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
+    profile: str = "a800"
+    """Hardware profile: a800 (bf16), v100 (fp16 + dynamic loss scaling), cpu (fp32, gloo)."""
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on MusicPile-sft (V100 nodes, fp16, ZeRO-2, LoRA) with Ray Train + DeepSpeed."""
+
+    run_name: str = "sft"
+    """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
+    profile: str = "v100"
+    """Hardware profile: a800 (bf16), v100 (fp16 + dynamic loss scaling), cpu (fp32, gloo)."""
+
+
+@dataclass
+class MergeConfig:
+    """Merge a trained LoRA adapter into its base model and save a plain Hugging Face model."""
+
+    adapter: str = ""
+    """Folder of the PEFT adapter (adapter_config.json + adapter_model.safetensors), e.g. a checkpoint's adapter/."""
+    out_dir: str = "./outputs/merged"
+    """Where to write the merged model and tokenizer."""
+    base_model: str | None = None
+    """Base model hub id or path; default: the one recorded in the adapter's config."""
+    precision: str = "fp32"
+    """Precision to merge and save in: fp32, bf16 or fp16."""

@@ -1,0 +1,84 @@
+"""Hardware profiles: what precision, ZeRO stage, collective backend and node type a run gets by default.
+
+``a800`` is where the original pretrained (bf16), ``v100`` where it fine-tuned (fp16 only: V100s have no bf16,
+so DeepSpeed's dynamic loss scaling keeps fp16 gradients from underflowing), ``cpu`` runs anywhere (fp32, gloo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    precision: str
+    """fp32 | bf16 | fp16: the dtype the model is loaded and trained in."""
+    zero_stages: tuple[int, ...]
+    """ZeRO stages this hardware is meant to run; the first is the default."""
+    backend: str
+    """torch.distributed backend."""
+    use_gpu: bool
+    accelerator_type: str | None
+    """Ray resource ``accelerator_type:<X>`` the workers ask for, so the run lands on those nodes."""
+    cpus_per_worker: float
+    fused_optimizer: bool
+    """Use torch's fused AdamW kernel (CUDA only)."""
+    peak_flops: float | None
+    """Dense peak FLOP/s of one device in this precision, for the MFU estimate."""
+
+
+PROFILES: dict[str, Profile] = {
+    "a800": Profile("a800", "bf16", (2, 3), "nccl", True, "A800", 8.0, True, 312e12),
+    "v100": Profile("v100", "fp16", (2, 3), "nccl", True, "V100", 8.0, False, 125e12),
+    # 0.5 CPU: Ray Data tasks must still get CPUs on a small machine (NOTES.md).
+    "cpu": Profile("cpu", "fp32", (0, 1, 2, 3), "gloo", False, None, 0.5, False, None),
+}
+
+# Dense peak FLOP/s by device name fragment and precision, for MFU where the actual GPU is known.
+PEAK_FLOPS = {
+    ("A800", "bf16"): 312e12,
+    ("A100", "bf16"): 312e12,
+    ("H100", "bf16"): 989e12,
+    ("H200", "bf16"): 989e12,
+    ("V100", "fp16"): 125e12,
+    ("A100", "fp16"): 312e12,
+    ("A800", "fp16"): 312e12,
+    ("H100", "fp16"): 989e12,
+    ("H200", "fp16"): 989e12,
+}
+
+
+class ProfileError(ValueError):
+    """A train config that its hardware profile cannot run (unknown profile, bf16 on V100, ...)."""
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ProfileError(f"unknown hardware profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def resolve_zero_stage(profile: Profile, zero_stage: int | None) -> int:
+    """The configured stage, checked against the profile, or the profile's default."""
+    if zero_stage is None:
+        return profile.zero_stages[0]
+    if zero_stage not in profile.zero_stages:
+        raise ProfileError(f"profile {profile.name!r} runs ZeRO stages {profile.zero_stages}, not {zero_stage}")
+    return zero_stage
+
+
+def peak_flops_for(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU by its name (``torch.cuda.get_device_name``), None when unknown."""
+    for (fragment, prec), flops in PEAK_FLOPS.items():
+        if fragment in device_name.upper() and prec == precision:
+            return flops
+    return None
+
+
+def mfu(params: int, tokens_per_s: float, peak_flops_per_device: float | None, n_devices: int) -> float | None:
+    """Model FLOPs utilisation (PaLM's 6·N FLOPs per token for forward + backward; attention ignored)."""
+    if not peak_flops_per_device:
+        return None
+    return 6 * params * tokens_per_s / (peak_flops_per_device * n_devices)

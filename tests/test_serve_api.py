@@ -1,0 +1,216 @@
+"""The HTTP routes without Ray: build_api over an in-process backend (echo engine + a recording fake renderer)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from chatmusician.prompts import musical_form
+from chatmusician.serve.composer import ComposeError, EchoEngine, prepare_request
+from chatmusician.serve.config import ServeAppConfig
+from chatmusician.serve.ingress import Overloaded, build_api
+from chatmusician.serve.openai_api import ChatMessage, messages_to_turns
+
+TUNE = "X:1\nT:Test\nM:4/4\nL:1/8\nK:G\nGABc d2e2|f2g2 a4|]"
+
+
+class LocalBackend:
+    """The deployments' contract in-process: echo engine with the composer's validation; a fake renderer."""
+
+    def __init__(self, config: ServeAppConfig):
+        self.config, self.engine = config, EchoEngine(config)
+        self.renders: list[dict] = []
+        self.overloaded = False
+
+    def _item(self, request):
+        if self.overloaded:
+            raise Overloaded("queue full")
+        return prepare_request(self.engine, self.config, request)
+
+    async def generate(self, request):
+        try:
+            item = self._item(request)
+        except ComposeError as error:
+            return {"error": error.to_dict()}
+        return dataclasses.asdict(self.engine.generate([item])[0])
+
+    async def stream(self, request):
+        try:
+            prepared, params = self._item(request)
+        except ComposeError as error:
+            yield {"error": error.to_dict()}
+            return
+        yield {"start": {"prompt_tokens": len(prepared.ids)}}
+        for piece in self.engine.stream(prepared, params):
+            yield {"delta": piece} if isinstance(piece, str) else {"done": dataclasses.asdict(piece)}
+
+    async def render(self, request):
+        self.renders.append(request)
+        outputs = {f: base64.b64encode(f.encode()).decode() for f in request["formats"]}
+        return {"ok": "K:" in request["abc"], "outputs": outputs, "errors": [], "warnings": []}
+
+
+CONFIG = ServeAppConfig(engine="echo", max_new_tokens_cap=100, max_body_bytes=20_000, max_prompt_chars=5_000)
+
+
+@pytest.fixture()
+def backend():
+    return LocalBackend(CONFIG)
+
+
+@pytest.fixture()
+def client(backend):
+    with TestClient(build_api(backend, CONFIG)) as c:
+        yield c
+
+
+def assert_error(response, status: int, code: str):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    return error
+
+
+def test_healthz_models_and_openapi(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["chatmusician"] and models["object"] == "list"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/compose", "/v1/render", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_compose_returns_text_abc_validation_and_requested_renders(client, backend):
+    body = client.post("/v1/compose", json={"prompt": f"Here:\n{TUNE}\nEnjoy", "formats": ["png", "mp3"]}).json()
+    assert body["text"].startswith("Here:") and body["abc"].startswith("X:1\nT:Test")
+    assert body["extraction"]["found"] and isinstance(body["validation"], list)
+    assert set(body["render"]["outputs"]) == {"png", "mp3"} and backend.renders[-1]["abc"] == body["abc"]
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    # The server's default formats apply when the request names none; [] renders nothing.
+    assert backend.renders and client.post("/v1/compose", json={"prompt": TUNE}).json()["render"]["outputs"].keys() == {
+        "svg",
+        "midi",
+    }
+    assert client.post("/v1/compose", json={"prompt": TUNE, "formats": []}).json()["render"] is None
+
+
+def test_compose_without_abc_renders_nothing_and_says_so(client, backend):
+    body = client.post("/v1/compose", json={"prompt": "just words"}).json()
+    assert body["abc"] is None and body["render"] is None and not body["extraction"]["found"]
+    assert body["extraction"]["message"] and not backend.renders
+
+
+def test_compose_task_uses_the_prompt_builders(client):
+    body = client.post("/v1/compose", json={"task": {"family": "form", "fields": {"form": "AABB"}}}).json()
+    assert body["prompt"] == musical_form("AABB") == body["text"]  # the echo engine answers with the prompt
+    assert_error(client.post("/v1/compose", json={"task": {"family": "fugue", "fields": {}}}), 400, "invalid_task")
+    error = assert_error(client.post("/v1/compose", json={"task": {"family": "form"}}), 400, "invalid_task")
+    assert "form" in error["message"]
+    assert_error(client.post("/v1/compose", json={"prompt": "a", "task": {"family": "form"}}), 400, "invalid_request")
+    assert_error(client.post("/v1/compose", json={}), 400, "invalid_request")
+
+
+def test_compose_history_reaches_the_composer(client):
+    body = client.post("/v1/compose", json={"prompt": "again", "history": [["q1", "a1"]], "formats": []}).json()
+    # echo: prompt tokens are the templated conversation's words
+    assert body["usage"]["prompt_tokens"] == len("Human: q1 </s> Assistant: a1 </s> Human: again </s> Assistant: ".split())
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        ({"prompt": "x", "params": {"max_new_tokens": 101}}, 400, "invalid_parameter"),  # over the cap
+        ({"prompt": "x", "params": {"temperature": -1}}, 400, "invalid_request"),  # schema range
+        ({"prompt": "x", "params": {"beams": 2}}, 400, "invalid_request"),  # unknown parameter
+        ({"prompt": "x", "formats": ["pdf"]}, 400, "invalid_request"),
+        ({"prompt": "   "}, 400, "empty_prompt"),
+        ({"prompt": "word " * 1100}, 413, "input_too_long"),  # over max_prompt_chars
+    ],
+)
+def test_bad_compose_requests_get_structured_errors(client, payload, status, code):
+    assert_error(client.post("/v1/compose", json=payload), status, code)
+
+
+def test_malformed_json_oversized_bodies_and_unknown_routes(client):
+    assert_error(client.post("/v1/compose", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_request")
+    assert_error(client.post("/v1/compose", json={"prompt": "x" * 30_000}), 413, "request_too_large")
+
+    def chunked():  # no Content-Length: the limit is counted while reading
+        for _ in range(30):
+            yield b"x" * 1000
+
+    assert_error(client.post("/v1/render", content=chunked(), headers={"content-type": "application/json"}), 413, "request_too_large")
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.get("/v1/compose"), 405, "method_not_allowed")
+
+
+def test_overload_is_503_with_retry_after(client, backend):
+    backend.overloaded = True
+    response = client.post("/v1/compose", json={"prompt": "x"})
+    assert_error(response, 503, "overloaded")
+    assert response.headers["retry-after"] == str(CONFIG.retry_after_s)
+    stream = client.post("/v1/chat/completions", json={"model": "chatmusician", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert_error(stream, 503, "overloaded")
+
+
+def test_render_route(client, backend):
+    ok = client.post("/v1/render", json={"abc": TUNE, "formats": ["svg"]})
+    assert ok.status_code == 200 and ok.json()["outputs"].keys() == {"svg"}
+    assert client.post("/v1/render", json={"abc": "no key"}).status_code == 422  # render failed: 422 + its errors
+    assert_error(client.post("/v1/render", json={"abc": ""}), 400, "invalid_request")
+
+
+def test_messages_to_turns():
+    m = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="q1"),
+        ChatMessage(role="assistant", content="a1"),
+        ChatMessage(role="user", content=[{"type": "text", "text": "q2"}]),
+        ChatMessage(role="user", content="more"),
+    ]
+    assert messages_to_turns(m) == ("q2\nmore", [("Be brief.\nq1", "a1")])
+    with pytest.raises(ValueError):
+        messages_to_turns([ChatMessage(role="user", content="q"), ChatMessage(role="assistant", content="a")])
+    with pytest.raises(ValueError):
+        messages_to_turns([ChatMessage(role="assistant", content="a"), ChatMessage(role="user", content="q")])
+
+
+def test_chat_completions_plain_and_streamed(client):
+    request = {"model": "chatmusician", "messages": [{"role": "user", "content": "la la la"}], "max_tokens": 2}
+    body = client.post("/v1/chat/completions", json=request).json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "la la "}
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 2
+    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "la la " and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    assert_error(client.post("/v1/chat/completions", json={**request, "model": "gpt-4"}), 404, "model_not_found")
+    assert_error(client.post("/v1/chat/completions", json={**request, "n": 2}), 400, "invalid_request")
+    bad_turns = {**request, "messages": [{"role": "assistant", "content": "hi"}]}
+    assert_error(client.post("/v1/chat/completions", json=bad_turns), 400, "invalid_messages")
+    over_cap = {**request, "max_tokens": 101, "stream": True}
+    assert_error(client.post("/v1/chat/completions", json=over_cap), 400, "invalid_parameter")
+
+
+def test_official_openai_client_against_the_app(client):
+    import openai
+
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    assert [m.id for m in oa.models.list()] == ["chatmusician"]
+    reply = oa.chat.completions.create(
+        model="chatmusician", messages=[{"role": "user", "content": "do re mi"}], extra_body={"top_k": 5}
+    )
+    assert reply.choices[0].message.content == "do re mi"
+    streamed = oa.chat.completions.create(model="chatmusician", messages=[{"role": "user", "content": "fa so"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "fa so"
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.chat.completions.create(model="chatmusician", messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert err.value.status_code == 400 and isinstance(err.value.body, dict)

@@ -1,0 +1,187 @@
+"""Composer helpers and engines without Ray: parameters, template, EOS/pad rules, batching, streaming, adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from chatmusician.prompts import build_chat_prompt
+from chatmusician.serve.composer import (
+    ComposeError,
+    EchoEngine,
+    GenerationParams,
+    TransformersEngine,
+    generation_kwargs,
+    group_by_params,
+    resolve_params,
+    split_at_eos,
+)
+from chatmusician.serve.config import EngineConfig, GenerationDefaults
+
+DEFAULTS = GenerationDefaults()
+
+
+def params(**overrides) -> GenerationParams:
+    return resolve_params(overrides, DEFAULTS, max_new_tokens_cap=2048)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    return TransformersEngine(EngineConfig(model=tiny_model_path, max_prompt_tokens=256, torch_threads=1))
+
+
+def test_defaults_are_the_originals_and_overrides_apply():
+    p = params()
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (0.2, 0.9, 40, 1.1, 1536)
+    assert params(temperature=0, max_new_tokens=7, top_k=None).max_new_tokens == 7
+    assert params(top_k=None).top_k == 40  # None means "server default"
+
+
+@pytest.mark.parametrize(
+    "overrides, code, param",
+    [
+        ({"max_new_tokens": 2049}, "invalid_parameter", "max_new_tokens"),  # over the cap
+        ({"max_new_tokens": 0}, "invalid_parameter", "max_new_tokens"),
+        ({"temperature": -0.1}, "invalid_parameter", "temperature"),
+        ({"top_p": 0}, "invalid_parameter", "top_p"),
+        ({"top_k": 2.5}, "invalid_parameter", "top_k"),
+        ({"repetition_penalty": "high"}, "invalid_parameter", "repetition_penalty"),
+        ({"temperature": True}, "invalid_parameter", "temperature"),
+        ({"beams": 4}, "unknown_parameter", "beams"),
+    ],
+)
+def test_bad_parameters_are_refused_with_a_code(overrides, code, param):
+    with pytest.raises(ComposeError) as err:
+        params(**overrides)
+    assert (err.value.code, err.value.param, err.value.status) == (code, param, 400)
+
+
+def test_generation_kwargs_sample_stop_at_eos_and_never_sample_pad():
+    kw = generation_kwargs(params(), eos_id=2, pad_id=0)
+    assert kw["do_sample"] and kw["eos_token_id"] == 2 and kw["suppress_tokens"] == [0]
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["repetition_penalty"]) == (0.2, 0.9, 40, 1.1)
+    greedy = generation_kwargs(params(temperature=0), eos_id=2, pad_id=0)
+    assert not greedy["do_sample"] and "temperature" not in greedy
+
+
+def test_split_at_eos_and_finish_reason():
+    assert split_at_eos([5, 6, 2, 0, 0], eos_id=2, max_new_tokens=5) == ([5, 6], "stop")
+    assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
+
+
+def test_requests_share_a_batch_only_with_equal_unseeded_parameters():
+    a, b = params(), params(temperature=0.5)
+    seeded = params(seed=3)
+    assert group_by_params([a, b, a, seeded, seeded, a]) == [[0, 2, 5], [1], [3], [4]]
+
+
+def test_prompt_is_the_exact_template_with_history_and_no_bos(engine):
+    history = [("Compose a jig.", "X:1\nK:G\nGAB|"), ("Now in D.", "X:1\nK:D\nDEF|")]
+    prepared = engine.prepare("And a reel?", history)
+    expected = build_chat_prompt("And a reel?", history)
+    assert expected.startswith("Human: Compose a jig. </s> Assistant: X:1") and expected.endswith(
+        "Human: And a reel? </s> Assistant: "
+    )
+    assert prepared.ids == engine.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert prepared.ids[0] != engine.tokenizer.bos_token_id
+    assert prepared.ids.count(engine.eos_id) == 5  # one </s> per closed turn part
+
+
+def test_too_long_or_empty_prompt_is_refused(engine):
+    with pytest.raises(ComposeError) as err:
+        engine.prepare("ABC " * 400)
+    assert err.value.code == "prompt_too_long" and err.value.status == 413
+    with pytest.raises(ComposeError) as err:
+        engine.prepare("   ")
+    assert err.value.code == "empty_prompt"
+    with pytest.raises(ComposeError) as err:
+        engine.prepare("hi", [("only a question",)])
+    assert err.value.code == "invalid_history"
+
+
+def test_batched_generation_equals_one_by_one(engine):
+    """Left padding and attention masks must not change any answer (greedy decoding)."""
+    greedy = params(temperature=0, max_new_tokens=12)
+    prompts = ["Compose a reel in D.", "Hi", "Develop a tune influenced by Bach's compositions. " * 3]
+    items = [(engine.prepare(p), greedy) for p in prompts]
+    batched = engine.generate(items)
+    for item, together in zip(items, batched, strict=True):
+        alone = engine.generate([item])[0]
+        assert together == alone
+        assert together.completion_tokens == 12 and together.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_streaming_matches(engine):
+    p = params(max_new_tokens=10, temperature=1.0, seed=7)
+    prepared = engine.prepare("Compose a jig.")
+    first, second = engine.generate([(prepared, p)])[0], engine.generate([(prepared, p)])[0]
+    assert first == second
+    pieces = list(engine.stream(prepared, p))
+    assert "".join(pieces[:-1]) == pieces[-1].text == first.text and pieces[-1] == first
+
+
+@pytest.fixture()
+def biased_engine(engine):
+    """The engine with its lm_head rigged so that pad (<unk>) then EOS are the most likely tokens."""
+    import torch
+
+    head = engine.model.lm_head.weight
+    saved = head.detach().clone()
+    yield engine, head
+    with torch.no_grad():
+        head.copy_(saved)
+
+
+def test_pad_is_never_sampled_and_generation_stops_at_eos(biased_engine):
+    import torch
+
+    engine, head = biased_engine
+    prepared = engine.prepare("Compose a jig.")
+    with torch.no_grad():
+        head[engine.pad_id] = head[engine.pad_id] * 0 + 5.0  # pad dominates every step
+    out = engine.generate([(prepared, params(temperature=0, max_new_tokens=8))])[0]
+    # Had pad been sampled the answer would decode to "" (pad is a special token, skipped when decoding).
+    assert out.finish_reason == "length" and out.completion_tokens == 8 and out.text.strip()
+    with torch.no_grad():
+        head[engine.eos_id] = head[engine.eos_id] * 0 + 10.0  # now EOS dominates: stop at once
+    out = engine.generate([(prepared, params(max_new_tokens=8))])[0]
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
+
+
+def test_stream_stops_when_the_consumer_leaves(engine):
+    prepared = engine.prepare("Compose a jig.")
+    pieces = engine.stream(prepared, params(temperature=0, max_new_tokens=1000))
+    next(pieces)
+    pieces.close()  # joins the generate thread: it must stop long before 1000 tokens
+
+
+def test_adapters_are_merged_in_order(engine, tiny_model_path, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from chatmusician.model.loading import load_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        load_model(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = lora.merge_and_unload()
+    adapted = TransformersEngine(
+        dataclasses.replace(engine.config, adapters=[str(tmp_path / "adapter")])
+    )
+    ids = torch.tensor([engine.prepare("Compose a jig.").ids])
+    with torch.no_grad():
+        base, merged, want = (m(ids).logits for m in (engine.model, adapted.model, expected))
+    assert torch.allclose(merged, want, atol=1e-5) and not torch.allclose(merged, base, atol=1e-3)
+
+
+def test_echo_engine_answers_with_the_prompt_within_max_new_tokens():
+    echo = EchoEngine(EngineConfig(engine="echo"))
+    prepared = echo.prepare("X:1\nK:G\nGAB cde|")
+    assert echo.generate([(prepared, params())])[0].text == "X:1\nK:G\nGAB cde|"
+    short = echo.generate([(prepared, params(max_new_tokens=2))])[0]
+    assert (short.text, short.finish_reason) == ("X:1\nK:G\n", "length")
+    pieces = list(echo.stream(prepared, params()))
+    assert "".join(pieces[:-1]) == pieces[-1].text

@@ -1,0 +1,228 @@
+"""Training logic without Ray: schedule, DeepSpeed configs per profile, placement, batching, configs, CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chatmusician.config import load_config
+from chatmusician.train.config import PretrainConfig, SFTConfig, TrainConfig
+from chatmusician.train.deepspeed_config import BatchSizeError, build_deepspeed_config, gradient_accumulation_steps
+from chatmusician.train.profiles import ProfileError, get_profile, mfu, peak_flops_for
+from chatmusician.train.recipe import TrainConfigError, collate, scaling_config, step_seed, total_steps_for, validate
+from chatmusician.train.schedule import lr_at, lr_multiplier, warmup_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- schedule: 5 % warmup, then cosine
+
+
+def test_schedule_is_five_percent_linear_warmup_then_cosine_to_min():
+    total, peak, floor = 200, 1e-4, 1e-5
+    lrs = [lr_at(s, total, peak, 0.05, floor) for s in range(total)]
+    assert warmup_steps(total, 0.05) == 10
+    # Linear warmup: 1/10, 2/10, ... of the peak, reaching it on the 10th step.
+    assert lrs[:10] == pytest.approx([peak * (i + 1) / 10 for i in range(10)])
+    # Cosine: starts at the peak, halfway down at the middle of the decay, min_lr on the last step.
+    assert lrs[10] == pytest.approx(peak)
+    mid = 10 + (total - 1 - 10) / 2
+    assert lr_at(int(mid), total, peak, 0.05, floor) == pytest.approx(
+        floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (int(mid) - 10) / (total - 11)))
+    )
+    assert lrs[-1] == pytest.approx(floor)
+    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert max(lrs) == pytest.approx(peak)
+
+
+def test_schedule_drives_torch_lambda_lr_the_way_deepspeed_steps_it():
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    total, peak = 40, 3e-4
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = LambdaLR(opt, lr_multiplier(total, peak, 0.05))
+    seen = []
+    for _ in range(total):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([lr_at(s, total, peak, 0.05) for s in range(total)])
+    assert seen[0] == pytest.approx(peak / 2)  # ceil(0.05 * 40) = 2 warmup steps
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_schedule_rejects_impossible_warmup(ratio):
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        lr_at(0, 10, 1e-4, ratio)
+
+
+# ---------------------------------------------------------------- DeepSpeed configs per hardware profile
+
+
+def _deepspeed_reads(config: dict):
+    """DeepSpeed's own parser of the config dict (world size 1: no process group here)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig(config)
+
+
+def test_v100_profile_is_fp16_with_dynamic_loss_scaling_and_no_bf16():
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft.yaml", num_workers=1)
+    ds = build_deepspeed_config(cfg, world_size=1)
+    parsed = _deepspeed_reads(ds)
+    assert parsed.float16_config.enabled and not parsed.bfloat16_config.enabled
+    assert parsed.float16_config.loss_scale == 0  # 0 = dynamic
+    assert parsed.float16_config.initial_scale_power == 16
+    assert parsed.zero_optimization_stage == 2
+    assert parsed.gradient_clipping == 1.0
+    assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (8, 8)
+
+
+def test_a800_profile_is_bf16_without_loss_scaling():
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain.yaml", num_workers=1)
+    parsed = _deepspeed_reads(build_deepspeed_config(cfg, world_size=1))
+    assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
+    assert parsed.zero_optimization_stage == 2
+    assert get_profile("a800").fused_optimizer
+
+
+def test_cpu_profile_is_fp32_and_every_zero_stage():
+    for stage in (0, 1, 2, 3):
+        ds = build_deepspeed_config(TrainConfig(profile="cpu", zero_stage=stage), world_size=8)
+        assert ds["zero_optimization"]["stage"] == stage
+        assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+        assert ds["zero_force_ds_cpu_optimizer"] is False  # torch AdamW, no compiled CPU Adam
+    assert get_profile("cpu").backend == "gloo"
+
+
+def test_profile_mismatches_are_clear_errors():
+    with pytest.raises(ProfileError, match="stages"):
+        build_deepspeed_config(TrainConfig(profile="a800", zero_stage=0), world_size=8)
+    with pytest.raises(ProfileError, match="unknown hardware profile 'tpu'"):
+        get_profile("tpu")
+
+
+def test_gradient_accumulation_fills_the_global_batch():
+    assert gradient_accumulation_steps(8, 1, 8) == 1
+    assert gradient_accumulation_steps(8, 2, 2) == 2
+    assert gradient_accumulation_steps(64, 1, 8) == 8
+    with pytest.raises(BatchSizeError, match="not a multiple of micro_batch_size 2 x 3 workers"):
+        gradient_accumulation_steps(8, 2, 3)
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_pretraining_asks_for_a800_nodes_and_sft_for_v100_nodes():
+    pre = scaling_config(load_config(PretrainConfig, ROOT / "configs" / "pretrain.yaml"))
+    sft = scaling_config(load_config(SFTConfig, ROOT / "configs" / "sft.yaml"))
+    assert pre._resources_per_worker_not_none["accelerator_type:A800"] > 0
+    assert "accelerator_type:V100" not in pre._resources_per_worker_not_none
+    assert sft._resources_per_worker_not_none["accelerator_type:V100"] > 0
+    assert pre.use_gpu and sft.use_gpu and pre._resources_per_worker_not_none["GPU"] == 1
+    cpu = scaling_config(TrainConfig(profile="cpu", num_workers=2))
+    assert not cpu.use_gpu and cpu._resources_per_worker_not_none == {"CPU": 0.5}
+    anywhere = scaling_config(TrainConfig(profile="a800", accelerator_type=""))
+    assert not any(k.startswith("accelerator_type") for k in anywhere._resources_per_worker_not_none)
+
+
+# ---------------------------------------------------------------- configs carry the original's defaults
+
+
+@pytest.mark.parametrize(("cls", "name", "profile"), [(PretrainConfig, "pretrain", "a800"), (SFTConfig, "sft", "v100")])
+def test_yaml_configs_carry_the_originals_defaults(cls, name, profile):
+    cfg = load_config(cls, ROOT / "configs" / f"{name}.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16, 0.1)
+    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert cfg.lora.modules_to_save == ["embed_tokens", "lm_head"]
+    assert (cfg.lr, tuple(cfg.betas), cfg.weight_decay) == (1e-4, (0.9, 0.95), 0.1)
+    assert (cfg.warmup_ratio, cfg.grad_clip, cfg.global_batch_size, cfg.max_length) == (0.05, 1.0, 8, 2048)
+    assert (cfg.zero_stage, cfg.profile, cfg.train_type) == (2, profile, "lora")
+    # The dataclass defaults agree with the YAML, so a bare `chatmusician pretrain` trains the same way.
+    assert cls().lora == cfg.lora and cls().profile == profile
+
+
+def test_tiny_config_is_a_valid_cpu_run():
+    cfg = load_config(TrainConfig, ROOT / "configs" / "train_tiny.yaml")
+    validate(cfg)
+    assert cfg.profile == "cpu" and cfg.num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"train_type": "qlora"}, "train_type"),
+        ({"global_batch_size": 6, "micro_batch_size": 4}, "not a multiple"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"profile": "v100", "zero_stage": 1}, "stages"),
+    ],
+)
+def test_invalid_train_configs_fail_before_any_worker_starts(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(TrainConfig(**{"profile": "cpu", "num_workers": 2, **override}))
+
+
+def test_total_steps_from_rows_epochs_and_batch():
+    cfg = TrainConfig(profile="cpu", num_workers=2, global_batch_size=8, micro_batch_size=2, epochs=3)
+    # 101 rows -> 50 per worker -> 25 micro batches each -> 3 epochs = 75 -> 37 steps of 2 micro batches.
+    assert total_steps_for(101, cfg) == 37
+    with pytest.raises(TrainConfigError, match="no optimizer step"):
+        total_steps_for(3, cfg)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_collate_pads_right_and_keeps_packed_positions():
+    batch = {
+        "input_ids": np.array([np.array([5, 6, 7, 8], np.int32), np.array([9, 10], np.int32)], dtype=object),
+        "labels": np.array([np.array([5, 6, 7, 8], np.int32), np.array([-100, 10], np.int32)], dtype=object),
+        "position_ids": np.array([np.array([0, 1, 0, 1], np.int32), np.array([0, 1], np.int32)], dtype=object),
+    }
+    out = collate(batch, max_length=3)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0]]
+    assert out["labels"].tolist() == [[5, 6, 7], [-100, 10, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 0], [0, 1, 0]]  # the pad starts a segment of its own
+    assert int(out["num_tokens"]) == 5
+    unpacked = collate({k: v for k, v in batch.items() if k != "position_ids"}, max_length=8)
+    assert unpacked["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
+
+
+def test_step_seeds_differ_by_step_and_rank_but_repeat():
+    seeds = {step_seed(42, s, r) for s in range(50) for r in range(8)}
+    assert len(seeds) == 400 and step_seed(42, 7, 1) == step_seed(42, 7, 1)
+
+
+def test_mfu_estimate():
+    assert peak_flops_for("NVIDIA A800-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops_for("Tesla V100-SXM2-32GB", "fp16") == 125e12
+    assert peak_flops_for("Some CPU", "fp32") is None
+    # 7e9 params at 3000 tokens/s/GPU on 8 A800s: 6 * 7e9 * 24000 / (8 * 312e12) = 0.404
+    assert mfu(7_000_000_000, 24_000, 312e12, 8) == pytest.approx(0.4038, abs=1e-3)
+    assert mfu(10, 1.0, None, 1) is None
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_lists_the_training_commands_with_their_flags(capsys):
+    from chatmusician.cli import main
+
+    for command, flag in [("pretrain", "--zero_stage"), ("sft", "--lora.r"), ("merge", "--adapter")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert flag in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_config_with_a_clear_error():
+    from chatmusician.cli import run_command
+
+    with pytest.raises(TrainConfigError, match="train_type"):
+        run_command("sft", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--train_type", "qlora"])
+    with pytest.raises(TrainConfigError, match="data.shards"):
+        run_command("pretrain", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--data.shards", "null"])
