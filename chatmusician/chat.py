@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatmusician.prompts import EXAMPLE_PROMPTS, Task, build_task_prompt
-from chatmusician.serve.composer import ComposeError, Completion, analyze_abc, load_engine, resolve_params
+from chatmusician.serve.composer import Completion, ComposeError, analyze_abc, load_engine, resolve_params
 from chatmusician.serve.config import ChatConfig
 
 
@@ -50,7 +50,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def prediction(prompt: str, completion: Completion | None, error: ComposeError | None = None) -> dict[str, Any]:
+def prediction(
+    prompt: str, completion: Completion | None, error: ComposeError | None = None
+) -> dict[str, Any]:
     if error is not None:
         return {"prompt": prompt, "output": None, "error": error.to_dict()}
     abc = analyze_abc(completion.text)

@@ -16,7 +16,11 @@ from chatmusician.serve.config import ChatConfig, GenerationDefaults
 @pytest.fixture(scope="module")
 def config(tiny_model_path):
     return ChatConfig(
-        model=tiny_model_path, torch_threads=1, max_prompt_tokens=300, generation=GenerationDefaults(max_new_tokens=6), seed=1
+        model=tiny_model_path,
+        torch_threads=1,
+        max_prompt_tokens=300,
+        generation=GenerationDefaults(max_new_tokens=6),
+        seed=1,
     )
 
 
@@ -62,7 +66,12 @@ def test_repl_keeps_multi_turn_history_and_its_commands_work(engine, config):
     assert turns[1][1] in "".join(out)  # answers are printed
 
     engine.prompts.clear()
-    turns = repl(engine, config, read=scripted(["Compose a jig.", "/reset", "/example 4", "/quit", "never read"]), write=out.append)
+    turns = repl(
+        engine,
+        config,
+        read=scripted(["Compose a jig.", "/reset", "/example 4", "/quit", "never read"]),
+        write=out.append,
+    )
     assert engine.prompts[-1] == build_chat_prompt(EXAMPLE_PROMPTS[3])  # /reset forgot the first turn
     assert [q for q, _ in turns] == [EXAMPLE_PROMPTS[3]] == [style("Bach")] and len(engine.prompts) == 2
     assert "history cleared" in "".join(out)
@@ -80,7 +89,9 @@ def test_batch_predictions_are_in_order_and_refusals_are_reported(engine, config
     results = predict(engine, config, ["Compose a jig.", "   ", "Compose a reel.", "Hi"])
     assert [r["prompt"] for r in results] == ["Compose a jig.", "   ", "Compose a reel.", "Hi"]
     assert results[1]["error"]["code"] == "empty_prompt" and results[1]["output"] is None
-    assert all(isinstance(r["output"], str) and r["completion_tokens"] <= 7 for r in results if "error" not in r)
+    assert all(
+        isinstance(r["output"], str) and r["completion_tokens"] <= 7 for r in results if "error" not in r
+    )
     assert {"abc", "validation", "finish_reason"} <= results[0].keys()
 
 

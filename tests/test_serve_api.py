@@ -85,13 +85,19 @@ def test_healthz_models_and_openapi(client):
 
 
 def test_compose_returns_text_abc_validation_and_requested_renders(client, backend):
-    body = client.post("/v1/compose", json={"prompt": f"Here:\n{TUNE}\nEnjoy", "formats": ["png", "mp3"]}).json()
+    body = client.post(
+        "/v1/compose", json={"prompt": f"Here:\n{TUNE}\nEnjoy", "formats": ["png", "mp3"]}
+    ).json()
     assert body["text"].startswith("Here:") and body["abc"].startswith("X:1\nT:Test")
     assert body["extraction"]["found"] and isinstance(body["validation"], list)
     assert set(body["render"]["outputs"]) == {"png", "mp3"} and backend.renders[-1]["abc"] == body["abc"]
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     # The server's default formats apply when the request names none; [] renders nothing.
-    assert backend.renders and client.post("/v1/compose", json={"prompt": TUNE}).json()["render"]["outputs"].keys() == {
+    assert backend.renders and client.post("/v1/compose", json={"prompt": TUNE}).json()["render"][
+        "outputs"
+    ].keys() == {
         "svg",
         "midi",
     }
@@ -107,17 +113,25 @@ def test_compose_without_abc_renders_nothing_and_says_so(client, backend):
 def test_compose_task_uses_the_prompt_builders(client):
     body = client.post("/v1/compose", json={"task": {"family": "form", "fields": {"form": "AABB"}}}).json()
     assert body["prompt"] == musical_form("AABB") == body["text"]  # the echo engine answers with the prompt
-    assert_error(client.post("/v1/compose", json={"task": {"family": "fugue", "fields": {}}}), 400, "invalid_task")
+    assert_error(
+        client.post("/v1/compose", json={"task": {"family": "fugue", "fields": {}}}), 400, "invalid_task"
+    )
     error = assert_error(client.post("/v1/compose", json={"task": {"family": "form"}}), 400, "invalid_task")
     assert "form" in error["message"]
-    assert_error(client.post("/v1/compose", json={"prompt": "a", "task": {"family": "form"}}), 400, "invalid_request")
+    assert_error(
+        client.post("/v1/compose", json={"prompt": "a", "task": {"family": "form"}}), 400, "invalid_request"
+    )
     assert_error(client.post("/v1/compose", json={}), 400, "invalid_request")
 
 
 def test_compose_history_reaches_the_composer(client):
-    body = client.post("/v1/compose", json={"prompt": "again", "history": [["q1", "a1"]], "formats": []}).json()
+    body = client.post(
+        "/v1/compose", json={"prompt": "again", "history": [["q1", "a1"]], "formats": []}
+    ).json()
     # echo: prompt tokens are the templated conversation's words
-    assert body["usage"]["prompt_tokens"] == len("Human: q1 </s> Assistant: a1 </s> Human: again </s> Assistant: ".split())
+    assert body["usage"]["prompt_tokens"] == len(
+        "Human: q1 </s> Assistant: a1 </s> Human: again </s> Assistant: ".split()
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,14 +150,22 @@ def test_bad_compose_requests_get_structured_errors(client, payload, status, cod
 
 
 def test_malformed_json_oversized_bodies_and_unknown_routes(client):
-    assert_error(client.post("/v1/compose", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_request")
+    assert_error(
+        client.post("/v1/compose", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_request",
+    )
     assert_error(client.post("/v1/compose", json={"prompt": "x" * 30_000}), 413, "request_too_large")
 
     def chunked():  # no Content-Length: the limit is counted while reading
         for _ in range(30):
             yield b"x" * 1000
 
-    assert_error(client.post("/v1/render", content=chunked(), headers={"content-type": "application/json"}), 413, "request_too_large")
+    assert_error(
+        client.post("/v1/render", content=chunked(), headers={"content-type": "application/json"}),
+        413,
+        "request_too_large",
+    )
     assert_error(client.get("/v1/nothing"), 404, "not_found")
     assert_error(client.get("/v1/compose"), 405, "method_not_allowed")
 
@@ -153,14 +175,19 @@ def test_overload_is_503_with_retry_after(client, backend):
     response = client.post("/v1/compose", json={"prompt": "x"})
     assert_error(response, 503, "overloaded")
     assert response.headers["retry-after"] == str(CONFIG.retry_after_s)
-    stream = client.post("/v1/chat/completions", json={"model": "chatmusician", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    stream = client.post(
+        "/v1/chat/completions",
+        json={"model": "chatmusician", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert_error(stream, 503, "overloaded")
 
 
 def test_render_route(client, backend):
     ok = client.post("/v1/render", json={"abc": TUNE, "formats": ["svg"]})
     assert ok.status_code == 200 and ok.json()["outputs"].keys() == {"svg"}
-    assert client.post("/v1/render", json={"abc": "no key"}).status_code == 422  # render failed: 422 + its errors
+    assert (
+        client.post("/v1/render", json={"abc": "no key"}).status_code == 422
+    )  # render failed: 422 + its errors
     assert_error(client.post("/v1/render", json={"abc": ""}), 400, "invalid_request")
 
 
@@ -180,11 +207,22 @@ def test_messages_to_turns():
 
 
 def test_chat_completions_plain_and_streamed(client):
-    request = {"model": "chatmusician", "messages": [{"role": "user", "content": "la la la"}], "max_tokens": 2}
+    request = {
+        "model": "chatmusician",
+        "messages": [{"role": "user", "content": "la la la"}],
+        "max_tokens": 2,
+    }
     body = client.post("/v1/chat/completions", json=request).json()
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "la la "}
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "la la ",
+    }
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 2
-    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**request, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -192,7 +230,9 @@ def test_chat_completions_plain_and_streamed(client):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "la la " and chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
-    assert_error(client.post("/v1/chat/completions", json={**request, "model": "gpt-4"}), 404, "model_not_found")
+    assert_error(
+        client.post("/v1/chat/completions", json={**request, "model": "gpt-4"}), 404, "model_not_found"
+    )
     assert_error(client.post("/v1/chat/completions", json={**request, "n": 2}), 400, "invalid_request")
     bad_turns = {**request, "messages": [{"role": "assistant", "content": "hi"}]}
     assert_error(client.post("/v1/chat/completions", json=bad_turns), 400, "invalid_messages")
@@ -209,8 +249,12 @@ def test_official_openai_client_against_the_app(client):
         model="chatmusician", messages=[{"role": "user", "content": "do re mi"}], extra_body={"top_k": 5}
     )
     assert reply.choices[0].message.content == "do re mi"
-    streamed = oa.chat.completions.create(model="chatmusician", messages=[{"role": "user", "content": "fa so"}], stream=True)
+    streamed = oa.chat.completions.create(
+        model="chatmusician", messages=[{"role": "user", "content": "fa so"}], stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "fa so"
     with pytest.raises(openai.BadRequestError) as err:
-        oa.chat.completions.create(model="chatmusician", messages=[{"role": "user", "content": "x"}], temperature=5)
+        oa.chat.completions.create(
+            model="chatmusician", messages=[{"role": "user", "content": "x"}], temperature=5
+        )
     assert err.value.status_code == 400 and isinstance(err.value.body, dict)

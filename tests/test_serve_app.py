@@ -60,13 +60,17 @@ def test_healthz_and_the_official_openai_client(base_url):
     reply = client.chat.completions.create(model="chatmusician", messages=messages, max_tokens=12, seed=5)
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 12
     assert reply.usage.prompt_tokens > 20  # the history went into the prompt
-    stream = client.chat.completions.create(model="chatmusician", messages=messages, max_tokens=12, seed=5, stream=True)
+    stream = client.chat.completions.create(
+        model="chatmusician", messages=messages, max_tokens=12, seed=5, stream=True
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == reply.choices[0].message.content  # same seed: the batch path and the stream path agree
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="chatmusician", messages=messages, max_tokens=257)  # over the cap
+        client.chat.completions.create(
+            model="chatmusician", messages=messages, max_tokens=257
+        )  # over the cap
 
 
 def test_concurrent_requests_are_batched(base_url):
@@ -74,7 +78,11 @@ def test_concurrent_requests_are_batched(base_url):
 
     async def burst():
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-            body = {"model": "chatmusician", "messages": [{"role": "user", "content": "Compose a reel."}], "max_tokens": 16}
+            body = {
+                "model": "chatmusician",
+                "messages": [{"role": "user", "content": "Compose a reel."}],
+                "max_tokens": 16,
+            }
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8)))
 
     responses = asyncio.run(burst())
@@ -102,9 +110,15 @@ def test_render_and_compose_through_the_real_renderer(base_url):
     assert rendered.status_code == 200, rendered.text
     outputs = {k: base64.b64decode(v) for k, v in rendered.json()["outputs"].items()}
     assert outputs["midi"].startswith(b"MThd") and b"<svg" in outputs["svg"][:500]
-    broken = httpx.post(f"{base_url}/v1/render", json={"abc": "X:1\nK:G\n" + "z" * 10, "formats": ["wav"], "tune_index": 3})
+    broken = httpx.post(
+        f"{base_url}/v1/render", json={"abc": "X:1\nK:G\n" + "z" * 10, "formats": ["wav"], "tune_index": 3}
+    )
     assert broken.status_code == 422 and broken.json()["errors"][0]["code"]
-    composed = httpx.post(f"{base_url}/v1/compose", json={"task": {"family": "form", "fields": {"form": "AABB"}}, "params": {"max_new_tokens": 8}}, timeout=60)
+    composed = httpx.post(
+        f"{base_url}/v1/compose",
+        json={"task": {"family": "form", "fields": {"form": "AABB"}}, "params": {"max_new_tokens": 8}},
+        timeout=60,
+    )
     body = composed.json()
     assert composed.status_code == 200 and body["usage"]["completion_tokens"] <= 8
     assert "AABB" in body["prompt"] and isinstance(body["extraction"]["found"], bool)

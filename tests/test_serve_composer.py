@@ -33,7 +33,13 @@ def engine(tiny_model_path):
 
 def test_defaults_are_the_originals_and_overrides_apply():
     p = params()
-    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (0.2, 0.9, 40, 1.1, 1536)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (
+        0.2,
+        0.9,
+        40,
+        1.1,
+        1536,
+    )
     assert params(temperature=0, max_new_tokens=7, top_k=None).max_new_tokens == 7
     assert params(top_k=None).top_k == 40  # None means "server default"
 
@@ -164,13 +170,12 @@ def test_adapters_are_merged_in_order(engine, tiny_model_path, tmp_path):
 
     torch.manual_seed(0)
     lora = get_peft_model(
-        load_model(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        load_model(tiny_model_path),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     lora.save_pretrained(tmp_path / "adapter")
     expected = lora.merge_and_unload()
-    adapted = TransformersEngine(
-        dataclasses.replace(engine.config, adapters=[str(tmp_path / "adapter")])
-    )
+    adapted = TransformersEngine(dataclasses.replace(engine.config, adapters=[str(tmp_path / "adapter")]))
     ids = torch.tensor([engine.prepare("Compose a jig.").ids])
     with torch.no_grad():
         base, merged, want = (m(ids).logits for m in (engine.model, adapted.model, expected))

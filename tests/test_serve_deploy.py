@@ -36,8 +36,8 @@ def test_serve_config_passes_serves_schema_and_build_app():
     (app,) = schema.applications
     assert app.import_path == "chatmusician.serve.app:build_app"
     deployments = {d.name: d for d in app.deployments}
-    assert deployments["Composer"].ray_actor_options["num_gpus"] == 1
-    assert deployments["Renderer"].ray_actor_options.get("num_gpus", 0) == 0
+    assert deployments["Composer"].ray_actor_options.num_gpus == 1
+    assert not deployments["Renderer"].ray_actor_options.num_gpus
     assert all(d.autoscaling_config for d in deployments.values())
     assert "working_dir" not in (app.runtime_env or {})
     config = app_config(app.args)
@@ -105,7 +105,13 @@ def test_serve_deploy_on_ray_start_head(tmp_path, tiny_model_path):
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]
     # CPU override for the tiny model: no GPU, fractional CPUs, one replica each.
-    app["args"] |= {"model": tiny_model_path, "precision": "fp32", "device": "cpu", "torch_threads": 1, "web_ui": False}
+    app["args"] |= {
+        "model": tiny_model_path,
+        "precision": "fp32",
+        "device": "cpu",
+        "torch_threads": 1,
+        "web_ui": False,
+    }
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0.25, "num_gpus": 0}
         deployment["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
@@ -120,7 +126,11 @@ def test_serve_deploy_on_ray_start_head(tmp_path, tiny_model_path):
             env=env, check=True, capture_output=True, timeout=180,
         )  # fmt: skip
         deployed = subprocess.run(
-            [SERVE, "deploy", str(config_path), "--address", address], env=env, capture_output=True, text=True, timeout=120
+            [SERVE, "deploy", str(config_path), "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert deployed.returncode == 0, deployed.stderr[-2000:]
         url = f"http://127.0.0.1:{http_port}"
@@ -136,11 +146,17 @@ def test_serve_deploy_on_ray_start_head(tmp_path, tiny_model_path):
         assert health is not None and health.status_code == 200, "the app never became healthy"
         reply = httpx.post(
             f"{url}/v1/chat/completions",
-            json={"model": "chatmusician", "messages": [{"role": "user", "content": "Compose a jig."}], "max_tokens": 8},
+            json={
+                "model": "chatmusician",
+                "messages": [{"role": "user", "content": "Compose a jig."}],
+                "max_tokens": 8,
+            },
             timeout=120,
         )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 8
-        status = subprocess.run([SERVE, "status", "--address", address], env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [SERVE, "status", "--address", address], env=env, capture_output=True, text=True, timeout=60
+        )
         assert "RUNNING" in status.stdout and "Composer" in status.stdout
     finally:
         stop_own_head(temp_dir)

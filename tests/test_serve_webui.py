@@ -28,7 +28,9 @@ def test_history_pairs_and_message_text():
     no_tune = {"abc": None, "message": "no ABC found", "validation": []}
     assert "No ABC" in report(no_tune, None)
     issue = {"severity": "warning", "code": "bar_duration", "line": 3, "message": "short bar"}
-    text = report({"abc": "X:1", "validation": [issue]}, {"errors": [{"code": "too_long", "message": "long"}]})
+    text = report(
+        {"abc": "X:1", "validation": [issue]}, {"errors": [{"code": "too_long", "message": "long"}]}
+    )
     assert "bar_duration" in text and "too_long" in text
 
 
@@ -64,7 +66,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -85,7 +93,6 @@ fetch(src).then(r => r.arrayBuffer())
 @pytest.mark.integration
 def test_web_ui_chat_gives_a_score_image_and_playable_audio(ui_url, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -93,9 +100,11 @@ def test_web_ui_chat_gives_a_score_image_and_playable_audio(ui_url, browser):
     browser.get(ui_url)
     wait = WebDriverWait(browser, 120)
     box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
-    assert EXAMPLE_PROMPTS[0].splitlines()[0] in browser.page_source  # the original's examples are offered
-    for i, line in enumerate(TUNE.splitlines()):  # Shift+Enter: a newline, not a submit
-        box.send_keys(line if i == 0 else Keys.SHIFT + Keys.ENTER + Keys.SHIFT + line)
+    assert EXAMPLE_PROMPTS[3] in browser.page_source  # the original's examples are offered
+    box.send_keys(TUNE.splitlines()[0])  # typed; the whole multi-line tune then goes in like a paste
+    browser.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, TUNE
+    )
     browser.find_element(By.CSS_SELECTOR, "#send").click()
 
     image = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#score img")))

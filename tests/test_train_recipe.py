@@ -90,7 +90,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 
 
 def checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ class ExtractResult:
     """Normalized tunes, each starting with an "X:<n>" line, one header field per line."""
     issues: list[Issue] = field(default_factory=list)
     """Warnings about repairs (X: added, header split, ...); one error "no_abc_found" when nothing found."""
+    source_lines: list[list[int]] = field(default_factory=list)
+    """Per tune, the 1-based input line of each of its lines (to map a tune's issues back to the input)."""
 
     @property
     def found(self) -> bool:
@@ -163,8 +165,8 @@ def _starts_tune(lines: list[tuple[int, str]], i: int) -> bool:
 class _Draft:
     first_line: int
     number: str | None = None
-    header: list[str] = field(default_factory=list)
-    body: list[str] = field(default_factory=list)
+    header: list[tuple[int, str]] = field(default_factory=list)  # (input line, text)
+    body: list[tuple[int, str]] = field(default_factory=list)
     has_key: bool = False
     has_fields: bool = False
 
@@ -192,7 +194,7 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
                 continue
             break
         if s.startswith("%"):
-            (draft.body if in_body else draft.header).append(s)
+            (draft.body if in_body else draft.header).append((number, s))
         elif not in_body and _is_field_line(s):
             fields, rest = split_fields(s)
             if len(fields) > 1:
@@ -201,25 +203,25 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
                 if letter == "X" and draft.number is None and not draft.has_fields:
                     draft.number = value
                 else:
-                    draft.header.append(f"{letter}:{value}")
+                    draft.header.append((number, f"{letter}:{value}"))
                 draft.has_fields = True
                 draft.has_key = draft.has_key or letter == "K"
             if rest:
-                draft.body.append(rest)
+                draft.body.append((number, rest))
             in_body = draft.has_key or bool(rest)
         elif in_body and _is_field_line(s) and s[0] in _BODY_FIELD_LETTERS:
             if s[0] == "T" and _header_block_has_key(lines, j):
                 break  # a title opening a header block that ends in K: starts the next tune (no X:)
-            draft.body.append(raw.rstrip())
+            draft.body.append((number, raw.rstrip()))
         elif not in_body and draft.has_fields and _key_ahead(lines, j):
-            draft.header.append(s)  # a stray line inside the header: kept, validation flags it
+            draft.header.append((number, s))  # a stray line inside the header: kept, validation flags it
         elif (in_body and not is_prose_line(s)) or is_music_line(s):
-            draft.body.append(raw.rstrip())
+            draft.body.append((number, raw.rstrip()))
             in_body = True
         else:
             break  # prose ends the tune
         j += 1
-    if not draft.has_key and not any(is_music_line(line) for line in draft.body):
+    if not draft.has_key and not any(is_music_line(line) for _, line in draft.body):
         return None, max(j, i + 1)
     return draft, max(j, i + 1)
 
@@ -250,20 +252,22 @@ def _extract(text: str) -> ExtractResult:
             draft, i = _collect(region, i, issues)
             if draft is not None:
                 drafts.append(draft)
-        music = [line.rstrip() for _, line in region if is_music_line(line)]
-        if fenced and len(drafts) == before and any("|" in line for line in music):
+        music = [(number, line.rstrip()) for number, line in region if is_music_line(line)]
+        if fenced and len(drafts) == before and any("|" in line for _, line in music):
             issues.append(Issue(WARNING, "no_header", "code block with music but no header: X: added, no K:", region[0][0]))
             drafts.append(_Draft(first_line=region[0][0], body=music))
-    tunes = []
+    tunes, source_lines = [], []
     for index, draft in enumerate(drafts, start=1):
         number = draft.number.strip() if draft.number else ""
         if not re.fullmatch(r"\d+", number):
             issues.append(Issue(WARNING, "added_number", f"tune without an X: number numbered {index}", draft.first_line))
             number = str(index)
-        tunes.append("\n".join([f"X:{int(number)}", *draft.header, *draft.body]))
+        lines_out = [(draft.first_line, f"X:{int(number)}"), *draft.header, *draft.body]
+        tunes.append("\n".join(text for _, text in lines_out))
+        source_lines.append([number for number, _ in lines_out])
     if not tunes:
         issues.append(Issue(ERROR, "no_abc_found", NO_ABC))
-    return ExtractResult(tunes, sorted(issues, key=lambda i: (i.line or 0, i.column or 0)))
+    return ExtractResult(tunes, sorted(issues, key=lambda i: (i.line or 0, i.column or 0)), source_lines)
 
 
 def extract_tunes(text: str) -> ExtractResult:

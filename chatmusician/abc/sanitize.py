@@ -33,7 +33,8 @@ class SanitizeResult:
     """Safe ABC plus what was removed or found over a limit."""
 
     text: str
-    """The ABC with forbidden directives (and I: fields) removed; empty when the input was too large."""
+    """The ABC with forbidden directives (and I: fields) removed, each removed line left as a bare "%"
+    comment so that line numbers match the input; empty when the input was too large."""
     issues: list[Issue] = field(default_factory=list)
     """A warning per stripped directive, an error per limit exceeded."""
 
@@ -51,8 +52,12 @@ def _forbidden(name: str, arg: str, forbidden: list[str]) -> bool:
     return False
 
 
+REMOVED_LINE = "%"
+"""What a removed line becomes: an empty comment, so that line numbers stay those of the input."""
+
+
 def _strip_directives(lines: list[str], limits: AbcLimits, issues: list[Issue]) -> list[tuple[int, str]]:
-    """Kept lines as (1-based line number in the input, text)."""
+    """Lines as (1-based line number in the input, text), removed ones replaced by REMOVED_LINE."""
     kept: list[tuple[int, str]] = []
     block_end: str | None = None  # inside a forbidden %%beginX block: the directive that ends it
     block_start = 0
@@ -61,6 +66,7 @@ def _strip_directives(lines: list[str], limits: AbcLimits, issues: list[Issue]) 
         if block_end is not None:
             if m and m.group(1).lower() == block_end:
                 block_end = None
+            kept.append((number, REMOVED_LINE))
             continue
         if m and _forbidden(m.group(1), m.group(2), limits.forbidden_directives):
             name = m.group(1)
@@ -70,10 +76,12 @@ def _strip_directives(lines: list[str], limits: AbcLimits, issues: list[Issue]) 
             else:
                 message = f"removed %%{name} {m.group(2)}".rstrip() + " (reads files or emits raw output)"
             issues.append(Issue(WARNING, "forbidden_directive", message, number, 1))
+            kept.append((number, REMOVED_LINE))
             continue
         if limits.strip_instruction_fields:
             if _INSTRUCTION_LINE.match(line):
                 issues.append(Issue(WARNING, "instruction_field", "removed an I: field", number, 1))
+                kept.append((number, REMOVED_LINE))
                 continue
             inline = _INLINE_INSTRUCTION.search(line)
             if inline:

@@ -69,10 +69,11 @@ def _blank(value: str, replacement: str = "") -> str:
 
 
 def _tokenizer_lines(tune: Tune) -> list[str]:
-    """Body lines with unreadable K:/M:/L:/Q: values blanked (they are reported by parse_tune)."""
+    """Body lines with unreadable M:/L:/Q: values blanked (parse_tune reports them) and every K: value
+    blanked too: keys do not change durations, and the tokenizer rejects spellings we accept (K:EM)."""
     lines = [line.rstrip("\r") for line in tune.body.split("\n")]
     for f in iter_body_fields(lines, tune.body_line):
-        if check_field_value(f.letter, f.value) is None:
+        if f.letter != "K" and check_field_value(f.letter, f.value) is None:
             continue
         replacement = f"{tune.unit_length.numerator}/{tune.unit_length.denominator}" if f.letter == "L" else ""
         i, start = f.line - tune.body_line, f.column - 1
@@ -81,9 +82,9 @@ def _tokenizer_lines(tune: Tune) -> list[str]:
 
 
 def _tokenizer_header(tune: Tune) -> dict[str, str]:
-    ok = {letter: tune.header(letter) is not None and check_field_value(letter, tune.header(letter)) is None for letter in "KMQ"}
+    ok = {letter: tune.header(letter) is not None and check_field_value(letter, tune.header(letter)) is None for letter in "MQ"}
     header = {
-        "key": tune.header("K") if ok["K"] else "",
+        "key": "",  # see _tokenizer_lines
         "meter": tune.header("M") if ok["M"] else ("free" if tune.header("M") is None else "none"),
         "unit note length": f"{tune.unit_length.numerator}/{tune.unit_length.denominator}",
     }

@@ -53,7 +53,7 @@ class TokenizeConfig:
     max_row_chars: int = 4_000_000
     """Rows whose text fields together exceed this many characters are rejected as too_long (bounds worker memory)."""
     verbal_score_ratio: list[float] | None = None
-    """Optional verbal:score row ratio, e.g. [1, 2]; the larger class is subsampled to reach it (costs one extra read pass)."""
+    """Optional verbal:score row ratio, e.g. [2, 1] (the paper's); the larger class is subsampled to reach it (costs one extra read pass)."""
     seed: int = 0
     """Seed of the deterministic per-row sampling that fractional weights use."""
     hub_root: str | None = None
@@ -68,12 +68,12 @@ class TokenizeConfig:
     """Documents per tokenizer call; greedy packing fills rows within one batch, so larger batches pad less."""
     read_rows: int = 1024
     """Rows per block that a read task emits."""
-    num_tokenizers: int = 2
-    """Size of the tokenizer actor pool (the tokenizer is loaded once per actor)."""
+    num_tokenizers: int | None = None
+    """Size of the tokenizer actor pool (tokenizer loaded once per actor); None = as many as the cluster's CPUs allow."""
     tokenizer_cpus: float = 1.0
     """CPUs each tokenizer actor reserves."""
-    read_cpus: float = 0.5
-    """CPUs each read task reserves."""
+    read_cpus: float = 0.25
+    """CPUs each read task reserves (kept free beside the actor pool, or reading would starve)."""
     reject_samples: int = 20
     """How many rejected row ids (with reasons) the manifest keeps."""
     progress: bool = True

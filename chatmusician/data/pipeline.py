@@ -118,15 +118,33 @@ def build_dataset(cfg: TokenizeConfig, *, with_stats: bool = False, weights: tup
 
     _check(cfg)
     weights = weights if weights is not None else class_weights(cfg)
-    ds = _read_dataset(cfg, weights).map_batches(
+    ds = _read_dataset(cfg, weights)
+    ds = ds.map_batches(
         _Tokenizer,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cfg.num_tokenizers),
+        compute=ActorPoolStrategy(size=pool_size(cfg)),
         num_cpus=cfg.tokenizer_cpus,
         fn_constructor_kwargs={"cfg": cfg, "with_stats": with_stats},
     )
     return _ordered(ds, cfg)
+
+
+def pool_size(cfg: TokenizeConfig) -> int:
+    """Tokenizer actors that fit beside one read task; a pool that would take every CPU would starve the
+    reads and hang, so that is a clear error instead."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_tokenizers is None:
+        return max(1, int((cpus - cfg.read_cpus) // cfg.tokenizer_cpus))
+    need = cfg.num_tokenizers * cfg.tokenizer_cpus + cfg.read_cpus
+    if need > cpus:
+        raise ValueError(
+            f"num_tokenizers={cfg.num_tokenizers} x tokenizer_cpus={cfg.tokenizer_cpus} + read_cpus={cfg.read_cpus} "
+            f"= {need} CPUs, but the cluster has {cpus}: lower them (or leave num_tokenizers unset)"
+        )
+    return cfg.num_tokenizers
 
 
 def _check(cfg: TokenizeConfig) -> None:
@@ -134,7 +152,7 @@ def _check(cfg: TokenizeConfig) -> None:
         raise ValueError(f"max_len must be at least 2, got {cfg.max_len}")
     if cfg.mode == "sft" and not 0 < cfg.max_source_len < cfg.max_len:
         raise ValueError(f"max_source_len must be in (0, max_len), got {cfg.max_source_len} (max_len {cfg.max_len})")
-    if cfg.shard_rows < 1 or cfg.batch_size < 1 or cfg.read_rows < 1 or cfg.num_tokenizers < 1:
+    if min(cfg.shard_rows, cfg.batch_size, cfg.read_rows, cfg.num_tokenizers or 1) < 1:
         raise ValueError("shard_rows, batch_size, read_rows and num_tokenizers must be positive")
 
 

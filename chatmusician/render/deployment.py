@@ -6,8 +6,7 @@ HTTP: ``POST {route_prefix}/`` with that JSON (200 when every format rendered, 4
 malformed request), ``GET {route_prefix}/healthz``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
 from typing import Any
 

@@ -26,7 +26,8 @@ class TuneOutcome:
     title: str
     rendered: list[str]
     errors: list[dict] = field(default_factory=list)
-    warnings: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """``stage code`` of each warning (recovered tool errors, sanitizer notes)."""
     seconds: float = 0.0
 
 
@@ -65,11 +66,13 @@ def summarize(outcomes: list[TuneOutcome], formats: list[str], corpus: str) -> d
         if any(f not in o.rendered for f in formats)
     ]
     codes = Counter(e["code"] for o in outcomes for e in o.errors)
+    warnings = Counter(w for o in outcomes for w in set(o.warnings))
     return {
         "corpus": corpus,
         "tunes": total,
         "formats": per_format,
-        "tunes_with_warnings": sum(o.warnings > 0 for o in outcomes),
+        "tunes_with_warnings": sum(bool(o.warnings) for o in outcomes),
+        "warnings_per_tune": dict(warnings.most_common()),
         "error_codes": dict(codes.most_common()),
         "failures": failures,
     }
@@ -87,6 +90,8 @@ def to_markdown(summary: dict) -> str:
     ]
     for fmt, s in summary["formats"].items():
         lines.append(f"| {fmt} | {s['rendered']} | {s['failed']} | {100 * s['rate']:.2f} % |")
+    lines += ["", "## Warnings (tunes that rendered with each)", "", "| stage code | tunes |", "|---|---:|"]
+    lines += [f"| {name} | {count} |" for name, count in summary["warnings_per_tune"].items()]
     lines += ["", f"## Failures ({len(summary['failures'])})", ""]
     if not summary["failures"]:
         lines.append("None.")

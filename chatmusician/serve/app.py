@@ -80,7 +80,9 @@ def run_serve(config: ServeAppConfig) -> None:
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        print(f"ChatMusician serving on http://{config.host}:{config.port} (docs: /docs, UI: {config.ui_path})")
+        print(
+            f"ChatMusician serving on http://{config.host}:{config.port} (docs: /docs, UI: {config.ui_path})"
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -89,4 +91,3 @@ def run_serve(config: ServeAppConfig) -> None:
         serve.shutdown()
         if started:
             ray.shutdown()
-

@@ -73,7 +73,11 @@ def resolve_params(
         kind, low, high, low_inclusive = PARAM_RANGES[name]
         if name == "max_new_tokens":
             high = max_new_tokens_cap
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and value != int(value))
+        ):
             raise ComposeError("invalid_parameter", f"{name} must be {kind.__name__}, got {value!r}", name)
         if not (low < value or (low_inclusive and value == low)) or value > high:
             bound = "[" if low_inclusive else "("
@@ -82,13 +86,17 @@ def resolve_params(
     return GenerationParams(**values)
 
 
-def encode_prompt(tokenizer, prompt: str, history: Sequence[Sequence[str]], max_prompt_tokens: int) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt: str, history: Sequence[Sequence[str]], max_prompt_tokens: int
+) -> list[int]:
     """Chat-templated token ids (no BOS, ``</s>`` = EOS between turns); too long -> ComposeError."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
     turns = [tuple(turn) for turn in history]
     if any(len(turn) != 2 or not all(isinstance(t, str) for t in turn) for turn in turns):
-        raise ComposeError("invalid_history", "history must be a list of [question, answer] string pairs", "history")
+        raise ComposeError(
+            "invalid_history", "history must be a list of [question, answer] string pairs", "history"
+        )
     ids = tokenizer(build_chat_prompt(prompt, turns), add_special_tokens=False)["input_ids"]
     if len(ids) > max_prompt_tokens:
         raise ComposeError(
@@ -252,7 +260,9 @@ class TransformersEngine:
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+                )
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         ids, mask = self._inputs([prepared.ids])
@@ -328,7 +338,9 @@ def load_engine(config: EngineConfig) -> TransformersEngine | EchoEngine:
     return ENGINES[config.engine](config)
 
 
-def prepare_request(engine, config: EngineConfig, request: Mapping[str, Any]) -> tuple[Prepared, GenerationParams]:
+def prepare_request(
+    engine, config: EngineConfig, request: Mapping[str, Any]
+) -> tuple[Prepared, GenerationParams]:
     """A composer request ``{"prompt", "history", "params"}`` -> validated inputs, else ComposeError."""
     params = resolve_params(request.get("params"), config.generation, config.max_new_tokens_cap)
     return engine.prepare(request.get("prompt"), request.get("history") or ()), params
@@ -380,7 +392,9 @@ class Composer:
         try:
             completions = await asyncio.to_thread(self.engine.generate, items)
         except Exception as error:  # one failing batch must not take the replica down
-            failure = {"error": {"code": "generation_failed", "message": repr(error), "param": None, "status": 500}}
+            failure = {
+                "error": {"code": "generation_failed", "message": repr(error), "param": None, "status": 500}
+            }
             return [failure] * len(items)
         return [dataclasses.asdict(c) for c in completions]
 

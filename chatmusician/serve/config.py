@@ -95,7 +95,9 @@ class ServeAppConfig(EngineConfig):
     render: RenderConfig = field(default_factory=RenderConfig)
     """Renderer deployment: tool options, sandbox limits and its CPU pool (``render.serve``)."""
     ingress: DeploymentOptions = field(
-        default_factory=lambda: DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=256)
+        default_factory=lambda: DeploymentOptions(
+            num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=256
+        )
     )
     """HTTP ingress deployment."""
     host: str = "127.0.0.1"

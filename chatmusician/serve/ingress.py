@@ -78,7 +78,9 @@ class HandleBackend:
             raise Overloaded(str(error)) from None
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, **extra: Any
+) -> JSONResponse:
     type_ = "server_error" if status >= 500 else "invalid_request_error"
     return JSONResponse(api.error_body(code, message, type_, **extra), status_code=status, headers=headers)
 
@@ -165,7 +167,9 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     def too_long(text: str, what: str) -> JSONResponse | None:
         if len(text) > config.max_prompt_chars:
-            return error_response(413, "input_too_long", f"{what} is over {config.max_prompt_chars} characters")
+            return error_response(
+                413, "input_too_long", f"{what} is over {config.max_prompt_chars} characters"
+            )
         return None
 
     async def render(abc: str, formats: list[str], tune_index: int = 0) -> dict[str, Any]:
@@ -174,7 +178,11 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
         except Overloaded:
             raise
         except Exception as exc:  # the answer is still worth returning without its renders
-            error = {"code": "renderer_failed", "message": f"{type(exc).__name__}: {str(exc)[:300]}", "stage": "serve"}
+            error = {
+                "code": "renderer_failed",
+                "message": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "stage": "serve",
+            }
             return {"ok": False, "outputs": {}, "errors": [error], "warnings": []}
 
     @app.get("/healthz", tags=["ops"])
@@ -188,7 +196,9 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: api.ChatCompletionRequest) -> JSONResponse | StreamingResponse | dict:
         if body.model != name:
-            return error_response(404, "model_not_found", f"model {body.model!r} is not served; use {name!r}", param="model")
+            return error_response(
+                404, "model_not_found", f"model {body.model!r} is not served; use {name!r}", param="model"
+            )
         try:
             prompt, history = api.messages_to_turns(body.messages)
         except ValueError as exc:
@@ -217,7 +227,10 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                     yield api.chunk(cid, name, created, {}, done["finish_reason"])
                     if include_usage:
                         yield api.chunk(
-                            cid, name, created, usage_=api.usage(done["prompt_tokens"], done["completion_tokens"])
+                            cid,
+                            name,
+                            created,
+                            usage_=api.usage(done["prompt_tokens"], done["completion_tokens"]),
                         )
             yield api.SSE_DONE
 
@@ -226,7 +239,9 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
     @app.post("/v1/compose", tags=["music"])
     async def compose(body: api.ComposeRequest) -> Any:
         if (body.prompt is None) == (body.task is None):
-            return error_response(400, "invalid_request", "give exactly one of prompt and task", param="prompt")
+            return error_response(
+                400, "invalid_request", "give exactly one of prompt and task", param="prompt"
+            )
         prompt = body.prompt
         if body.task is not None:
             try:

@@ -57,7 +57,9 @@ class ChatCompletionRequest(StrictModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="Not in OpenAI's API; pass through extra_body.")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="Not in OpenAI's API (extra_body).")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, description="Not in OpenAI's API (extra_body)."
+    )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: Literal[1] = 1
@@ -146,7 +148,9 @@ def chunk(
     """One server-sent event carrying a ``chat.completion.chunk`` (no choices when it only carries usage)."""
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = (
-        [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        []
+        if delta is None
+        else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     )
     if usage_ is not None:
         body["usage"] = usage_
@@ -157,15 +161,22 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def models_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "chatmusician"}]}
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "chatmusician"}],
+    }
 
 
 # ------------------------------------------------------------------------------------------ compose, render
 
 
 class TaskSpec(StrictModel):
-    family: str = Field(description="text_to_music | chords | form | motif_form | harmonize | style | analyze_form | analyze_motif")
-    fields: dict[str, Any] = Field(default_factory=dict, description="The family's fields, e.g. {'form': 'AABB'}.")
+    family: str = Field(
+        description="text_to_music | chords | form | motif_form | harmonize | style | analyze_form | analyze_motif"
+    )
+    fields: dict[str, Any] = Field(
+        default_factory=dict, description="The family's fields, e.g. {'form': 'AABB'}."
+    )
 
 
 class ComposeRequest(StrictModel):
@@ -173,9 +184,13 @@ class ComposeRequest(StrictModel):
 
     prompt: str | None = None
     task: TaskSpec | None = None
-    history: list[tuple[str, str]] = Field(default_factory=list, description="Earlier [question, answer] turns.")
+    history: list[tuple[str, str]] = Field(
+        default_factory=list, description="Earlier [question, answer] turns."
+    )
     params: SamplingParams = Field(default_factory=SamplingParams)
-    formats: list[Format] | None = Field(None, description="Renders wanted (default: the server's); [] = none.")
+    formats: list[Format] | None = Field(
+        None, description="Renders wanted (default: the server's); [] = none."
+    )
 
 
 class RenderBody(StrictModel):
@@ -186,4 +201,6 @@ class RenderBody(StrictModel):
 
 def error_body(code: str, message: str, type_: str = "invalid_request_error", **extra: Any) -> dict[str, Any]:
     """The one error shape of the API (OpenAI's): ``{"error": {"type", "code", "message", "param", ...}}``."""
-    return {"error": {"type": type_, "code": code, "message": message, "param": extra.pop("param", None), **extra}}
+    return {
+        "error": {"type": type_, "code": code, "message": message, "param": extra.pop("param", None), **extra}
+    }

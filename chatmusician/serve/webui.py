@@ -58,9 +58,18 @@ def save_renders(render: dict[str, Any], abc: str, out_dir: Path) -> dict[str, s
 def report(abc: dict[str, Any], render: dict[str, Any] | None) -> str:
     """Markdown under the answer: validation findings and render errors, one line each."""
     if not abc["abc"]:
-        return f"No ABC tune in the answer ({abc['message']})." if abc.get("message") else "No ABC tune in the answer."
-    lines = [f"- {i.get('severity', 'issue')} `{i.get('code')}` line {i.get('line')}: {i.get('message')}" for i in abc["validation"]]
-    lines += [f"- render error `{e.get('code')}`: {e.get('message')}" for e in (render or {}).get("errors", [])]
+        return (
+            f"No ABC tune in the answer ({abc['message']})."
+            if abc.get("message")
+            else "No ABC tune in the answer."
+        )
+    lines = [
+        f"- {i.get('severity', 'issue')} `{i.get('code')}` line {i.get('line')}: {i.get('message')}"
+        for i in abc["validation"]
+    ]
+    lines += [
+        f"- render error `{e.get('code')}`: {e.get('message')}" for e in (render or {}).get("errors", [])
+    ]
     return "\n".join(["**Tune found.**" + ("" if lines else " No issues.")] + lines)
 
 
@@ -96,7 +105,14 @@ def build_ui(backend, config: ServeAppConfig) -> gr.Blocks:
                     chat[-1] = {"role": "assistant", "content": answer}
                     yield chat, "", None, None, None, "Composing…"
         except Exception as exc:  # overload or a dead replica: say so instead of breaking the page
-            yield chat, "", None, None, None, f"The server could not answer ({type(exc).__name__}); try again."
+            yield (
+                chat,
+                "",
+                None,
+                None,
+                None,
+                f"The server could not answer ({type(exc).__name__}); try again.",
+            )
             return
         abc = analyze_abc(answer)
         if not abc["abc"]:
@@ -111,25 +127,34 @@ def build_ui(backend, config: ServeAppConfig) -> gr.Blocks:
         yield chat, "", files.get(image_format), files.get(audio_format), files["abc"], report(abc, render)
 
     with gr.Blocks(title="ChatMusician") as ui:
-        gr.Markdown("# ChatMusician\nAsk for music in ABC notation; every answer's tune is engraved and played.")
+        gr.Markdown(
+            "# ChatMusician\nAsk for music in ABC notation; every answer's tune is engraved and played."
+        )
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat")
-                prompt = gr.Textbox(label="Your request", placeholder="Compose a jig in G major…", lines=3, elem_id="prompt")
+                prompt = gr.Textbox(
+                    label="Your request", placeholder="Compose a jig in G major…", lines=3, elem_id="prompt"
+                )
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("Clear")
                 gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Examples")
                 with gr.Accordion("Advanced options", open=False):
-                    temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature"
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p")
                     top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top k")
                     repetition_penalty = gr.Slider(
                         1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
                     )
                     max_new_tokens = gr.Slider(
-                        1, config.max_new_tokens_cap, value=min(defaults.max_new_tokens, config.max_new_tokens_cap),
-                        step=1, label="Max new tokens",
+                        1,
+                        config.max_new_tokens_cap,
+                        value=min(defaults.max_new_tokens, config.max_new_tokens_cap),
+                        step=1,
+                        label="Max new tokens",
                     )
             with gr.Column(scale=2):
                 score = gr.Image(label="Score", type="filepath", elem_id="score", interactive=False)

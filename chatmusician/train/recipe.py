@@ -162,6 +162,7 @@ def _batches(shard, cfg: TrainConfig, skip: int):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: setup, resume if a checkpoint exists, train to ``total_steps``, checkpoint."""
+    T0=time.time(); print("TIMING start", time.time(), flush=True)
     import deepspeed
     import ray.train
     import torch
@@ -180,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation = ds_config["gradient_accumulation_steps"]
     device = torch.device("cuda", torch.cuda.current_device()) if profile.use_gpu else torch.device("cpu")
 
+    print("TIMING imported", time.time()-T0, flush=True)
     # ---- setup: model, optimizer, schedule, DeepSpeed engine
     model = _build_model(cfg, profile.precision)
     trainable, total_params = count_parameters(model)
@@ -189,6 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
 
+    print("TIMING ds init", time.time()-T0, flush=True)
     # ---- resume: the last checkpoint of this run (after a worker failure, or a relaunch of the same run name)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -220,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, skip=state.micro_batches)
     engine.train()
     while state.step < total_steps:
+        print("TIMING step", state.step, time.time()-T0, flush=True)
         torch.manual_seed(step_seed(cfg.seed, state.step, rank))
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -230,6 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tokens += float(batch.pop("num_tokens"))
             loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss  # mean over this micro batch's target tokens
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            fallback_norm = _unreported_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
             engine.step()  # steps the optimizer + schedule only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
             state.micro_batches += 1
@@ -242,7 +247,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step": state.step,
             "loss": float(stats[0]) / world,
             "lr": lr,
-            "grad_norm": _as_float(engine.get_global_grad_norm()),
+            "grad_norm": _as_float(engine.get_global_grad_norm()) or fallback_norm,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(total_params, tokens_per_s, peak, world),
             "loss_scale": _loss_scale(engine),
@@ -261,8 +266,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_checkpoint()
         elif state.step % cfg.log_every == 0:
             ray.train.report(metrics)
+    print("TIMING end", time.time()-T0, flush=True)
     if writer is not None:
         writer.close()
+
+
+def _unreported_grad_norm(engine) -> float | None:
+    """Plain fp32 without ZeRO clips with a norm DeepSpeed does not keep: measure the (already all-reduced)
+    gradients before the step instead. None where DeepSpeed reports the norm itself."""
+    import torch
+
+    if engine.zero_optimization_stage() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
 def _as_float(value) -> float | None:

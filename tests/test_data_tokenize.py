@@ -1,0 +1,104 @@
+"""Token/label layouts of pt and sft rows (hand-computed) and per-batch statistics; no Ray."""
+
+import json
+
+import numpy as np
+import pytest
+
+from chatmusician.config import load_config
+from chatmusician.data.config import TokenizeConfig
+from chatmusician.data.packing import IGNORE_INDEX
+from chatmusician.data.tokenize import (
+    encode_batch,
+    process_batch,
+    sft_layout,
+    tokenize_pt_batch,
+    tokenize_sft_example,
+)
+from chatmusician.prompts import sft_source_target
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from chatmusician.model.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)
+
+
+def test_sft_layout_masks_the_source_and_appends_eos():
+    (ids, labels), truncated = sft_layout([5, 6, 7], [8, 9], EOS, max_len=10, max_source_len=8)
+    assert ids.tolist() == [5, 6, 7, 8, 9, EOS]
+    assert labels.tolist() == [-100, -100, -100, 8, 9, EOS]
+    assert ids.dtype == labels.dtype == np.int32 and not truncated
+
+
+def test_sft_layout_truncates_source_then_target_within_max_len():
+    (ids, labels), truncated = sft_layout(list(range(10, 20)), [30, 31, 32, 33, 34], EOS, max_len=8, max_source_len=4)
+    # source kept to 4 tokens, target to 8 - 4 - 1 (EOS) = 3 tokens
+    assert ids.tolist() == [10, 11, 12, 13, 30, 31, 32, EOS]
+    assert labels.tolist() == [-100] * 4 + [30, 31, 32, EOS]
+    assert truncated
+
+
+def test_sft_layout_keeps_an_existing_eos_and_can_reject_instead_of_truncating():
+    (ids, _), _ = sft_layout([5], [8, EOS], EOS, max_len=10, max_source_len=5)
+    assert ids.tolist() == [5, 8, EOS]
+    assert sft_layout(list(range(10, 20)), [30], EOS, max_len=8, max_source_len=4, truncate=False) is None
+
+
+def test_pt_documents_end_with_eos_and_labels_copy_ids(tokenizer):
+    (ids, labels), (ids2, _) = tokenize_pt_batch(["X:1\nK:G\nabc|", "Some prose."], tokenizer)
+    expected = encode_batch(["X:1\nK:G\nabc|"], tokenizer)[0] + [tokenizer.eos_token_id]
+    assert ids.tolist() == expected and labels.tolist() == expected
+    assert ids2[-1] == tokenizer.eos_token_id
+    (plain, _), = tokenize_pt_batch(["X:1"], tokenizer, add_eos=False)
+    assert plain.tolist() == tokenizer("X:1", add_special_tokens=False).input_ids  # the original's ids exactly
+
+
+def test_sft_example_with_the_chat_template(tokenizer):
+    source, target = sft_source_target({"instruction": "Write a jig.", "input": "", "output": "X:1\nK:D\nABA|"})
+    assert source == "Human: Write a jig. </s> Assistant: "
+    (ids, labels), truncated = tokenize_sft_example(source, target, tokenizer, max_len=64, max_source_len=32)
+    n_source = len(encode_batch([source], tokenizer)[0])
+    assert tokenizer.eos_token_id in ids[:n_source].tolist()  # "</s>" in the template is the EOS token
+    assert (labels[:n_source] == IGNORE_INDEX).all()
+    assert labels[n_source:].tolist() == ids[n_source:].tolist() == encode_batch([target], tokenizer)[0] + [2]
+    assert not truncated
+
+
+def _batch(rows):
+    cols = ("row_id", "src", "reject", "repeats", "is_score", "text", "source", "target")
+    return {c: [r.get(c, {"repeats": 1, "is_score": False}.get(c, "")) for r in rows] for c in cols}
+
+
+def test_process_batch_counts_rejects_repeats_and_sampled_out_rows(tokenizer):
+    cfg = load_config(TokenizeConfig, None, max_len=16, packing="none", reject_samples=2)
+    batch = _batch(
+        [
+            {"row_id": "a:0", "text": "X:1\nK:G\nabc|"},
+            {"row_id": "a:1", "reject": "empty"},
+            {"row_id": "a:2", "text": "twice", "repeats": 2},
+            {"row_id": "a:3", "text": "dropped", "repeats": 0},
+            {"row_id": "a:4", "reject": "malformed_json"},
+            {"row_id": "a:5", "reject": "empty"},
+        ]
+    )
+    table = process_batch(batch, tokenizer, cfg, with_stats=True)
+    stats = json.loads(table["stats"][-1].as_py())
+    assert stats["read"] == 6 and stats["accepted"] == 2 and stats["documents"] == 3 and stats["sampled_out"] == 1
+    assert stats["rejected"] == {"empty": 2, "malformed_json": 1}
+    assert stats["samples"] == [["a:1", "empty"], ["a:4", "malformed_json"]]  # the first reject_samples ids
+    rows = table["input_ids"].to_pylist()[:-1]
+    assert rows[1] == rows[2] == encode_batch(["twice"], tokenizer)[0] + [2]
+    assert table.column_names == ["input_ids", "labels", "stats"]  # unpacked: no position_ids
+    plain = process_batch(batch, tokenizer, cfg)
+    assert plain.column_names == ["input_ids", "labels"] and plain.num_rows == 3
+
+
+def test_process_batch_rejects_overlong_sft_when_truncation_is_off(tokenizer):
+    cfg = load_config(TokenizeConfig, None, mode="sft", max_len=12, max_source_len=8, sft_truncate=False)
+    batch = _batch([{"row_id": "s:0", "source": "Human: hi </s> Assistant: ", "target": "x " * 40}])
+    stats = json.loads(process_batch(batch, tokenizer, cfg, with_stats=True)["stats"][-1].as_py())
+    assert stats["rejected"] == {"too_long": 1} and stats["documents"] == 0
