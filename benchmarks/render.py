@@ -37,12 +37,15 @@ def sample(tunes: list[str], n: int) -> list[str]:
     return tunes[::step][:n]
 
 
+FAILURES: list[str] = []
+
+
 def time_ours(tune: str, formats: list[str]) -> float:
     start = time.perf_counter()
     result = render(RenderRequest(tune, formats))
     elapsed = time.perf_counter() - start
-    if not result.ok:
-        raise RuntimeError(f"render failed: {result.errors}")
+    if not result.ok:  # counted and shown; a loaded machine can push a render past its deadline
+        FAILURES.append(f"{formats}: {[e['code'] + ' ' + e['message'] for e in result.errors]}")
     return elapsed
 
 
@@ -91,6 +94,9 @@ def main() -> None:
         label = "full*" if fmt == "full" else fmt
         print(f"{label:>6} {pct(values, 0.5):8.3f} {pct(values, 0.95):8.3f}")
     print("* full = one request for MIDI+MP3+SVG+PNG")
+    print(f"failed renders: {len(FAILURES)}" + "".join(f"\n  {f}" for f in FAILURES[:10]))
+    if hasattr(os, "getloadavg"):
+        print(f"load average after our runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     if shutil.which("mscore3") is None:
         print(

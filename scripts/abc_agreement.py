@@ -67,7 +67,15 @@ def verdicts(paths: list[Path], limit: int | None = None) -> list[Verdict]:
 def confusion(results: list[Verdict]) -> dict[str, int]:
     counts = {"both": 0, "ours_only": 0, "abc2midi_only": 0, "neither": 0}
     for v in results:
-        key = "both" if v.ours and v.abc2midi else "ours_only" if v.ours else "abc2midi_only" if v.abc2midi else "neither"
+        key = (
+            "both"
+            if v.ours and v.abc2midi
+            else "ours_only"
+            if v.ours
+            else "abc2midi_only"
+            if v.abc2midi
+            else "neither"
+        )
         counts[key] += 1
     return counts
 
@@ -83,7 +91,7 @@ def markdown_report(results: list[Verdict], seconds: float, max_listed: int = 60
         "# Bar-duration verdicts: chatmusician.abc vs abc2midi (Nottingham)",
         "",
         f"Tunes compared: {len(results)}. Agreement: **{agreement(counts):.1f} %** "
-        f"(a tune \"has a bar-duration problem\" or not). Run time {seconds:.1f} s.",
+        f'(a tune "has a bar-duration problem" or not). Run time {seconds:.1f} s.',
         "",
         "Command: `.venv/bin/python scripts/abc_agreement.py`",
         "",

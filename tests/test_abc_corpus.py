@@ -4,6 +4,7 @@ is extracted and validated without an exception; bar durations agree with music2
 from __future__ import annotations
 
 import importlib.util
+import sys
 import warnings
 from collections import Counter
 from fractions import Fraction
@@ -37,7 +38,10 @@ def test_every_nottingham_tune():
     counts = check_corpus(tunes)
     # a clean, curated set: few tunes with a bar-duration warning, almost none with an error
     assert counts["bar_duration"] < 0.03 * len(tunes)
-    assert sum(counts[c] for c in ("unclosed_chord", "unclosed_quote", "missing_key", "invalid_key", "no_music")) <= 3
+    assert (
+        sum(counts[c] for c in ("unclosed_chord", "unclosed_quote", "missing_key", "invalid_key", "no_music"))
+        <= 3
+    )
 
 
 @pytest.mark.integration
@@ -61,7 +65,10 @@ def test_bar_durations_agree_with_music21():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             part = music21.converter.parse(text, format="abc").parts[0]
-        theirs = [Fraction(m.duration.quarterLength).limit_denominator(96) / 4 for m in part.getElementsByClass("Measure")]
+        theirs = [
+            Fraction(m.duration.quarterLength).limit_denominator(96) / 4
+            for m in part.getElementsByClass("Measure")
+        ]
         assert ours == [d for d in theirs if d], parse_tune(text).title
 
 
@@ -69,6 +76,7 @@ def _agreement_module():
     path = Path(__file__).resolve().parents[1] / "scripts" / "abc_agreement.py"
     spec = importlib.util.spec_from_file_location("abc_agreement", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -83,7 +91,11 @@ def test_agreement_script_compares_with_real_abc2midi(tmp_path):
     )
     agreement = _agreement_module()
     results = agreement.verdicts([book])
-    assert [(v.number, v.ours, v.abc2midi) for v in results] == [(1, False, False), (2, True, True), (3, True, True)]
+    assert [(v.number, v.ours, v.abc2midi) for v in results] == [
+        (1, False, False),
+        (2, True, True),
+        (3, True, True),
+    ]
     assert "time units while the time signature has" in results[1].abc2midi_messages[0]
     counts = agreement.confusion(results)
     assert counts == {"both": 2, "ours_only": 0, "abc2midi_only": 0, "neither": 1}

@@ -30,7 +30,7 @@ def test_tune_without_x_line_gets_one_and_a_warning():
 def test_prose_before_and_after_is_left_out():
     text = (
         "Sure! Here is a jig in D major, as you asked:\n\n"
-        f"X:3\nT:Test\nM:6/8\nL:1/8\nK:D\n|:A|dfa afd|cec ABc|dfa afd|e3 e2:|\n"
+        "X:3\nT:Test\nM:6/8\nL:1/8\nK:D\n|:A|dfa afd|cec ABc|dfa afd|e3 e2:|\n"
         "This tune uses a simple AABB form. Enjoy playing it!\n"
     )
     (tune,) = extract_tunes(text).tunes
@@ -92,7 +92,9 @@ def test_title_with_a_colon_stays_one_field():
     assert "T:Golden Gate: A Reel" in tune.splitlines()
 
 
-@pytest.mark.parametrize("text", ["", "   \n\n", "I cannot write music, sorry.", "Q: what is a jig?\nA: a dance."])
+@pytest.mark.parametrize(
+    "text", ["", "   \n\n", "I cannot write music, sorry.", "Q: what is a jig?\nA: a dance."]
+)
 def test_no_abc_is_a_clear_result(text):
     result = extract_tunes(text)
     assert not result.found and result.tunes == []

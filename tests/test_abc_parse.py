@@ -55,7 +55,14 @@ def test_bad_keys_raise_value_error(value):
 
 @pytest.mark.parametrize(
     ("value", "meter"),
-    [("6/8", Fraction(3, 4)), ("C", Fraction(1)), ("C|", Fraction(1)), ("(2+3)/8", Fraction(5, 8)), ("none", None), ("", None)],
+    [
+        ("6/8", Fraction(3, 4)),
+        ("C", Fraction(1)),
+        ("C|", Fraction(1)),
+        ("(2+3)/8", Fraction(5, 8)),
+        ("none", None),
+        ("", None),
+    ],
 )
 def test_meter(value, meter):
     assert parse_meter(value) == meter
@@ -77,7 +84,9 @@ def test_unit_length_default_follows_the_meter():
         parse_unit_length("1/0")
 
 
-@pytest.mark.parametrize(("value", "bpm"), [("1/4=120", 120), ("96", 96), ('"Allegro" 3/8=40', 40), ('"Lento"', None)])
+@pytest.mark.parametrize(
+    ("value", "bpm"), [("1/4=120", 120), ("96", 96), ('"Allegro" 3/8=40', 40), ('"Lento"', None)]
+)
 def test_tempo(value, bpm):
     assert parse_tempo_bpm(value) == bpm
 
@@ -90,7 +99,12 @@ def test_voices_from_header_body_and_inline_fields():
 def test_unreadable_values_become_issues_with_positions():
     tune = parse_tune("X:one\nT:Bad\nM:FREI4/4\nK:H\nCDEF|\n[K:Q]GABc|")
     found = {(i.code, i.line, i.column) for i in tune.issues}
-    assert found == {("invalid_number", 1, 3), ("invalid_meter", 3, 3), ("invalid_key", 4, 3), ("invalid_key", 6, 4)}
+    assert found == {
+        ("invalid_number", 1, 3),
+        ("invalid_meter", 3, 3),
+        ("invalid_key", 4, 3),
+        ("invalid_key", 6, 4),
+    }
     assert tune.key is None and tune.meter is None
 
 

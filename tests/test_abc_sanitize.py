@@ -101,8 +101,8 @@ def test_limits_reject_with_an_error(text, limits, code):
     [
         "X:1\nK:C\nA999 B|",  # 3 digits: allowed
         "X:1\nQ:1/4=400\nK:C\nC|",
-        "X:1\nQ:\"Allegro\"\nK:C\nC|",  # a tempo without a number
-        "X:1\nK:C\n\"Gm7 12345\"C !12345!D|",  # digits in chord symbols and decorations are no lengths
+        'X:1\nQ:"Allegro"\nK:C\nC|',  # a tempo without a number
+        'X:1\nK:C\n"Gm7 12345"C !12345!D|',  # digits in chord symbols and decorations are no lengths
         "".join(f"X:{n}\nK:C\nC|\n\n" for n in range(1, 21)),
         "X:1\nK:C\n" + "".join(f"V:{v}\nC|\n" for v in range(16)),
     ],
@@ -131,7 +131,7 @@ def test_never_raises_on_garbage():
     binary = os.urandom(50_000).decode("utf-8", errors="surrogateescape")  # lone surrogates too
     assert isinstance(sanitize(binary).ok, bool)
     assert sanitize(os.urandom(1_000_000).decode("latin-1")).ok is False
-    alphabet = "%XKQV:|[]\"!I0123456789 \nabcABC/=\x00\r"
+    alphabet = '%XKQV:|[]"!I0123456789 \nabcABC/=\x00\r'
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 500)))
         result = sanitize(text)
@@ -140,7 +140,9 @@ def test_never_raises_on_garbage():
 
 def _abcm2ps_svg(tmp_path, name: str, text: str) -> str:
     (tmp_path / f"{name}.abc").write_text(text)
-    subprocess.run(["abcm2ps", "-g", "-O", f"{name}.svg", f"{name}.abc"], cwd=tmp_path, capture_output=True, timeout=30)
+    subprocess.run(
+        ["abcm2ps", "-g", "-O", f"{name}.svg", f"{name}.abc"], cwd=tmp_path, capture_output=True, timeout=30
+    )
     return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"{name}*.svg")))
 
 

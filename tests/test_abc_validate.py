@@ -74,7 +74,9 @@ def test_free_meter_and_measure_rests_are_not_checked():
 
 
 def test_multi_voice_bars_are_checked_per_voice():
-    tune = "X:1\nT:Duet\nM:3/4\nL:1/4\nV:1\nV:2 clef=bass\nK:C\nV:1\nC D E|F G A|c3|]\nV:2\nC,3|F,2 G,|C,3|]\n"
+    tune = (
+        "X:1\nT:Duet\nM:3/4\nL:1/4\nV:1\nV:2 clef=bass\nK:C\nV:1\nC D E|F G A|c3|]\nV:2\nC,3|F,2 G,|C,3|]\n"
+    )
     assert validate_tune(tune) == []
     broken = validate_tune(tune.replace("F,2 G,", "F,2"))
     assert codes(broken) == ["bar_duration"]
@@ -113,8 +115,13 @@ def test_balanced_constructs_are_fine():
 
 def test_header_problems_are_errors_and_music_still_checked():
     issues = validate_tune("X:1\nM:4/4\nL:1/8\nK:H\nC8|C7|C8|]")
-    assert [(i.code, i.severity, i.line) for i in issues] == [("invalid_key", "error", 4), ("bar_duration", "warning", 5)]
-    assert codes(validate_tune("X:1\nM:FREI\nK:C\nC8|C7|C8|]")) == ["invalid_meter"]  # unknown meter: no bar check
+    assert [(i.code, i.severity, i.line) for i in issues] == [
+        ("invalid_key", "error", 4),
+        ("bar_duration", "warning", 5),
+    ]
+    assert codes(validate_tune("X:1\nM:FREI\nK:C\nC8|C7|C8|]")) == [
+        "invalid_meter"
+    ]  # unknown meter: no bar check
     assert codes(validate_tune("X:1\nT:t\nM:4/4\nC8|C8|]")) == ["missing_key"]
 
 
@@ -123,7 +130,17 @@ def test_a_tune_without_notes_is_an_error():
 
 
 def test_never_raises_on_hostile_bodies():
-    bodies = ["A/0 B|", "(0abc|", "(9:0:0abc|", "|1-|", "[K:]", "[L:0/0]C|", "A" * 3000 + "|", "]" * 50, "\x00\x01"]
+    bodies = [
+        "A/0 B|",
+        "(0abc|",
+        "(9:0:0abc|",
+        "|1-|",
+        "[K:]",
+        "[L:0/0]C|",
+        "A" * 3000 + "|",
+        "]" * 50,
+        "\x00\x01",
+    ]
     for body in bodies:
         issues = validate_tune(f"X:1\nM:4/4\nK:C\n{body}")
         assert all(isinstance(i, Issue) and i.severity in ("error", "warning") for i in issues)

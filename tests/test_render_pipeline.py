@@ -256,3 +256,15 @@ def test_sanitizer_rejects_before_any_tool_runs():
         assert "midi" not in result.timings and "svg" not in result.timings
     empty = render(RenderRequest("", ["midi"]))
     assert [e["code"] for e in empty.errors] == ["empty_input"]
+
+
+def test_rlimits_sandbox_renders_where_bubblewrap_cannot_run():
+    config = RenderConfig(sandbox=SandboxConfig(kind="rlimits"))
+    result = render(RenderRequest(tune("C D E F|]"), ["midi", "wav", "svg"]), config)
+    assert result.ok and sorted(result.outputs) == ["midi", "svg", "wav"]
+    missing = render(RenderRequest(tune("C|]"), ["midi"]), RenderConfig(sandbox=SandboxConfig(kind="nope")))
+    assert (
+        not missing.ok
+        and missing.errors[0]["code"] == "sandbox_unavailable"
+        and "nope" in missing.errors[0]["message"]
+    )

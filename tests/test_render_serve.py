@@ -63,7 +63,7 @@ def test_handle_renders_midi_and_svg(renderer):
 def test_http_renders_and_reports_bad_requests(renderer):
     _, url = renderer
     with httpx.Client(timeout=60) as client:
-        good = client.post(f"{url}/", json={"abc": TUNE, "formats": ["png"]})
+        good = client.post(url, json={"abc": TUNE, "formats": ["png"]})
         assert good.status_code == 200
         assert base64.b64decode(good.json()["outputs"]["png"]).startswith(b"\x89PNG")
         bad = client.post(f"{url}/", json={"abc": TUNE, "formats": ["flac"]})
@@ -74,6 +74,7 @@ def test_http_renders_and_reports_bad_requests(renderer):
         assert not_json.status_code == 400 and not_json.json()["errors"][0]["code"] == "bad_request"
         wrong_shape = client.post(f"{url}/", json=["abc"])
         assert wrong_shape.status_code == 400
+        assert client.get(url).status_code == 400
 
 
 def test_service_answers_hostile_inputs_and_stays_up(renderer):

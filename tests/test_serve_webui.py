@@ -103,7 +103,9 @@ def test_web_ui_chat_gives_a_score_image_and_playable_audio(ui_url, browser):
     assert EXAMPLE_PROMPTS[3] in browser.page_source  # the original's examples are offered
     box.send_keys(TUNE.splitlines()[0])  # typed; the whole multi-line tune then goes in like a paste
     browser.execute_script(
-        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, TUNE
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+        box,
+        TUNE,
     )
     browser.find_element(By.CSS_SELECTOR, "#send").click()
 

@@ -36,14 +36,18 @@ def _to_input_line(issue: Issue, source_lines: list[int]) -> Issue:
     return replace(issue, line=source_lines[min(issue.line, len(source_lines)) - 1])
 
 
-def check_text(text: str, limits: AbcLimits | None = None, tune_index: int | None = None, source: str = "-") -> list[dict]:
+def check_text(
+    text: str, limits: AbcLimits | None = None, tune_index: int | None = None, source: str = "-"
+) -> list[dict]:
     """Reports for one input: one for the input itself when sanitizing/extracting found something, then
     one per tune (only the ``tune_index``-th, 1-based, when given)."""
     cleaned = sanitize(text, limits)
     found = extract_tunes(cleaned.text) if cleaned.text else None
     input_issues = cleaned.issues + (found.issues if found else [])
     reports = [_report(source, None, input_issues)] if input_issues else []
-    for index, (tune_text, lines) in enumerate(zip(found.tunes, found.source_lines, strict=True) if found else [], 1):
+    for index, (tune_text, lines) in enumerate(
+        zip(found.tunes, found.source_lines, strict=True) if found else [], 1
+    ):
         if tune_index is not None and index != tune_index:
             continue
         tune = parse_tune(tune_text)
@@ -67,7 +71,11 @@ def run_check(cfg: AbcCheckConfig) -> list[dict]:
         try:
             text = _read(path)
         except OSError as e:
-            reports.append(_report(path, None, [Issue(ERROR, "unreadable_input", f"cannot read {path}: {e.strerror or e}")]))
+            reports.append(
+                _report(
+                    path, None, [Issue(ERROR, "unreadable_input", f"cannot read {path}: {e.strerror or e}")]
+                )
+            )
             continue
         reports += check_text(text, cfg.limits, cfg.tune_index, source=path)
     for report in reports:

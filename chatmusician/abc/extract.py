@@ -45,10 +45,17 @@ class ExtractResult:
 
     @property
     def message(self) -> str:
-        return NO_ABC if not self.tunes else f"found {len(self.tunes)} tune{'s' if len(self.tunes) > 1 else ''}"
+        return (
+            NO_ABC if not self.tunes else f"found {len(self.tunes)} tune{'s' if len(self.tunes) > 1 else ''}"
+        )
 
     def to_dict(self) -> dict:
-        return {"tunes": self.tunes, "found": self.found, "message": self.message, "issues": [i.to_dict() for i in self.issues]}
+        return {
+            "tunes": self.tunes,
+            "found": self.found,
+            "message": self.message,
+            "issues": [i.to_dict() for i in self.issues],
+        }
 
 
 def _prose_words(line: str) -> int:
@@ -189,7 +196,9 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
             while k < len(lines) and not lines[k][1].strip():
                 k += 1
             if k < len(lines) and is_music_line(lines[k][1]) and not _starts_tune(lines, k):
-                issues.append(Issue(WARNING, "blank_line_in_tune", "blank line inside a tune removed", number))
+                issues.append(
+                    Issue(WARNING, "blank_line_in_tune", "blank line inside a tune removed", number)
+                )
                 j = k
                 continue
             break
@@ -198,7 +207,9 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
         elif not in_body and _is_field_line(s):
             fields, rest = split_fields(s)
             if len(fields) > 1:
-                issues.append(Issue(WARNING, "split_header", "header fields on one line split one per line", number, 1))
+                issues.append(
+                    Issue(WARNING, "split_header", "header fields on one line split one per line", number, 1)
+                )
             for letter, value in fields:
                 if letter == "X" and draft.number is None and not draft.has_fields:
                     draft.number = value
@@ -254,13 +265,21 @@ def _extract(text: str) -> ExtractResult:
                 drafts.append(draft)
         music = [(number, line.rstrip()) for number, line in region if is_music_line(line)]
         if fenced and len(drafts) == before and any("|" in line for _, line in music):
-            issues.append(Issue(WARNING, "no_header", "code block with music but no header: X: added, no K:", region[0][0]))
+            issues.append(
+                Issue(
+                    WARNING, "no_header", "code block with music but no header: X: added, no K:", region[0][0]
+                )
+            )
             drafts.append(_Draft(first_line=region[0][0], body=music))
     tunes, source_lines = [], []
     for index, draft in enumerate(drafts, start=1):
         number = draft.number.strip() if draft.number else ""
         if not re.fullmatch(r"\d+", number):
-            issues.append(Issue(WARNING, "added_number", f"tune without an X: number numbered {index}", draft.first_line))
+            issues.append(
+                Issue(
+                    WARNING, "added_number", f"tune without an X: number numbered {index}", draft.first_line
+                )
+            )
             number = str(index)
         lines_out = [(draft.first_line, f"X:{int(number)}"), *draft.header, *draft.body]
         tunes.append("\n".join(text for _, text in lines_out))
@@ -277,4 +296,6 @@ def extract_tunes(text: str) -> ExtractResult:
     try:
         return _extract(str(text))
     except Exception as e:  # noqa: BLE001 - callers get a result, never a traceback
-        return ExtractResult([], [Issue(ERROR, "internal_error", f"extraction failed: {type(e).__name__}: {e}")])
+        return ExtractResult(
+            [], [Issue(ERROR, "internal_error", f"extraction failed: {type(e).__name__}: {e}")]
+        )

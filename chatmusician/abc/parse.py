@@ -139,7 +139,9 @@ def parse_tune(text: str) -> Tune:
             continue
         m = FIELD_LINE.match(line)
         if m is None:
-            tune.issues.append(Issue(WARNING, "not_a_field", f"header line is not a field: {line[:60]!r}", i + 1, 1))
+            tune.issues.append(
+                Issue(WARNING, "not_a_field", f"header line is not a field: {line[:60]!r}", i + 1, 1)
+            )
             continue
         letter, value = m.group(1), m.group(2).strip()
         if letter == "+" and last_letter:  # continuation of the previous field
@@ -185,7 +187,9 @@ def _read_header_values(tune: Tune, positions: dict[str, tuple[int, int]]) -> No
     elif re.fullmatch(r"\d+", number.strip()):
         tune.number = int(number)
     else:
-        tune.issues.append(Issue(WARNING, "invalid_number", f"X: {number!r} is not a number", *positions["X"]))
+        tune.issues.append(
+            Issue(WARNING, "invalid_number", f"X: {number!r} is not a number", *positions["X"])
+        )
     tune.title = tune.header("T")
     for letter in "KMLQ":
         value = tune.header(letter)
@@ -204,6 +208,8 @@ def _read_header_values(tune: Tune, positions: dict[str, tuple[int, int]]) -> No
     if tune.header("L") is None:
         tune.unit_length = default_unit_length(tune.meter)
     if tune.header("K") is None:
-        tune.issues.append(Issue(ERROR, "missing_key", "no K: field (the header must end with one)", tune.body_line))
+        tune.issues.append(
+            Issue(ERROR, "missing_key", "no K: field (the header must end with one)", tune.body_line)
+        )
     for value in tune.headers.get("V", []):
         _add_voice(tune, value)

@@ -85,12 +85,26 @@ def _strip_directives(lines: list[str], limits: AbcLimits, issues: list[Issue]) 
                 continue
             inline = _INLINE_INSTRUCTION.search(line)
             if inline:
-                issues.append(Issue(WARNING, "instruction_field", "removed an inline [I:] field", number, inline.start() + 1))
+                issues.append(
+                    Issue(
+                        WARNING,
+                        "instruction_field",
+                        "removed an inline [I:] field",
+                        number,
+                        inline.start() + 1,
+                    )
+                )
                 line = _INLINE_INSTRUCTION.sub("", line)
         kept.append((number, line))
     if block_end is not None:
         issues.append(
-            Issue(WARNING, "unclosed_block", f"%%{block_end} missing: removed everything after line {block_start}", block_start, 1)
+            Issue(
+                WARNING,
+                "unclosed_block",
+                f"%%{block_end} missing: removed everything after line {block_start}",
+                block_start,
+                1,
+            )
         )
     return kept
 
@@ -121,7 +135,16 @@ def _check_limits(kept: list[tuple[int, str]], limits: AbcLimits) -> list[Issue]
     found = _FirstOnly()
     tune_starts = [number for number, line in kept if _TUNE_START.match(line)]
     if len(tune_starts) > limits.max_tunes:
-        found.add(0, Issue(ERROR, "too_many_tunes", f"{len(tune_starts)} tunes (X: fields); the limit is {limits.max_tunes}", tune_starts[limits.max_tunes], 1))
+        found.add(
+            0,
+            Issue(
+                ERROR,
+                "too_many_tunes",
+                f"{len(tune_starts)} tunes (X: fields); the limit is {limits.max_tunes}",
+                tune_starts[limits.max_tunes],
+                1,
+            ),
+        )
     tune = 0
     bars: dict[int, int] = {}
     voices: dict[int, set[str]] = {}
@@ -129,16 +152,27 @@ def _check_limits(kept: list[tuple[int, str]], limits: AbcLimits) -> list[Issue]
         if _TUNE_START.match(line):
             tune = min(tune + 1, limits.max_tunes + 1)  # past the limit, one error per code is enough
         if len(line) > limits.max_line_chars:
-            found.add(tune, Issue(ERROR, "line_too_long", f"line of {len(line)} characters; the limit is {limits.max_line_chars}", number, limits.max_line_chars + 1))
+            found.add(
+                tune,
+                Issue(
+                    ERROR,
+                    "line_too_long",
+                    f"line of {len(line)} characters; the limit is {limits.max_line_chars}",
+                    number,
+                    limits.max_line_chars + 1,
+                ),
+            )
             continue
         fields = [(m.group(1), m.group(2), m.start(2)) for m in [_FIELD_LINE.match(line)] if m]
         if not fields and not line.lstrip().startswith("%"):
             fields = [(m.group(1), m.group(2), m.start(2)) for m in _INLINE_FIELD.finditer(line)]
             music = _NOT_LENGTHS.sub(_blank_out, line)
             bars[tune] = bars.get(tune, 0) + len(_BAR_LINE.findall(music))
-            digits = re.search(r"\d{%d,}" % (limits.max_note_length_digits + 1), music)
+            digits = re.search(rf"\d{{{limits.max_note_length_digits + 1},}}", music)
             if digits:
-                message = f"length number {digits.group()[:12]} has over {limits.max_note_length_digits} digits"
+                message = (
+                    f"length number {digits.group()[:12]} has over {limits.max_note_length_digits} digits"
+                )
                 found.add(tune, Issue(ERROR, "note_length_too_long", message, number, digits.start() + 1))
         for letter, value, start in fields:
             if letter == "V" and value.split():
@@ -154,11 +188,29 @@ def _check_limits(kept: list[tuple[int, str]], limits: AbcLimits) -> list[Issue]
     for tune_no, count in bars.items():
         if count > limits.max_bars:
             line = tune_starts[tune_no - 1] if tune_no else 1
-            found.add(tune_no, Issue(ERROR, "too_many_bars", f"{count} bar lines in one tune; the limit is {limits.max_bars}", line, 1))
+            found.add(
+                tune_no,
+                Issue(
+                    ERROR,
+                    "too_many_bars",
+                    f"{count} bar lines in one tune; the limit is {limits.max_bars}",
+                    line,
+                    1,
+                ),
+            )
     for tune_no, ids in voices.items():
         if len(ids) > limits.max_voices:
             line = tune_starts[tune_no - 1] if tune_no else 1
-            found.add(tune_no, Issue(ERROR, "too_many_voices", f"{len(ids)} voices in one tune; the limit is {limits.max_voices}", line, 1))
+            found.add(
+                tune_no,
+                Issue(
+                    ERROR,
+                    "too_many_voices",
+                    f"{len(ids)} voices in one tune; the limit is {limits.max_voices}",
+                    line,
+                    1,
+                ),
+            )
     return found.issues()
 
 

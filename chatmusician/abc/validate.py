@@ -75,14 +75,19 @@ def _tokenizer_lines(tune: Tune) -> list[str]:
     for f in iter_body_fields(lines, tune.body_line):
         if f.letter != "K" and check_field_value(f.letter, f.value) is None:
             continue
-        replacement = f"{tune.unit_length.numerator}/{tune.unit_length.denominator}" if f.letter == "L" else ""
+        replacement = (
+            f"{tune.unit_length.numerator}/{tune.unit_length.denominator}" if f.letter == "L" else ""
+        )
         i, start = f.line - tune.body_line, f.column - 1
         lines[i] = lines[i][:start] + _blank(f.value, replacement) + lines[i][start + len(f.value) :]
     return lines
 
 
 def _tokenizer_header(tune: Tune) -> dict[str, str]:
-    ok = {letter: tune.header(letter) is not None and check_field_value(letter, tune.header(letter)) is None for letter in "MQ"}
+    ok = {
+        letter: tune.header(letter) is not None and check_field_value(letter, tune.header(letter)) is None
+        for letter in "MQ"
+    }
     header = {
         "key": "",  # see _tokenizer_lines
         "meter": tune.header("M") if ok["M"] else ("free" if tune.header("M") is None else "none"),
@@ -98,10 +103,6 @@ def tokenize(tune: Tune) -> list:
     return _Tokenizer(_tokenizer_header(tune)).tokenize(_tokenizer_lines(tune), {})
 
 
-def _field_text(token) -> str:
-    return token._text.strip("[]") if isinstance(token, (abcnotes.BodyField, abcnotes.InlineField)) else ""
-
-
 def _length(token) -> Fraction | None:
     """Length of a note or rest in whole notes; None when a length has a zero denominator."""
     return _whole_notes(*token.length, *token.time_sig._unit_len)
@@ -114,100 +115,155 @@ def _whole_notes(num: int, den: int, unit_num: int, unit_den: int) -> Fraction |
     return Fraction(num, den) * Fraction(unit_num, unit_den)
 
 
+class _BarSplitter:
+    """Walks the tokens once: groups them by voice and bar, adds up durations, and notes bracket, quote,
+    slur and tie problems on the way. One handler per token class; others just join the current bar."""
+
+    def __init__(self, tune: Tune, issues: list[Issue]):
+        self.tune, self.issues = tune, issues
+        self.voices: dict[str, _Voice] = {}
+        self.voice = self._switch(tune.voices[0] if tune.voices else DEFAULT_VOICE)
+        self.chord_open = self.grace_open = None
+        self.in_chord_first = False  # inside [..]: only the first note counts
+        self.unknown_lines: set[int] = set()
+        self.handlers = {
+            abcnotes.Space: lambda token: None,
+            abcnotes.Note: self._sound,
+            abcnotes.Rest: self._sound,
+            abcnotes.BarLine: self._bar_line,
+            abcnotes.Newline: self._newline,
+            abcnotes.BodyField: self._field,
+            abcnotes.InlineField: self._field,
+            abcnotes.ChordBracket: self._chord,
+            abcnotes.GracenoteBrace: self._grace,
+            abcnotes.Slur: self._slur,
+            abcnotes.Unknown: self._unknown,
+            abcnotes.VoiceOverlay: self._overlay,
+        }
+
+    def run(self, tokens: list) -> dict[str, list[Bar]]:
+        handlers, default = self.handlers, self._other
+        for token in tokens:
+            handlers.get(type(token), default)(token)
+        self._close_chord()
+        for name, voice in self.voices.items():
+            for slur in voice.slurs:
+                where = f" in voice {name}" if name else ""
+                self._add(WARNING, "unclosed_slur", f"slur '(' never closed{where}", slur)
+        return {name: voice.bars for name, voice in self.voices.items()}
+
+    def _add(self, severity: str, code: str, message: str, token) -> None:
+        self.issues.append(Issue(severity, code, message, *_position(self.tune, token)))
+
+    def _switch(self, name: str) -> _Voice:
+        self.voice = self.voices.setdefault(name, _Voice())
+        return self.voice
+
+    def _close_chord(self) -> None:
+        if self.chord_open is not None:
+            message = "chord '[' not closed before the end of the bar/line"
+            self._add(ERROR, "unclosed_chord", message, self.chord_open)
+            self.chord_open = None
+
+    def _other(self, token) -> None:
+        self.voice.bars[-1].tokens.append(token)
+
+    def _bar_line(self, token) -> None:
+        self._close_chord()
+        self.voice.bars.append(Bar(tokens=[token]))
+        self.voice.in_overlay = False
+
+    def _newline(self, token) -> None:
+        self._close_chord()
+        if self.grace_open is not None:
+            self._add(ERROR, "unclosed_grace", "grace notes '{' not closed on this line", self.grace_open)
+            self.grace_open = None
+
+    def _field(self, token) -> None:
+        text = token._text.strip("[]")
+        if text.startswith("V:"):
+            words = text[2:].split()
+            self._switch(words[0] if words else DEFAULT_VOICE)
+            return
+        if text.startswith("P:") and self.voice.bars[-1].first is not None:
+            self.voice.bars.append(Bar(starts_part=True))  # a new part ends the bar even without a bar line
+        self._other(token)
+
+    def _chord(self, token) -> None:
+        self._other(token)
+        if token._text == "[":
+            self.chord_open, self.in_chord_first = token, True
+        elif self.chord_open is None:
+            self._add(ERROR, "unmatched_bracket", "']' without an opening '['", token)
+        else:
+            self.chord_open = None
+
+    def _grace(self, token) -> None:
+        self._other(token)
+        if token._text != "}":
+            self.grace_open = token
+        elif self.grace_open is None:
+            self._add(ERROR, "unmatched_brace", "'}' without an opening '{'", token)
+        else:
+            self.grace_open = None
+
+    def _slur(self, token) -> None:
+        self._other(token)
+        if token._text == "(":
+            self.voice.slurs.append(token)
+        elif self.voice.slurs:
+            self.voice.slurs.pop()
+        else:
+            self._add(WARNING, "unmatched_slur", "')' without an opening '('", token)
+
+    def _unknown(self, token) -> None:
+        self._other(token)
+        if token._text == '"':
+            self._add(
+                ERROR, "unclosed_quote", "chord symbol or annotation '\"' not closed on this line", token
+            )
+        elif token._line not in self.unknown_lines:  # one per line is enough
+            self.unknown_lines.add(token._line)
+            self._add(WARNING, "unexpected_character", f"unexpected character {token._text!r}", token)
+
+    def _overlay(self, token) -> None:
+        self._other(token)
+        self.voice.in_overlay = True  # '&' restarts the bar's time: count the first layer only
+
+    def _sound(self, token) -> None:
+        voice, bar = self.voice, self.voice.bars[-1]
+        bar.tokens.append(token)
+        if type(token) is abcnotes.Note:
+            if token.grace:
+                return
+            previous, voice.previous_note = voice.previous_note, (None if self.chord_open else token)
+            if previous is not None and previous.tie and self.chord_open is None:
+                if (previous.note, previous.octave) != (token.note, token.octave):
+                    message = f"tie from {previous._text} to a different note {token._text}"
+                    self._add(WARNING, "tie_mismatch", message, previous)
+            if self.chord_open is not None:
+                if not self.in_chord_first:
+                    return
+                self.in_chord_first = False
+        if voice.in_overlay:
+            return
+        length = _length(token)
+        if length is None:
+            self._add(ERROR, "invalid_note_length", f"length of {token._text!r} divides by zero", token)
+            return
+        if bar.first is None:
+            bar.first = token
+            meter = token.time_sig._meter
+            bar.meter = Fraction(*meter) if meter and meter[1] else None
+        if type(token) is abcnotes.Rest and token.symbol in "XZ":
+            bar.whole_bar_rest = True
+        else:
+            bar.duration += length
+
+
 def split_voices(tune: Tune, tokens: list, issues: list[Issue]) -> dict[str, list[Bar]]:
     """Group tokens by voice and bar, adding up durations; bracket/quote/slur/tie problems go to ``issues``."""
-    voices: dict[str, _Voice] = {}
-    current = tune.voices[0] if tune.voices else DEFAULT_VOICE
-    voice = voices.setdefault(current, _Voice())
-    chord_open = grace_open = None
-    in_chord_first = False  # inside [..]: only the first note counts
-    unknown_lines: set[int] = set()
-
-    def add(severity: str, code: str, message: str, token) -> None:
-        issues.append(Issue(severity, code, message, *_position(tune, token)))
-
-    for token in tokens:
-        if isinstance(token, (abcnotes.Newline, abcnotes.BarLine)) or (
-            isinstance(token, abcnotes.BodyField) and chord_open
-        ):
-            if chord_open is not None:
-                add(ERROR, "unclosed_chord", "chord '[' not closed before the end of the bar/line", chord_open)
-                chord_open = None
-            if grace_open is not None and isinstance(token, abcnotes.Newline):
-                add(ERROR, "unclosed_grace", "grace notes '{' not closed on this line", grace_open)
-                grace_open = None
-        text = _field_text(token)
-        if text.startswith("V:"):
-            current = text[2:].split()[0] if text[2:].split() else DEFAULT_VOICE
-            voice = voices.setdefault(current, _Voice())
-            continue
-        if text.startswith("P:") and voice.bars[-1].first is not None:
-            voice.bars.append(Bar(starts_part=True))  # a part ends the bar even without a bar line
-        bar = voice.bars[-1]
-        if isinstance(token, abcnotes.BarLine):
-            voice.bars.append(Bar(tokens=[token]))
-            voice.in_overlay = False
-            continue
-        bar.tokens.append(token)
-        if isinstance(token, abcnotes.ChordBracket):
-            if token._text == "[":
-                chord_open, in_chord_first = token, True
-            elif chord_open is None:
-                add(ERROR, "unmatched_bracket", "']' without an opening '['", token)
-            else:
-                chord_open = None
-        elif isinstance(token, abcnotes.GracenoteBrace):
-            if token._text != "}":
-                grace_open = token
-            elif grace_open is None:
-                add(ERROR, "unmatched_brace", "'}' without an opening '{'", token)
-            else:
-                grace_open = None
-        elif isinstance(token, abcnotes.Slur):
-            if token._text == "(":
-                voice.slurs.append(token)
-            elif voice.slurs:
-                voice.slurs.pop()
-            else:
-                add(WARNING, "unmatched_slur", "')' without an opening '('", token)
-        elif isinstance(token, abcnotes.Unknown):
-            if token._text == '"':
-                add(ERROR, "unclosed_quote", 'chord symbol or annotation \'"\' not closed on this line', token)
-            elif token._line not in unknown_lines:
-                unknown_lines.add(token._line)
-                add(WARNING, "unexpected_character", f"unexpected character {token._text!r}", token)
-        elif isinstance(token, abcnotes.VoiceOverlay):
-            voice.in_overlay = True  # '&' restarts the bar's time: count the first layer only
-        elif isinstance(token, (abcnotes.Note, abcnotes.Rest)):
-            if isinstance(token, abcnotes.Note):
-                if token.grace:
-                    continue
-                previous, voice.previous_note = voice.previous_note, (None if chord_open else token)
-                if previous is not None and previous.tie and chord_open is None:
-                    if (previous.note, previous.octave) != (token.note, token.octave):
-                        add(WARNING, "tie_mismatch", f"tie from {previous._text} to a different note {token._text}", previous)
-                if chord_open is not None:
-                    if not in_chord_first:
-                        continue
-                    in_chord_first = False
-            if voice.in_overlay:
-                continue
-            length = _length(token)
-            if length is None:
-                add(ERROR, "invalid_note_length", f"length of {token._text!r} divides by zero", token)
-                continue
-            if bar.first is None:
-                bar.first = token
-                meter = token.time_sig._meter
-                bar.meter = Fraction(*meter) if meter and meter[1] else None
-            if isinstance(token, abcnotes.Rest) and token.symbol in "XZ":
-                bar.whole_bar_rest = True
-            else:
-                bar.duration += length
-    for name, v in voices.items():
-        for slur in v.slurs:
-            add(WARNING, "unclosed_slur", "slur '(' never closed" + (f" in voice {name}" if name else ""), slur)
-    return {name: v.bars for name, v in voices.items()}
+    return _BarSplitter(tune, issues).run(tokens)
 
 
 def _is_boundary(bar: Bar | None) -> bool:
@@ -215,7 +271,10 @@ def _is_boundary(bar: Bar | None) -> bool:
     line = bar.opening if bar is not None else None
     return bar is not None and (
         bar.starts_part
-        or (line is not None and (line.repeat_start or line.repeat_end or line.double or line.endings is not None))
+        or (
+            line is not None
+            and (line.repeat_start or line.repeat_end or line.double or line.endings is not None)
+        )
     )
 
 

@@ -34,9 +34,8 @@ class TuneOutcome:
 def render_one(index: int, tune: str, formats: list[str], config: RenderConfig) -> TuneOutcome:
     result = render(RenderRequest(tune, list(formats)), config)
     title = m.group(1).strip() if (m := _TITLE.search(tune)) else ""
-    return TuneOutcome(
-        index, title, sorted(result.outputs), result.errors, len(result.warnings), result.timings["total"]
-    )
+    warnings = [f"{w['stage']} {w['code']}" for w in result.warnings]
+    return TuneOutcome(index, title, sorted(result.outputs), result.errors, warnings, result.timings["total"])
 
 
 def render_corpus(

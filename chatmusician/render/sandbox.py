@@ -102,6 +102,8 @@ def jail_argv(
 
 def sandbox_available(config: SandboxConfig) -> str | None:
     """None when the sandbox can run here, else why not."""
+    if config.kind not in ("bwrap", "rlimits"):
+        return f"unknown sandbox kind {config.kind!r}: expected 'bwrap' or 'rlimits'"
     needed = ["prlimit", "timeout"] + (["bwrap"] if config.kind == "bwrap" else [])
     missing = [tool for tool in needed if shutil.which(tool) is None]
     return f"sandbox tools not installed: {', '.join(missing)}" if missing else None

@@ -8,10 +8,8 @@ and autoscaling live there only.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from ray import serve
 from ray.serve import Application
 
 from chatmusician.config import make_parser, namespace_to_config
@@ -36,32 +34,15 @@ def _options(o: DeploymentOptions, retry_after_s: int) -> dict[str, Any]:
     }
 
 
-@serve.deployment(name="Renderer")
-class Renderer:
-    """The render pipeline as a plain deployment composed through a handle. (The render package's own
-    Renderer carries a FastAPI ingress for standalone HTTP use, and Serve allows one ingress per app.)"""
-
-    def __init__(self, config):
-        from chatmusician.render.deployment import as_render_config
-
-        self.config = as_render_config(config)
-
-    async def render(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``{abc, formats, tune_index}`` -> ``RenderResult.to_json_dict()`` (tools run in a worker thread)."""
-        from chatmusician.render import render_dict
-
-        return await asyncio.to_thread(render_dict, request, self.config)
-
-
 def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
     """Ingress -> (Composer, Renderer), bound with the config's resources."""
-    from chatmusician.render.deployment import deployment_options
+    from chatmusician.render.deployment import build_renderer
     from chatmusician.serve.composer import Composer
     from chatmusician.serve.ingress import Ingress
 
     config = app_config(args)
     composer = Composer.options(**_options(config.composer, config.retry_after_s)).bind(config)
-    renderer = Renderer.options(**deployment_options(config.render)).bind(config.render)
+    renderer = build_renderer(config.render)  # CPU pool with the render config's autoscaling bounds
     return Ingress.options(**_options(config.ingress, config.retry_after_s)).bind(composer, renderer, config)
 
 

@@ -362,18 +362,6 @@ class Composer:
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # sizes of the batches generated so far (stats)
 
-    def info(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "model": c.model,
-            "adapters": list(c.adapters),
-            "engine": c.engine,
-            "max_prompt_tokens": c.max_prompt_tokens,
-            "max_new_tokens_cap": c.max_new_tokens_cap,
-            "max_batch_size": c.max_batch_size,
-            "generation": dataclasses.asdict(c.generation),
-        }
-
     def stats(self) -> dict[str, Any]:
         """How dynamic batching went on this replica: batches run and the largest one."""
         return {"batches": len(self.batch_sizes), "largest_batch": max(self.batch_sizes, default=0)}

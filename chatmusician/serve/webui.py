@@ -166,4 +166,7 @@ def build_ui(backend, config: ServeAppConfig) -> gr.Blocks:
         send.click(respond, inputs, outputs)
         prompt.submit(respond, inputs, outputs)
         clear.click(lambda: ([], None, None, None, ""), None, [chatbot, score, audio, abc_file, status])
-    return ui
+    # gradio runs one event at a time by default; let several users' requests reach the batching Composer.
+    return ui.queue(
+        default_concurrency_limit=2 * config.max_batch_size, max_size=config.ingress.max_queued_requests
+    )

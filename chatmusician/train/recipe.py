@@ -162,8 +162,8 @@ def _batches(shard, cfg: TrainConfig, skip: int):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: setup, resume if a checkpoint exists, train to ``total_steps``, checkpoint."""
-    T0=time.time(); print("TIMING start", time.time(), flush=True)
     import deepspeed
+    import deepspeed.ops
     import ray.train
     import torch
     import torch.distributed as dist
@@ -181,7 +181,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation = ds_config["gradient_accumulation_steps"]
     device = torch.device("cuda", torch.cuda.current_device()) if profile.use_gpu else torch.device("cpu")
 
-    print("TIMING imported", time.time()-T0, flush=True)
+    if not profile.use_gpu:
+        # DeepSpeed's shared-memory allreduce serves CPU inference only, and building it takes ~60 s on first use;
+        # training's collectives go through gloo, so CPU runs skip it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     # ---- setup: model, optimizer, schedule, DeepSpeed engine
     model = _build_model(cfg, profile.precision)
     trainable, total_params = count_parameters(model)
@@ -191,7 +195,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
 
-    print("TIMING ds init", time.time()-T0, flush=True)
     # ---- resume: the last checkpoint of this run (after a worker failure, or a relaunch of the same run name)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -223,7 +226,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, skip=state.micro_batches)
     engine.train()
     while state.step < total_steps:
-        print("TIMING step", state.step, time.time()-T0, flush=True)
         torch.manual_seed(step_seed(cfg.seed, state.step, rank))
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -266,7 +268,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_checkpoint()
         elif state.step % cfg.log_every == 0:
             ray.train.report(metrics)
-    print("TIMING end", time.time()-T0, flush=True)
     if writer is not None:
         writer.close()
 
