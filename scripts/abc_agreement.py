@@ -85,6 +85,15 @@ def agreement(counts: dict[str, int]) -> float:
     return 100.0 * (counts["both"] + counts["neither"]) / total if total else 0.0
 
 
+def _only_in_repeat(results: list[Verdict]) -> int:
+    """abc2midi-only verdicts whose every warning came while replaying a repeat."""
+    return sum(
+        1
+        for v in results
+        if v.abc2midi and not v.ours and all(m.endswith("in repeat") for m in v.abc2midi_messages)
+    )
+
+
 def markdown_report(results: list[Verdict], seconds: float, max_listed: int = 60) -> str:
     counts = confusion(results)
     lines = [
@@ -99,6 +108,16 @@ def markdown_report(results: list[Verdict], seconds: float, max_listed: int = 60
         "|---|---:|---:|",
         f"| ours: problem | {counts['both']} | {counts['ours_only']} |",
         f"| ours: none | {counts['abc2midi_only']} | {counts['neither']} |",
+        "",
+        "## Why they differ",
+        "",
+        "Both look at one bar at a time. We read the bars as written and tolerate a short bar that opens or",
+        "closes the tune or a section (a repeat sign, double bar, ending or P: part next to it: pickups and",
+        "their completions). abc2midi checks bars while it plays the repeats and parts, so a pickup joined",
+        'to the bar before a repeat or a new part is measured again, which it reports "in repeat".',
+        f"Of the {counts['abc2midi_only']} tunes only abc2midi flags, {_only_in_repeat(results)} are flagged",
+        'only "in repeat"; in the others abc2midi measures a pickup or closing bar at a P: part change,',
+        "an ending or the tune's end, joining the notes on both sides of a P: field into one bar.",
         "",
         "## Disagreements",
         "",

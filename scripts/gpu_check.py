@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -49,14 +48,17 @@ def _init_single_process(backend: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def run_profile(profile_name: str, zero_stage: int, model_path: str, rows: list[list[int]], steps: int) -> dict:
+def run_profile(
+    profile_name: str, zero_stage: int, model_path: str, rows: list[list[int]], steps: int
+) -> dict:
     """Train ``steps`` optimizer steps; return losses, dtypes, loss scale, timings; check a save/load round trip."""
     import deepspeed
-    import numpy as np
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -66,7 +68,7 @@ def run_profile(profile_name: str, zero_stage: int, model_path: str, rows: list[
     from chatmusician.train.config import LoraConfig, TrainConfig
     from chatmusician.train.deepspeed_config import build_deepspeed_config
     from chatmusician.train.profiles import get_profile, mfu, peak_flops_for
-    from chatmusician.train.recipe import _build_model, _optimizer, collate
+    from chatmusician.train.recipe import _build_model, _loss_scale, _optimizer, collate
     from chatmusician.train.schedule import lr_multiplier
 
     profile = get_profile(profile_name)
@@ -112,7 +114,7 @@ def run_profile(profile_name: str, zero_stage: int, model_path: str, rows: list[
             loss = engine(**{name: t.to(device) for name, t in batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            step_loss += float(loss) / accumulation
+            step_loss += loss.item() / accumulation
         if profile.use_gpu:
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - started)
@@ -120,10 +122,11 @@ def run_profile(profile_name: str, zero_stage: int, model_path: str, rows: list[
         losses.append(step_loss)
         norm = engine.get_global_grad_norm()
         grad_norms.append(None if norm is None else float(norm))
-        loss_scales.append(float(engine.optimizer.cur_scale) if engine.fp16_enabled() else None)
+        loss_scales.append(_loss_scale(engine))
 
     # Round trip: save (DeepSpeed state + rank-0 adapter), load into the same engine, same eval loss.
     eval_batch = {name: t.to(device) for name, t in micro[0].items() if name != "num_tokens"}
+    engine.eval()  # no dropout: the two evaluations must see the same function
     with torch.no_grad():
         before = float(engine(**eval_batch).loss)
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,13 +172,14 @@ def run_profile(profile_name: str, zero_stage: int, model_path: str, rows: list[
     del engine, model, optimizer
     if profile.use_gpu:
         torch.cuda.empty_cache()
-    _ = np  # numpy is what collate works on
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prepare", type=Path, help="write the tiny model + rows.json into this folder and exit")
+    parser.add_argument(
+        "--prepare", type=Path, help="write the tiny model + rows.json into this folder and exit"
+    )
     parser.add_argument("--model", default=None, help="tiny model folder (default: <data>/model)")
     parser.add_argument("--data", type=Path, default=Path("outputs/gpu_check_data"))
     parser.add_argument("--steps", type=int, default=12)
@@ -198,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append(run_profile(profile_name, stage, model, rows, args.steps))
         except Exception as exc:  # report every profile, even when one fails
-            errors.append({"profile": profile_name, "zero_stage": stage, "error": f"{type(exc).__name__}: {exc}"})
+            errors.append(
+                {"profile": profile_name, "zero_stage": stage, "error": f"{type(exc).__name__}: {exc}"}
+            )
             print(json.dumps(errors[-1]), flush=True)
     summary = {
         "torch": torch.__version__,

@@ -41,6 +41,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster another `ray start` left in /tmp/ray
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from chatmusician.abc import Issue, bar_durations, parse_tune, validate_tune
+from chatmusician.abc import AbcLimits, Issue, bar_durations, parse_tune, validate_tune
 
 # One reel using tuplets, chords, broken rhythm, grace notes, decorations and chord symbols, every bar 4/4.
 REEL = """X:1
@@ -70,6 +70,7 @@ def test_meter_and_unit_changes_in_the_body_apply():
 
 def test_free_meter_and_measure_rests_are_not_checked():
     assert validate_tune("X:1\nM:none\nL:1/8\nK:C\nCDE|CDEFGAB|C|CD|]") == []
+    assert validate_tune("X:1\nM:None\nL:1/8\nK:EM\nCDE|CDEFGAB|[M:FREE]C|CD|]") == []
     assert validate_tune("X:1\nM:4/4\nL:1/8\nK:C\nC8|Z2|z8|C8|]") == []
 
 
@@ -131,6 +132,8 @@ def test_a_tune_without_notes_is_an_error():
 
 def test_never_raises_on_hostile_bodies():
     bodies = [
+        "[Q:1/0=120] A|",
+        "[M:None] A|",
         "A/0 B|",
         "(0abc|",
         "(9:0:0abc|",
@@ -144,7 +147,17 @@ def test_never_raises_on_hostile_bodies():
     for body in bodies:
         issues = validate_tune(f"X:1\nM:4/4\nK:C\n{body}")
         assert all(isinstance(i, Issue) and i.severity in ("error", "warning") for i in issues)
+        assert not {"not_checked", "internal_error"} & set(codes(issues)), (body, issues)
     assert "invalid_note_length" in codes(validate_tune("X:1\nM:4/4\nK:C\nA/0 B|"))
+    assert codes(validate_tune("X:1\nQ:1/0=120\nK:C\nA|")) == ["invalid_tempo"]
+
+
+def test_oversized_tunes_are_refused_unread():
+    huge = "X:1\nM:4/4\nL:1/8\nK:G\n" + "GABc dedB|" * 30_000
+    assert codes(validate_tune(huge)) == ["input_too_large"]
+    small = "X:1\nM:4/4\nL:1/8\nK:G\n" + "GABc dedB|" * 100
+    assert codes(validate_tune(small, AbcLimits(max_input_bytes=500))) == ["input_too_large"]
+    assert validate_tune(small) == []
 
 
 def test_issues_serialize_to_plain_dicts():

@@ -97,7 +97,7 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
         read_shards(str(tmp_path / "a"))
     write_shards(cfg)
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(digests(tmp_path / "b")) + ["manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([*digests(tmp_path / "b"), "manifest.json"])
 
 
 def test_sft_unpacked_rows_and_verbal_score_ratio(ray_cluster, corpus, tiny_model_path, tmp_path):

@@ -116,6 +116,6 @@ def parse_tempo_bpm(value: str) -> int | None:
     if not text:
         return None
     m = _TEMPO.fullmatch(text)
-    if m is None:
+    if m is None or re.search(r"/0+(?!\d)", m.group("beats") or ""):
         raise ValueError(f"unrecognized tempo {value.strip()!r} (expected e.g. Q:1/4=120)")
     return int(m.group("bpm"))

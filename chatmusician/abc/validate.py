@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import abcnotes
 
+from chatmusician.abc.config import AbcLimits
+from chatmusician.abc.fields import parse_meter
 from chatmusician.abc.issues import ERROR, WARNING, Issue
 from chatmusician.abc.parse import Tune, check_field_value, iter_body_fields, parse_tune
 
@@ -70,10 +72,17 @@ def _blank(value: str, replacement: str = "") -> str:
 
 def _tokenizer_lines(tune: Tune) -> list[str]:
     """Body lines with unreadable M:/L:/Q: values blanked (parse_tune reports them) and every K: value
-    blanked too: keys do not change durations, and the tokenizer rejects spellings we accept (K:EM)."""
+    blanked too: keys do not change durations, and the tokenizer rejects spellings we accept (K:EM,
+    M:None); a blank M: is free meter to it."""
     lines = [line.rstrip("\r") for line in tune.body.split("\n")]
     for f in iter_body_fields(lines, tune.body_line):
-        if f.letter != "K" and check_field_value(f.letter, f.value) is None:
+        free_meter = (
+            f.letter == "M"
+            and f.value.strip()
+            and check_field_value("M", f.value) is None
+            and parse_meter(f.value) is None
+        )
+        if f.letter != "K" and not free_meter and check_field_value(f.letter, f.value) is None:
             continue
         replacement = (
             f"{tune.unit_length.numerator}/{tune.unit_length.denominator}" if f.letter == "L" else ""
@@ -90,7 +99,7 @@ def _tokenizer_header(tune: Tune) -> dict[str, str]:
     }
     header = {
         "key": "",  # see _tokenizer_lines
-        "meter": tune.header("M") if ok["M"] else ("free" if tune.header("M") is None else "none"),
+        "meter": tune.header("M") if ok["M"] and tune.meter is not None else "none",
         "unit note length": f"{tune.unit_length.numerator}/{tune.unit_length.denominator}",
     }
     if ok["Q"]:
@@ -336,8 +345,19 @@ def _sort_key(issue: Issue) -> tuple:
     return (issue.line or 0, issue.column or 0)
 
 
-def validate_tune(text: str | Tune) -> list[Issue]:
-    """Every problem found in one tune, sorted by position. Never raises."""
+def validate_tune(text: str | Tune, limits: AbcLimits | None = None) -> list[Issue]:
+    """Every problem found in one tune, sorted by position. Never raises.
+
+    Checking costs ~10 µs per character, so text over ``limits.max_input_bytes`` is refused unread
+    (sanitize() is the gate for untrusted input; this keeps a direct call from taking seconds)."""
+    limits = limits or AbcLimits()
+    size = len(text.text if isinstance(text, Tune) else str(text))
+    if size > limits.max_input_bytes:
+        return [
+            Issue(
+                ERROR, "input_too_large", f"tune of {size} characters; the limit is {limits.max_input_bytes}"
+            )
+        ]
     try:
         tune = text if isinstance(text, Tune) else parse_tune(text)
         issues = list(tune.issues)
