@@ -40,7 +40,10 @@ def abc_rows(model_path: str, n: int, max_len: int) -> list[list[int]]:
 
     tokenizer = load_tokenizer(model_path)
     tunes = corpora.nottingham_tunes()
-    return [tokenizer(tunes[i % len(tunes)])["input_ids"][: max_len - 1] + [tokenizer.eos_token_id] for i in range(n)]
+    return [
+        tokenizer(tunes[i % len(tunes)])["input_ids"][: max_len - 1] + [tokenizer.eos_token_id]
+        for i in range(n)
+    ]
 
 
 def plain_loop(cfg: TrainConfig, rows: list[list[int]], steps: int, warmup: int) -> float:
@@ -87,7 +90,9 @@ def ray_path(cfg: TrainConfig, rows: list[list[int]], warmup: int) -> float:
     return statistics.median(m["tokens_per_s"] for m in logged[warmup:])
 
 
-def musicpile_like_docs(model_path: str, n: int, max_len: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def musicpile_like_docs(
+    model_path: str, n: int, max_len: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Documents with MusicPile's shape: ~80 % short ABC tunes (tens to a few hundred tokens), ~20 % long
     texts up to max_len (lognormal lengths), built from real tokenized ABC."""
     rng = np.random.default_rng(seed)
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
     parser.add_argument("--docs", type=int, default=160, help="documents in the packing comparison")
     parser.add_argument("--pack-length", type=int, default=512, help="row length in the packing comparison")
+    parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of the Ray + DeepSpeed run")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args(argv)
 
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         model=model,
         lora=LoraConfig(r=8, alpha=16),
         profile="cpu",
-        zero_stage=2,
+        zero_stage=args.zero_stage,
         num_workers=1,
         cpus_per_worker=1,
         global_batch_size=8,
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=1e-3,
     )
     rows = abc_rows(model, args.steps * cfg.global_batch_size, cfg.max_length)
-    results: dict[str, object] = {"model": args.size, "steps": args.steps, "torch_threads": 1}
+    results: dict[str, object] = {"model": args.size, "steps": args.steps, "zero_stage": args.zero_stage}
 
     if not args.skip_ray:
         plain_before = plain_loop(cfg, rows, args.steps, args.warmup)

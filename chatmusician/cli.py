@@ -23,7 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Build the offline tiny LLaMA model and tokenizer.",
     ),
     "abc-check": ("chatmusician.abc.config:AbcCheckConfig", "chatmusician.abc.check:run_check", "Validate ABC files: JSON issues per tune."),
-    "tokenize": ("chatmusician.data.config:TokenizeConfig", "chatmusician.data.pipeline:run", "Tokenize corpora (pt|sft) into parquet shards + manifest (Ray Data)."),
+    "tokenize": (
+        "chatmusician.data.config:TokenizeConfig",
+        "chatmusician.data.pipeline:run",
+        "Tokenize corpora (pt|sft) into parquet shards + manifest (Ray Data).",
+    ),
     "pretrain": (
         "chatmusician.train.config:PretrainConfig",
         "chatmusician.train.recipe:run",

@@ -31,7 +31,9 @@ def test_concat_packing_hand_computed():
 
 
 def test_greedy_packing_hand_computed():
-    rows = pack_greedy([doc(1, 2, 3, masked=1), doc(4, 5, masked=1), doc(6, 7, 8, masked=2), doc(9)], max_len=5)
+    rows = pack_greedy(
+        [doc(1, 2, 3, masked=1), doc(4, 5, masked=1), doc(6, 7, 8, masked=2), doc(9)], max_len=5
+    )
     assert [r.tolist() for r in rows.input_ids] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
     assert [r.tolist() for r in rows.position_ids] == [[0, 1, 2, 0, 1], [0, 1, 2, 0]]
     assert [r.tolist() for r in rows.labels] == [[-100, 2, 3, -100, 5], [-100, -100, 8, -100]]

@@ -23,12 +23,17 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     tunes = nottingham_tunes()[:60]
     chat = [f"Human: Write a tune. </s> Assistant: {t} </s>" for t in tunes]
-    pq.write_table(pa.table({"text": chat, "src": ["abc"] * len(chat)}), root / "abc.parquet", row_group_size=25)
+    pq.write_table(
+        pa.table({"text": chat, "src": ["abc"] * len(chat)}), root / "abc.parquet", row_group_size=25
+    )
     prose = [json.dumps({"text": "A reel is a dance in 4/4. " * (5 + k), "src": "prose"}) for k in range(30)]
     bad = ["{broken", json.dumps({"text": ""}), json.dumps({"other": 1}), json.dumps({"text": 7})]
     (root / "prose.jsonl").write_text("\n".join(prose[:15] + bad + prose[15:]) + "\n")
     sft = [json.dumps({"instruction": "Compose.", "input": "", "output": t}) for t in tunes[:40]]
-    sft += [json.dumps({"instruction": f"What is a jig? ({k})", "input": "", "output": "A dance in 6/8."}) for k in range(40)]
+    sft += [
+        json.dumps({"instruction": f"What is a jig? ({k})", "input": "", "output": "A dance in 6/8."})
+        for k in range(40)
+    ]
     (root / "sft.jsonl").write_text("\n".join(sft) + "\n")
     return root
 
@@ -61,8 +66,18 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     manifest = write_shards(cfg)
     rows = manifest["rows"]
     assert rows["read"] == 94 and rows["rejected"] == 4 and rows["written"] == 90
-    assert rows["rejected_by_reason"] == {"empty": 1, "malformed_json": 1, "missing_field": 1, "not_string": 1}
-    assert [s["reason"] for s in rows["reject_samples"]] == ["malformed_json", "empty", "missing_field", "not_string"]
+    assert rows["rejected_by_reason"] == {
+        "empty": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "not_string": 1,
+    }
+    assert [s["reason"] for s in rows["reject_samples"]] == [
+        "malformed_json",
+        "empty",
+        "missing_field",
+        "not_string",
+    ]
     assert rows["reject_samples"][0]["row_id"].endswith("prose.jsonl:15")
     assert manifest["tokenizer"]["name"] == tiny_model_path and len(manifest["tokenizer"]["sha256"]) == 64
     assert manifest["columns"] == ["input_ids", "labels", "position_ids"]
@@ -73,9 +88,14 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     tokens = sum(len(r["input_ids"]) for r in shards)
     assert tokens == manifest["tokens"]["input"] == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["tokens"]["loss"] == sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in shards)
-    assert all(len(r["input_ids"]) == 128 for r in shards[:-1]) or manifest["padding_fraction"]["pad_to_max_len"] < 0.1
+    assert (
+        all(len(r["input_ids"]) == 128 for r in shards[:-1])
+        or manifest["padding_fraction"]["pad_to_max_len"] < 0.1
+    )
     schema = pq.read_schema(tmp_path / "a" / "part-00000.parquet")
-    assert schema.field("input_ids").type == pa.list_(pa.int32()) and schema.field("labels").type == pa.list_(pa.int32())
+    assert schema.field("input_ids").type == pa.list_(pa.int32()) and schema.field("labels").type == pa.list_(
+        pa.int32()
+    )
     # every document ends with EOS, every document start has no loss: count EOS == written documents
     assert sum(int((r["input_ids"] == 2).sum()) for r in shards) >= rows["written"]
 
@@ -97,7 +117,9 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
         read_shards(str(tmp_path / "a"))
     write_shards(cfg)
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([*digests(tmp_path / "b"), "manifest.json"])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        [*digests(tmp_path / "b"), "manifest.json"]
+    )
 
 
 def test_sft_unpacked_rows_and_verbal_score_ratio(ray_cluster, corpus, tiny_model_path, tmp_path):
@@ -118,7 +140,9 @@ def test_sft_unpacked_rows_and_verbal_score_ratio(ray_cluster, corpus, tiny_mode
     )
     manifest = write_shards(cfg)
     assert manifest["class_weights"] == {"verbal": 1.0, "score": 0.5}  # 40 verbal : 20 score expected
-    assert manifest["rows"]["read"] == 80 and manifest["rows"]["sampled_out"] + manifest["rows"]["written"] == 80
+    assert (
+        manifest["rows"]["read"] == 80 and manifest["rows"]["sampled_out"] + manifest["rows"]["written"] == 80
+    )
     rows = [{k: np.asarray(v) for k, v in r.items()} for r in read_shards(str(tmp_path / "sft")).take_all()]
     assert "position_ids" not in rows[0] and len(rows) == manifest["rows"]["written"]
     n_score = sum(1 for r in rows if (r["labels"][r["labels"] != IGNORE_INDEX] != 2).sum() > 10)

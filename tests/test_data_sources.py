@@ -87,7 +87,9 @@ def test_validate_sft_requires_an_output_and_some_prompt():
     assert validate({"instruction": "", "input": " ", "output": "x"}, "sft", "text", 100) == "empty"
     assert validate({"instruction": "a", "output": ""}, "sft", "text", 100) == "empty"
     assert validate({"instruction": "a", "output": 3}, "sft", "text", 100) == "not_string"
-    assert validate({"input": "only input", "output": "y"}, "sft", "text", 100)["source"].startswith("Human: only")
+    assert validate({"input": "only input", "output": "y"}, "sft", "text", 100)["source"].startswith(
+        "Human: only"
+    )
 
 
 def test_abc_files_give_one_row_per_tune_and_directories_and_globs_resolve(tmp_path):
@@ -97,7 +99,10 @@ def test_abc_files_give_one_row_per_tune_and_directories_and_globs_resolve(tmp_p
     (tmp_path / "a" / "notes.txt").write_text("ignored")
     rows = read_all(cfg_for(tmp_path / "a"))
     assert [r["text"] for r in rows] == [TUNE, "X:2\nK:D\nDEF|"]
-    assert list_files(pa.fs.LocalFileSystem(), f"{tmp_path}/a/*.abc") == [f"{tmp_path}/a/.hidden.abc", f"{tmp_path}/a/tunes.abc"]
+    assert list_files(pa.fs.LocalFileSystem(), f"{tmp_path}/a/*.abc") == [
+        f"{tmp_path}/a/.hidden.abc",
+        f"{tmp_path}/a/tunes.abc",
+    ]
     with pytest.raises(SourceError, match="no files"):
         plan(cfg_for(tmp_path / "missing"))
 
@@ -105,7 +110,11 @@ def test_abc_files_give_one_row_per_tune_and_directories_and_globs_resolve(tmp_p
 def test_hub_id_streams_the_split_through_the_hub_filesystem(tmp_path):
     repo = tmp_path / "hub" / "datasets" / "m-a-p" / "MusicPile" / "data"
     repo.mkdir(parents=True)
-    pq.write_table(pa.table({"text": ["a", "b", "c"], "src": ["x", "y", "x"]}), repo / "train-00000-of-00001.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table({"text": ["a", "b", "c"], "src": ["x", "y", "x"]}),
+        repo / "train-00000-of-00001.parquet",
+        row_group_size=2,
+    )
     pq.write_table(pa.table({"text": ["held out"]}), repo / "test-00000-of-00001.parquet")
     (repo.parent / "README.md").write_text("card")
     assert is_hub_id("m-a-p/MusicPile") and not is_hub_id(str(repo)) and not is_hub_id("s3://b/k")
@@ -145,8 +154,12 @@ def test_weights_are_deterministic_per_row_and_hit_their_rate():
 
 def test_src_weights_and_source_weight_multiply(tmp_path):
     path = tmp_path / "mix.jsonl"
-    path.write_text("".join(json.dumps({"text": f"t{k}", "src": "arxiv" if k % 2 else "abc"}) + "\n" for k in range(400)))
-    cfg = load_config(TokenizeConfig, None, sources=[{"path": str(path), "weight": 2.0, "src_weights": {"arxiv": 0.25}}])
+    path.write_text(
+        "".join(json.dumps({"text": f"t{k}", "src": "arxiv" if k % 2 else "abc"}) + "\n" for k in range(400))
+    )
+    cfg = load_config(
+        TokenizeConfig, None, sources=[{"path": str(path), "weight": 2.0, "src_weights": {"arxiv": 0.25}}]
+    )
     rows = read_all(cfg)
     by_src = {s: sum(r["repeats"] for r in rows if r["src"] == s) for s in ("abc", "arxiv")}
     assert by_src["abc"] == 400  # 200 rows x 2

@@ -35,7 +35,9 @@ def test_sft_layout_masks_the_source_and_appends_eos():
 
 
 def test_sft_layout_truncates_source_then_target_within_max_len():
-    (ids, labels), truncated = sft_layout(list(range(10, 20)), [30, 31, 32, 33, 34], EOS, max_len=8, max_source_len=4)
+    (ids, labels), truncated = sft_layout(
+        list(range(10, 20)), [30, 31, 32, 33, 34], EOS, max_len=8, max_source_len=4
+    )
     # source kept to 4 tokens, target to 8 - 4 - 1 (EOS) = 3 tokens
     assert ids.tolist() == [10, 11, 12, 13, 30, 31, 32, EOS]
     assert labels.tolist() == [-100] * 4 + [30, 31, 32, EOS]
@@ -53,12 +55,16 @@ def test_pt_documents_end_with_eos_and_labels_copy_ids(tokenizer):
     expected = encode_batch(["X:1\nK:G\nabc|"], tokenizer)[0] + [tokenizer.eos_token_id]
     assert ids.tolist() == expected and labels.tolist() == expected
     assert ids2[-1] == tokenizer.eos_token_id
-    (plain, _), = tokenize_pt_batch(["X:1"], tokenizer, add_eos=False)
-    assert plain.tolist() == tokenizer("X:1", add_special_tokens=False).input_ids  # the original's ids exactly
+    ((plain, _),) = tokenize_pt_batch(["X:1"], tokenizer, add_eos=False)
+    assert (
+        plain.tolist() == tokenizer("X:1", add_special_tokens=False).input_ids
+    )  # the original's ids exactly
 
 
 def test_sft_example_with_the_chat_template(tokenizer):
-    source, target = sft_source_target({"instruction": "Write a jig.", "input": "", "output": "X:1\nK:D\nABA|"})
+    source, target = sft_source_target(
+        {"instruction": "Write a jig.", "input": "", "output": "X:1\nK:D\nABA|"}
+    )
     assert source == "Human: Write a jig. </s> Assistant: "
     (ids, labels), truncated = tokenize_sft_example(source, target, tokenizer, max_len=64, max_source_len=32)
     n_source = len(encode_batch([source], tokenizer)[0])
@@ -87,7 +93,12 @@ def test_process_batch_counts_rejects_repeats_and_sampled_out_rows(tokenizer):
     )
     table = process_batch(batch, tokenizer, cfg, with_stats=True)
     stats = json.loads(table["stats"][-1].as_py())
-    assert stats["read"] == 6 and stats["accepted"] == 2 and stats["documents"] == 3 and stats["sampled_out"] == 1
+    assert (
+        stats["read"] == 6
+        and stats["accepted"] == 2
+        and stats["documents"] == 3
+        and stats["sampled_out"] == 1
+    )
     assert stats["rejected"] == {"empty": 2, "malformed_json": 1}
     assert stats["samples"] == [["a:1", "empty"], ["a:4", "malformed_json"]]  # the first reject_samples ids
     rows = table["input_ids"].to_pylist()[:-1]

@@ -35,7 +35,9 @@ def _greedy(model, tokenizer, n=24):
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
-def test_merged_model_generates_exactly_what_base_plus_adapter_does(trained_adapter, tiny_model_path, tmp_path):
+def test_merged_model_generates_exactly_what_base_plus_adapter_does(
+    trained_adapter, tiny_model_path, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

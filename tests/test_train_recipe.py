@@ -102,7 +102,9 @@ def combo_run(base_config, tiny_model_path):
 
     def run(stage: int, train_type: str):
         if (stage, train_type) not in done:
-            cfg = replace(base_config, run_name=f"zero{stage}_{train_type}", zero_stage=stage, train_type=train_type)
+            cfg = replace(
+                base_config, run_name=f"zero{stage}_{train_type}", zero_stage=stage, train_type=train_type
+            )
             if (stage, train_type) == (3, "lora"):
                 cfg = replace(cfg, data=DataConfig(stream=_tokenize_config(tiny_model_path)))
             result = train(cfg)
@@ -137,7 +139,10 @@ def test_zero_stage_trains_on_two_cpu_workers(combo_run, stage, train_type, tiny
     assert losses[STEPS] < losses[1] - 0.5, losses  # it learns the ABC tunes
     logged = metrics(run_dir)
     assert all(m["tokens_per_s"] > 0 and m["grad_norm"] > 0 for m in logged)
-    assert [round(m["lr"], 10) for m in logged][:2] == [2e-3, 2e-3]  # ceil(5% of 6) = 1 warmup step, then cosine
+    assert [round(m["lr"], 10) for m in logged][:2] == [
+        2e-3,
+        2e-3,
+    ]  # ceil(5% of 6) = 1 warmup step, then cosine
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     # Every 2 steps + keep-last-2 -> only 4 and 6 remain; the last holds the exact-resume position.

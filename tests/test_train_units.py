@@ -10,9 +10,20 @@ import pytest
 
 from chatmusician.config import load_config
 from chatmusician.train.config import PretrainConfig, SFTConfig, TrainConfig
-from chatmusician.train.deepspeed_config import BatchSizeError, build_deepspeed_config, gradient_accumulation_steps
+from chatmusician.train.deepspeed_config import (
+    BatchSizeError,
+    build_deepspeed_config,
+    gradient_accumulation_steps,
+)
 from chatmusician.train.profiles import ProfileError, get_profile, mfu, peak_flops_for
-from chatmusician.train.recipe import TrainConfigError, collate, scaling_config, step_seed, total_steps_for, validate
+from chatmusician.train.recipe import (
+    TrainConfigError,
+    collate,
+    scaling_config,
+    step_seed,
+    total_steps_for,
+    validate,
+)
 from chatmusician.train.schedule import lr_at, lr_multiplier, warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,11 +144,21 @@ def test_pretraining_asks_for_a800_nodes_and_sft_for_v100_nodes():
 # ---------------------------------------------------------------- configs carry the original's defaults
 
 
-@pytest.mark.parametrize(("cls", "name", "profile"), [(PretrainConfig, "pretrain", "a800"), (SFTConfig, "sft", "v100")])
+@pytest.mark.parametrize(
+    ("cls", "name", "profile"), [(PretrainConfig, "pretrain", "a800"), (SFTConfig, "sft", "v100")]
+)
 def test_yaml_configs_carry_the_originals_defaults(cls, name, profile):
     cfg = load_config(cls, ROOT / "configs" / f"{name}.yaml")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16, 0.1)
-    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert cfg.lora.modules_to_save == ["embed_tokens", "lm_head"]
     assert (cfg.lr, tuple(cfg.betas), cfg.weight_decay) == (1e-4, (0.9, 0.95), 0.1)
     assert (cfg.warmup_ratio, cfg.grad_clip, cfg.global_batch_size, cfg.max_length) == (0.05, 1.0, 8, 2048)
@@ -181,7 +202,9 @@ def test_collate_pads_right_and_keeps_packed_positions():
     batch = {
         "input_ids": np.array([np.array([5, 6, 7, 8], np.int32), np.array([9, 10], np.int32)], dtype=object),
         "labels": np.array([np.array([5, 6, 7, 8], np.int32), np.array([-100, 10], np.int32)], dtype=object),
-        "position_ids": np.array([np.array([0, 1, 0, 1], np.int32), np.array([0, 1], np.int32)], dtype=object),
+        "position_ids": np.array(
+            [np.array([0, 1, 0, 1], np.int32), np.array([0, 1], np.int32)], dtype=object
+        ),
     }
     out = collate(batch, max_length=3)
     assert out["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0]]
@@ -225,4 +248,6 @@ def test_cli_rejects_a_bad_config_with_a_clear_error():
     with pytest.raises(TrainConfigError, match="train_type"):
         run_command("sft", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--train_type", "qlora"])
     with pytest.raises(TrainConfigError, match="data.shards"):
-        run_command("pretrain", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--data.shards", "null"])
+        run_command(
+            "pretrain", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--data.shards", "null"]
+        )

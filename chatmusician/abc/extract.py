@@ -136,9 +136,13 @@ def _is_field_line(line: str) -> bool:
     return re.match(r"^\s*[A-Za-z][ \t]*:", line) is not None and not line.lstrip().startswith("|")
 
 
+HEADER_WINDOW = 40
+"""How many lines a header may span before its K: (real ones hold ~5-15; the cap keeps scans linear)."""
+
+
 def _header_block_has_key(lines: list[tuple[int, str]], i: int) -> bool:
     """Whether the block of field/comment lines starting at ``i`` holds a K: field."""
-    for _, line in lines[i:]:
+    for _, line in lines[i : i + HEADER_WINDOW]:
         s = line.strip()
         if s.startswith("%"):
             continue
@@ -152,9 +156,9 @@ def _header_block_has_key(lines: list[tuple[int, str]], i: int) -> bool:
     return False
 
 
-def _key_ahead(lines: list[tuple[int, str]], i: int, window: int = 30) -> bool:
+def _key_ahead(lines: list[tuple[int, str]], i: int) -> bool:
     """Whether a K: line follows within the same block (before a blank line or the next X:)."""
-    for _, line in lines[i + 1 : i + 1 + window]:
+    for _, line in lines[i + 1 : i + 1 + HEADER_WINDOW]:
         s = line.strip()
         if not s or _X_LINE.match(s):
             return False
@@ -202,7 +206,9 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
                 j = k
                 continue
             break
-        if s.startswith("%"):
+        if s == "%":
+            pass  # an empty comment (what sanitize() leaves of a removed line): nothing to keep
+        elif s.startswith("%"):
             (draft.body if in_body else draft.header).append((number, s))
         elif not in_body and _is_field_line(s):
             fields, rest = split_fields(s)

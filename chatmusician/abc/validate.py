@@ -8,6 +8,7 @@ never raising on hostile input (values it would choke on are blanked before it s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -315,21 +316,47 @@ def bar_duration_issues(tune: Tune, voice: str, bars: list[Bar]) -> list[Issue]:
 
 def _repeat_issues(tune: Tune, bars: list[Bar]) -> list[Issue]:
     groups = [bar.tokens for bar in bars if bar.tokens]
+    try:
+        problems = abcnotes.check_repeats(groups)
+    except ValueError:  # ending numbers it cannot order, e.g. "[1-0"
+        return [Issue(WARNING, "repeat_structure", "unreadable repeat or ending numbers", tune.body_line)]
     issues = []
-    for index, message in abcnotes.check_repeats(groups):
+    for index, message in problems:
         line, column = _position(tune, groups[index][0]) if groups[index] else (None, None)
         issues.append(Issue(WARNING, "repeat_structure", message, line, column))
     return issues
 
 
+_ANY_FIELD_LINE = re.compile(r"^\s*[A-Za-z+]:.*$")
+_ANY_INLINE_FIELD_START = re.compile(r"\[[A-Za-z]:")
+
+
+def _without_fields(tune: Tune) -> list:
+    """Tokens with every field blanked: the fallback when a field value the tokenizer cannot read got past
+    our own checks (only seen on garbage). Bar durations are then unknown, the rest still checks."""
+    blank = lambda m: " " * len(m.group())  # noqa: E731
+    lines = [
+        _ANY_INLINE_FIELD_START.sub(blank, _ANY_FIELD_LINE.sub(blank, line)) for line in tune.body.split("\n")
+    ]
+    header = {"key": "", "meter": "none", "unit note length": "1/8"}
+    return _Tokenizer(header).tokenize(lines, {})
+
+
 def _music_issues(tune: Tune) -> list[Issue]:
     issues: list[Issue] = []
-    voices = split_voices(tune, tokenize(tune), issues)
+    try:
+        tokens, durations_known = tokenize(tune), True
+    except (ValueError, ArithmeticError) as e:
+        tokens, durations_known = _without_fields(tune), False
+        message = f"bar durations not checked: a field the tokenizer cannot read ({e})"
+        issues.append(Issue(WARNING, "not_checked", message[:200], tune.body_line))
+    voices = split_voices(tune, tokens, issues)
     if not any(bar.first is not None for bars in voices.values() for bar in bars):
         issues.append(Issue(ERROR, "no_music", "the tune has no notes or rests", tune.body_line))
         return issues
     for name, bars in voices.items():
-        issues += bar_duration_issues(tune, name, bars)
+        if durations_known:
+            issues += bar_duration_issues(tune, name, bars)
         issues += _repeat_issues(tune, bars)
     return issues
 

@@ -98,16 +98,22 @@ def class_weights(cfg: TokenizeConfig) -> tuple[float, float]:
     if not cfg.verbal_score_ratio:
         return 1.0, 1.0
     if len(cfg.verbal_score_ratio) != 2:
-        raise ValueError(f"verbal_score_ratio needs two numbers (verbal, score), got {cfg.verbal_score_ratio}")
+        raise ValueError(
+            f"verbal_score_ratio needs two numbers (verbal, score), got {cfg.verbal_score_ratio}"
+        )
     counts = [0, 0]
-    for batch in _read_dataset(cfg).select_columns(["repeats", "is_score"]).iter_batches(batch_format="pyarrow"):
+    for batch in (
+        _read_dataset(cfg).select_columns(["repeats", "is_score"]).iter_batches(batch_format="pyarrow")
+    ):
         for score in (False, True):
             chosen = batch.filter(pc.equal(batch["is_score"], score))
             counts[int(score)] += pc.sum(chosen["repeats"]).as_py() or 0
     return sources.ratio_multipliers(counts[0], counts[1], tuple(cfg.verbal_score_ratio))
 
 
-def build_dataset(cfg: TokenizeConfig, *, with_stats: bool = False, weights: tuple[float, float] | None = None):
+def build_dataset(
+    cfg: TokenizeConfig, *, with_stats: bool = False, weights: tuple[float, float] | None = None
+):
     """The streaming ``ray.data.Dataset`` of training rows: ``input_ids``, ``labels`` (list<int32>, -100 = no
     loss) and, when packed, ``position_ids``. Lazy: nothing runs until it is consumed.
 
@@ -151,7 +157,9 @@ def _check(cfg: TokenizeConfig) -> None:
     if cfg.max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {cfg.max_len}")
     if cfg.mode == "sft" and not 0 < cfg.max_source_len < cfg.max_len:
-        raise ValueError(f"max_source_len must be in (0, max_len), got {cfg.max_source_len} (max_len {cfg.max_len})")
+        raise ValueError(
+            f"max_source_len must be in (0, max_len), got {cfg.max_source_len} (max_len {cfg.max_len})"
+        )
     if min(cfg.shard_rows, cfg.batch_size, cfg.read_rows, cfg.num_tokenizers or 1) < 1:
         raise ValueError("shard_rows, batch_size, read_rows and num_tokenizers must be positive")
 
@@ -222,7 +230,9 @@ class ShardWriter:
         if self.pending_rows:
             self._write(self.pending_rows)
         written = {s["file"] for s in self.shards}
-        stale = [n for n in self._listing() if (_SHARD.match(n) and n not in written) or n.endswith(".parquet.tmp")]
+        stale = [
+            n for n in self._listing() if (_SHARD.match(n) and n not in written) or n.endswith(".parquet.tmp")
+        ]
         self._delete(stale)  # shards of an earlier, longer run: never leave duplicates behind
         return self.shards
 
@@ -261,11 +271,13 @@ class PaddingMeter:
 
     def result(self) -> dict[str, float]:
         self._close()
-        frac = (lambda padded: round(1 - self.tokens / padded, 6) if padded else 0.0)
         return {
-            f"pad_to_longest_batch_{self.batch_size}": frac(self.padded_longest),
-            "pad_to_max_len": frac(self.rows * self.max_len),
+            f"pad_to_longest_batch_{self.batch_size}": self._fraction(self.padded_longest),
+            "pad_to_max_len": self._fraction(self.rows * self.max_len),
         }
+
+    def _fraction(self, padded: int) -> float:
+        return round(1 - self.tokens / padded, 6) if padded else 0.0
 
 
 def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
@@ -293,7 +305,9 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
         padding.add(lengths.to_pylist())
         sequences += rows.num_rows
         tokens += int(pc.sum(lengths).as_py())
-        loss_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(rows["labels"]), IGNORE_INDEX).cast(pa.int64())).as_py())
+        loss_tokens += int(
+            pc.sum(pc.not_equal(pc.list_flatten(rows["labels"]), IGNORE_INDEX).cast(pa.int64())).as_py()
+        )
         if writer:
             writer.add(rows)
     manifest = {
@@ -339,7 +353,9 @@ def read_shards(path: str):
 
     fs, root = output_filesystem(path)
     if not fs.get_file_info(f"{root}/{MANIFEST}").is_file:
-        raise FileNotFoundError(f"{path}: no {MANIFEST}; the run that wrote it did not finish (re-run write_shards)")
+        raise FileNotFoundError(
+            f"{path}: no {MANIFEST}; the run that wrote it did not finish (re-run write_shards)"
+        )
     files = [f"{root}/{s['file']}" for s in read_manifest(path)["shards"]]
     if not files:
         return ray.data.from_items([])
@@ -368,7 +384,10 @@ def run(cfg: TokenizeConfig) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
-    summary = {k: manifest[k] for k in ("mode", "packing", "max_len", "rows", "sequences", "tokens", "padding_fraction")}
+    summary = {
+        k: manifest[k]
+        for k in ("mode", "packing", "max_len", "rows", "sequences", "tokens", "padding_fraction")
+    }
     summary["rows"] = {k: v for k, v in summary["rows"].items() if k != "reject_samples"}
     summary["output_dir"] = cfg.output_dir
     summary["shards"] = len(manifest["shards"])

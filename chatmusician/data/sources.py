@@ -141,7 +141,9 @@ def plan(cfg: TokenizeConfig) -> list[WorkItem]:
         for f in files:
             fmt = src.format if src.format not in ("auto", "hub") else file_format(f)
             if fmt is None:
-                raise SourceError(f"source {i}: cannot tell the format of {f!r}; set format: parquet|jsonl|json|abc")
+                raise SourceError(
+                    f"source {i}: cannot tell the format of {f!r}; set format: parquet|jsonl|json|abc"
+                )
             if fmt == "parquet":
                 meta = pq.ParquetFile(fs.open_input_file(f)).metadata
                 first = 0

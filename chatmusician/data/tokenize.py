@@ -25,7 +25,9 @@ def encode_batch(texts: Sequence[str], tokenizer) -> list[list[int]]:
     """Token ids of each text with no special tokens added (``</s>`` written as text still maps to EOS)."""
     if not texts:
         return []
-    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+    return [
+        e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    ]
 
 
 def tokenize_pt_batch(texts: Sequence[str], tokenizer, add_eos: bool = True) -> list[Doc]:
@@ -62,7 +64,12 @@ def sft_layout(
 
 
 def tokenize_sft_example(
-    source: str, target: str, tokenizer, max_len: int = 2048, max_source_len: int = 1536, truncate: bool = True
+    source: str,
+    target: str,
+    tokenizer,
+    max_len: int = 2048,
+    max_source_len: int = 1536,
+    truncate: bool = True,
 ) -> tuple[Doc, bool] | None:
     """One sft sample (source text from chatmusician.prompts.sft_source_target) -> :func:`sft_layout`."""
     return tokenize_sft_batch([source], [target], tokenizer, max_len, max_source_len, truncate)[0]
@@ -84,7 +91,15 @@ def tokenize_sft_batch(
 
 
 def empty_stats() -> dict[str, Any]:
-    return {"read": 0, "accepted": 0, "sampled_out": 0, "truncated": 0, "documents": 0, "rejected": {}, "samples": []}
+    return {
+        "read": 0,
+        "accepted": 0,
+        "sampled_out": 0,
+        "truncated": 0,
+        "documents": 0,
+        "rejected": {},
+        "samples": [],
+    }
 
 
 def process_batch(batch: Mapping[str, Sequence], tokenizer, cfg, with_stats: bool = False) -> pa.Table:

@@ -24,7 +24,9 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
     return base
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None, precision: str = "fp32"):
+def merge_adapter(
+    adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None, precision: str = "fp32"
+):
     """Load ``base_model`` (default: the adapter's), apply the adapter, merge it in, save to ``out_dir``.
 
     Returns ``out_dir``. The saved model's greedy generations equal those of base + adapter.

@@ -411,17 +411,16 @@ def render(request: RenderRequest, config: RenderConfig | None = None) -> Render
         result.errors.append(issue("sandbox_unavailable", why, "request"))
     if result.errors:
         return _finish(result, start)
-    tune, errors, warnings = select_tune(
-        request.abc, request.tune_index, config.sanitize_input, config.limits
-    )
-    result.errors += errors
-    result.warnings += warnings
-    if tune is None:
-        return _finish(result, start)
-    wanted = set(request.formats)
     deadline = _Deadline(config.request_timeout_s)
     try:
-        branches = _run_branches(as_single_tune(tune), wanted, config, deadline)
+        tune, errors, warnings = select_tune(
+            request.abc, request.tune_index, config.sanitize_input, config.limits
+        )
+        result.errors += errors
+        result.warnings += warnings
+        if tune is None:
+            return _finish(result, start)
+        branches = _run_branches(as_single_tune(tune), set(request.formats), config, deadline)
     except Exception as exc:  # a bug or a full disk must still come back as a structured error
         result.errors.append(issue("internal_error", f"{type(exc).__name__}: {exc}", "request"))
         return _finish(result, start)

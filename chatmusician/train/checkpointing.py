@@ -38,7 +38,9 @@ def save(engine, out_dir: str | Path, state: TrainState, train_type: str, rank: 
     out_dir = Path(out_dir)
     engine.save_checkpoint(str(out_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=asdict(state))
     # ZeRO-3 partitions the weights: gather a full state dict (collective) before rank 0 exports.
-    full_state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    full_state = (
+        engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    )
     if rank == 0:
         export_dir = out_dir / ("adapter" if train_type == "lora" else "model")
         engine.module.save_pretrained(export_dir, state_dict=full_state, safe_serialization=True)

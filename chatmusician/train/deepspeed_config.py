@@ -46,7 +46,9 @@ def precision_section(precision: str) -> dict[str, Any]:
     raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, profile: Profile | None = None) -> dict[str, Any]:
+def build_deepspeed_config(
+    cfg: TrainConfig, world_size: int, profile: Profile | None = None
+) -> dict[str, Any]:
     """The dict passed to ``deepspeed.initialize(config=...)``.
 
     The optimizer and scheduler are not in it: the recipe passes torch's AdamW (fused on CUDA where the profile

@@ -65,7 +65,9 @@ def resolve_zero_stage(profile: Profile, zero_stage: int | None) -> int:
     if zero_stage is None:
         return profile.zero_stages[0]
     if zero_stage not in profile.zero_stages:
-        raise ProfileError(f"profile {profile.name!r} runs ZeRO stages {profile.zero_stages}, not {zero_stage}")
+        raise ProfileError(
+            f"profile {profile.name!r} runs ZeRO stages {profile.zero_stages}, not {zero_stage}"
+        )
     return zero_stage
 
 
@@ -77,7 +79,9 @@ def peak_flops_for(device_name: str, precision: str) -> float | None:
     return None
 
 
-def mfu(params: int, tokens_per_s: float, peak_flops_per_device: float | None, n_devices: int) -> float | None:
+def mfu(
+    params: int, tokens_per_s: float, peak_flops_per_device: float | None, n_devices: int
+) -> float | None:
     """Model FLOPs utilisation (PaLM's 6·N FLOPs per token for forward + backward; attention ignored)."""
     if not peak_flops_per_device:
         return None

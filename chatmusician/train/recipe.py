@@ -151,7 +151,9 @@ def _batches(shard, cfg: TrainConfig, skip: int):
     seen = 0
     while True:
         yielded = False
-        for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(
+            batch_size=cfg.micro_batch_size, batch_format="numpy", drop_last=True
+        ):
             yielded = True
             seen += 1
             if seen > skip:
@@ -207,17 +209,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir = run_dir / "tensorboard" if run_dir else Path(tempfile.gettempdir()) / cfg.run_name / "tensorboard"
+        log_dir = (
+            run_dir / "tensorboard" if run_dir else Path(tempfile.gettempdir()) / cfg.run_name / "tensorboard"
+        )
         writer = SummaryWriter(str(log_dir))
     peak = None  # MFU only where a GPU's peak is known
     if profile.use_gpu:
         peak = peak_flops_for(torch.cuda.get_device_name(), profile.precision) or profile.peak_flops
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpointing.save(engine, tmp, state, cfg.train_type, rank)
             ray.train.report(
-                {"step": state.step, "micro_batches": state.micro_batches},
+                {**metrics, "micro_batches": state.micro_batches},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=checkpointing.checkpoint_dir_name(state.step),
             )
@@ -234,9 +238,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(accumulation):
             batch = next(batches)
             tokens += float(batch.pop("num_tokens"))
-            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss  # mean over this micro batch's target tokens
+            loss = engine(
+                **{k: v.to(device) for k, v in batch.items()}
+            ).loss  # mean over this micro batch's target tokens
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-            fallback_norm = _unreported_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
+            fallback_norm = (
+                _unreported_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
+            )
             engine.step()  # steps the optimizer + schedule only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
             state.micro_batches += 1
@@ -265,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.fail_at_step is not None and state.step == cfg.fail_at_step and rank == world - 1 and run_dir:
             checkpointing.fail_once(run_dir / f".failed_at_step_{cfg.fail_at_step}")
         if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
-            save_checkpoint()
+            save_checkpoint(metrics)
         elif state.step % cfg.log_every == 0:
             ray.train.report(metrics)
     if writer is not None:
@@ -368,5 +376,7 @@ def run(cfg: TrainConfig):
     """CLI entry (``chatmusician pretrain | sft``): train and print where the last checkpoint is."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     result = train(cfg)
-    print(json.dumps({"run": cfg.run_name, "checkpoint": result.checkpoint.path if result.checkpoint else None}))
+    print(
+        json.dumps({"run": cfg.run_name, "checkpoint": result.checkpoint.path if result.checkpoint else None})
+    )
     return result

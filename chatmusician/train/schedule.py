@@ -19,7 +19,9 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(warmup_ratio * total_steps)
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float = 0.05, min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, total_steps: int, peak_lr: float, warmup_ratio: float = 0.05, min_lr: float = 0.0
+) -> float:
     """Learning rate used for optimizer step ``step`` (0-based).
 
     Warmup: ``peak * (step + 1) / warmup`` so the first step already moves (step warmup-1 reaches the peak);

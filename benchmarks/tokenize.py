@@ -1,0 +1,227 @@
+"""Tokenization throughput and memory: this Ray Data pipeline vs the original's method, on one corpus.
+
+Corpus: MusicPile-like, ABC-chat rows (the Nottingham tunes in the chat template) mixed with long prose
+(the music-theory text asset), written as parquet. Tokenizer: the tiny offline one (same kind as LLaMA's).
+Measured in one run, on the same cores:
+  original   HF datasets.map with the slow (sentencepiece) tokenizer, num_proc = cores
+  raw limit  the fast tokenizer's batch encode over texts already in memory (Rust threads = cores)
+  pipeline   write_shards: read -> tokenize (actor pool) -> pack -> parquet shards + manifest
+plus peak RSS (driver + every Ray process) at 1x and 10x the corpus, and the padding fraction of packed vs
+unpacked rows at the training batch shape (8 rows, padded to the longest).
+
+    .venv/bin/python benchmarks/tokenize.py [--scale 4] [--rss-scales 1 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# This file is named like the stdlib's tokenize: drop its folder from the import path before anything imports it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CORES = os.cpu_count() or 1
+
+
+def make_corpus(path: Path, scale: int) -> int:
+    """Write the corpus parquet; returns its size in characters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatmusician.corpora import nottingham_tunes
+    from chatmusician.model.tiny import ASSETS
+    from chatmusician.prompts import build_chat_prompt
+
+    chat = [
+        build_chat_prompt("Compose a folk tune in ABC notation.") + t + " </s>" for t in nottingham_tunes()
+    ]
+    paragraphs = [p for p in (ASSETS / "music_theory.txt").read_text().split("\n") if p.strip()]
+    prose = [" ".join(paragraphs[(k * 7) % len(paragraphs) :] + paragraphs) * 2 for k in range(60)]
+    texts, srcs = [], []
+    for rep in range(scale):
+        for k, t in enumerate(chat):
+            texts.append(t)
+            srcs.append("abc")
+            if k % 17 == 0:
+                texts.append(prose[(k // 17 + rep) % len(prose)])
+                srcs.append("prose")
+    pq.write_table(pa.table({"text": texts, "src": srcs}), path, row_group_size=512)
+    return sum(map(len, texts))
+
+
+def bench_original(path: Path, tokenizer_dir: str) -> float:
+    """The original data_preprocess.py pt path: datasets.map(num_proc) with the slow tokenizer."""
+    import datasets
+    import sentencepiece as spm
+
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=tempfile.mkdtemp())
+    sp_path = str(Path(tokenizer_dir) / "tokenizer.model")
+
+    def tokenize_function_pt(sample):
+        sp = spm.SentencePieceProcessor(model_file=sp_path)  # cached per process by the OS page cache
+        ids = sp.encode(sample["text"])
+        return {"input_ids": ids, "labels": ids}
+
+    start = time.perf_counter()
+    ds.map(
+        tokenize_function_pt,
+        batched=True,
+        num_proc=CORES,
+        remove_columns=ds.column_names,
+        load_from_cache_file=False,
+    )
+    return time.perf_counter() - start
+
+
+def bench_raw(path: Path, tokenizer_dir: str) -> float:
+    import pyarrow.parquet as pq
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    from chatmusician.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts = pq.read_table(path, columns=["text"])["text"].to_pylist()
+    start = time.perf_counter()
+    for i in range(0, len(texts), 512):
+        tok.backend_tokenizer.encode_batch_fast(texts[i : i + 512], add_special_tokens=False)
+    return time.perf_counter() - start
+
+
+def pipeline_config(path: Path, tokenizer_dir: str, out: str | None, packing: str):
+    from chatmusician.config import load_config
+    from chatmusician.data.config import TokenizeConfig
+
+    return load_config(
+        TokenizeConfig,
+        None,
+        sources=[{"path": str(path)}],
+        tokenizer=tokenizer_dir,
+        max_len=2048,
+        packing=packing,
+        output_dir=out,
+        num_tokenizers=CORES,
+        tokenizer_cpus=0.5,
+        read_cpus=0.25,
+        progress=False,
+    )
+
+
+def bench_pipeline(path: Path, tokenizer_dir: str, packing: str = "greedy") -> tuple[float, dict]:
+    import ray
+
+    from chatmusician.data.pipeline import write_shards
+
+    ray.init(num_cpus=CORES, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        write_shards(pipeline_config(path, tokenizer_dir, None, packing))  # warm-up: actors, imports
+        start = time.perf_counter()
+        manifest = write_shards(pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing))
+        return time.perf_counter() - start, manifest
+    finally:
+        ray.shutdown()
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def rss_run(scale: int, tokenizer_dir: str) -> None:
+    """Child process: pipeline on ``scale``x corpus while a thread samples the RSS of this process tree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.parquet"
+        chars = make_corpus(path, scale)
+        peak, done = [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], tree_rss(os.getpid()))
+                time.sleep(0.2)
+
+        threading.Thread(target=sample, daemon=True).start()
+        seconds, manifest = bench_pipeline(path, tokenizer_dir)
+        done.set()
+        print(
+            json.dumps(
+                {
+                    "scale": scale,
+                    "chars": chars,
+                    "seconds": seconds,
+                    "peak_rss": peak[0],
+                    "tokens": manifest["tokens"]["input"],
+                }
+            )
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--rss-scales", type=int, nargs="*", default=[1, 10])
+    parser.add_argument("--rss-run", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from chatmusician.model.tiny import ensure_tiny
+
+    tokenizer_dir = str(ensure_tiny("nano"))
+    if args.rss_run is not None:
+        return rss_run(args.rss_run, tokenizer_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.parquet"
+        chars = make_corpus(path, args.scale)
+        t_orig = bench_original(path, tokenizer_dir)
+        t_raw = bench_raw(path, tokenizer_dir)
+        t_pipe, packed = bench_pipeline(path, tokenizer_dir, "greedy")
+        _, unpacked = bench_pipeline(path, tokenizer_dir, "none")
+    mb = chars / 1e6
+    print(
+        f"corpus: {mb:.1f} M chars, {packed['rows']['read']} rows, {packed['tokens']['input']} tokens, {CORES} cores"
+    )
+    print(
+        f"original (datasets.map, slow tokenizer, num_proc={CORES}): {t_orig:7.2f} s  {mb / t_orig:6.2f} M chars/s"
+    )
+    print(
+        f"raw fast batch encode ({CORES} threads):                   {t_raw:7.2f} s  {mb / t_raw:6.2f} M chars/s"
+    )
+    print(
+        f"pipeline (read+tokenize+pack+write shards):            {t_pipe:7.2f} s  {mb / t_pipe:6.2f} M chars/s"
+    )
+    print(
+        f"pipeline vs original: {t_orig / t_pipe:.2f}x (goal >= 2x); vs raw limit: {t_raw / t_pipe:.2f}x (goal >= 0.7x)"
+    )
+    key = "pad_to_longest_batch_8"
+    print(
+        f"padding at batch 8 (pad to longest): packed {packed['padding_fraction'][key]:.3f}, unpacked {unpacked['padding_fraction'][key]:.3f}"
+    )
+    peaks = []
+    for scale in args.rss_scales:
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-run", str(scale)], capture_output=True, text=True, check=True
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks.append(result["peak_rss"])
+        print(
+            f"peak RSS at {scale:>3}x ({result['chars'] / 1e6:.0f} M chars): {result['peak_rss'] / 2**20:7.0f} MiB  ({result['seconds']:.1f} s)"
+        )
+    if len(peaks) >= 2:
+        print(f"RSS growth {args.rss_scales[-1]}x corpus: {peaks[-1] / peaks[0]:.2f}x (goal <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
