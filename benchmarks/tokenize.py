@@ -114,17 +114,21 @@ def pipeline_config(path: Path, tokenizer_dir: str, out: str | None, packing: st
     )
 
 
-def bench_pipeline(path: Path, tokenizer_dir: str, packing: str = "greedy") -> tuple[float, dict]:
+def bench_pipeline(path: Path, tokenizer_dir: str, packings=("greedy",)) -> dict[str, tuple[float, dict]]:
+    """Seconds and manifest of write_shards per packing, on one local Ray (started once, warmed up first)."""
     import ray
 
     from chatmusician.data.pipeline import write_shards
 
     ray.init(num_cpus=CORES, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        write_shards(pipeline_config(path, tokenizer_dir, None, packing))  # warm-up: actors, imports
-        start = time.perf_counter()
-        manifest = write_shards(pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing))
-        return time.perf_counter() - start, manifest
+        write_shards(pipeline_config(path, tokenizer_dir, None, packings[0]))  # warm-up: workers, imports
+        results = {}
+        for packing in packings:
+            start = time.perf_counter()
+            manifest = write_shards(pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing))
+            results[packing] = (time.perf_counter() - start, manifest)
+        return results
     finally:
         ray.shutdown()
 
@@ -155,7 +159,7 @@ def rss_run(scale: int, tokenizer_dir: str) -> None:
                 time.sleep(0.2)
 
         threading.Thread(target=sample, daemon=True).start()
-        seconds, manifest = bench_pipeline(path, tokenizer_dir)
+        seconds, manifest = bench_pipeline(path, tokenizer_dir)["greedy"]
         done.set()
         print(
             json.dumps(
@@ -187,8 +191,8 @@ def main() -> None:
         chars = make_corpus(path, args.scale)
         t_orig = bench_original(path, tokenizer_dir)
         t_raw = bench_raw(path, tokenizer_dir)
-        t_pipe, packed = bench_pipeline(path, tokenizer_dir, "greedy")
-        _, unpacked = bench_pipeline(path, tokenizer_dir, "none")
+        runs = bench_pipeline(path, tokenizer_dir, ("greedy", "none"))
+        (t_pipe, packed), (_, unpacked) = runs["greedy"], runs["none"]
     mb = chars / 1e6
     print(
         f"corpus: {mb:.1f} M chars, {packed['rows']['read']} rows, {packed['tokens']['input']} tokens, {CORES} cores"

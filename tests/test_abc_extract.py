@@ -114,3 +114,19 @@ def test_never_raises_on_random_text():
     binary = bytes(rng.randrange(256) for _ in range(5000)).decode("latin-1")
     result = extract_tunes(binary)
     assert result.found == bool(result.tunes) and (result.found or result.message == NO_ABC)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A:b\n" * 20_000,  # field lines without a K: anywhere
+        "X:1\nK:C\nCDEF|\n" + "T:x\n" * 20_000,  # titles in a body
+        "X:1\n" + "junk line\n" * 20_000,  # a header that never ends
+        "X:1\nK:C\n" + "C|\n\n" * 20_000,  # blank lines between music lines
+    ],
+)
+def test_hostile_shapes_give_a_short_answer(text):
+    """Shapes that once cost a forward scan per line (minutes at 1 MB): now one pass, and one warning per
+    kind and tune rather than one per line."""
+    result = extract_tunes(text)
+    assert len(result.issues) <= 3

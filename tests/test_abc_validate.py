@@ -159,6 +159,9 @@ def test_oversized_tunes_are_refused_unread():
     small = "X:1\nM:4/4\nL:1/8\nK:G\n" + "GABc dedB|" * 100
     assert codes(validate_tune(small, AbcLimits(max_input_bytes=500))) == ["input_too_large"]
     assert validate_tune(small) == []
+    one_line = "X:1\nM:4/4\nL:1/8\nK:G\n" + "GABc dedB|" * 1_001
+    (issue,) = validate_tune(one_line)
+    assert (issue.code, issue.line) == ("line_too_long", 5)
 
 
 def test_issues_serialize_to_plain_dicts():

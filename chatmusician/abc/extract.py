@@ -136,40 +136,33 @@ def _is_field_line(line: str) -> bool:
     return re.match(r"^\s*[A-Za-z][ \t]*:", line) is not None and not line.lstrip().startswith("|")
 
 
-HEADER_WINDOW = 40
-"""How many lines a header may span before its K: (real ones hold ~5-15; the cap keeps scans linear)."""
+class _Region:
+    """Lines between code fences, with two facts per line computed once, backwards (keeps every scan
+    linear, also on hostile input such as a megabyte of field lines)."""
 
+    def __init__(self, lines: list[tuple[int, str]]):
+        self.lines = lines
+        n = len(lines)
+        self.block_has_key = [False] * (n + 1)
+        """[i]: the block of field/comment lines starting at line i holds a K: field."""
+        self.key_ahead = [False] * (n + 1)
+        """[i]: a K: line follows line i before a blank line or the next X: line."""
+        for i in range(n - 1, -1, -1):
+            s = lines[i][1].strip()
+            if s.startswith("%"):
+                self.block_has_key[i] = self.block_has_key[i + 1]
+            elif s and _is_field_line(s):
+                letters = {letter for letter, _ in split_fields(s)[0]}
+                self.block_has_key[i] = "K" in letters or (
+                    letters <= HEADER_LETTERS and self.block_has_key[i + 1]
+                )
+            following = lines[i + 1][1].strip() if i + 1 < n else ""
+            if following and not _X_LINE.match(following):
+                self.key_ahead[i] = following.startswith("K:") or self.key_ahead[i + 1]
 
-def _header_block_has_key(lines: list[tuple[int, str]], i: int) -> bool:
-    """Whether the block of field/comment lines starting at ``i`` holds a K: field."""
-    for _, line in lines[i : i + HEADER_WINDOW]:
-        s = line.strip()
-        if s.startswith("%"):
-            continue
-        if not s or not _is_field_line(s):
-            return False
-        fields, _ = split_fields(s)
-        if any(letter == "K" for letter, _ in fields):
-            return True
-        if any(letter not in HEADER_LETTERS for letter, _ in fields):
-            return False
-    return False
-
-
-def _key_ahead(lines: list[tuple[int, str]], i: int) -> bool:
-    """Whether a K: line follows within the same block (before a blank line or the next X:)."""
-    for _, line in lines[i + 1 : i + 1 + HEADER_WINDOW]:
-        s = line.strip()
-        if not s or _X_LINE.match(s):
-            return False
-        if s.startswith("K:"):
-            return True
-    return False
-
-
-def _starts_tune(lines: list[tuple[int, str]], i: int) -> bool:
-    s = lines[i][1].strip()
-    return _X_LINE.match(s) is not None or (_is_field_line(s) and _header_block_has_key(lines, i))
+    def starts_tune(self, i: int) -> bool:
+        s = self.lines[i][1].strip()
+        return _X_LINE.match(s) is not None or (_is_field_line(s) and self.block_has_key[i])
 
 
 @dataclass
@@ -180,11 +173,13 @@ class _Draft:
     body: list[tuple[int, str]] = field(default_factory=list)
     has_key: bool = False
     has_fields: bool = False
+    blank_lines_removed: bool = False
 
 
-def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple[_Draft | None, int]:
-    """Read one tune starting at ``lines[i]``; returns it (None when it has neither key nor music) and
+def _collect(region: _Region, i: int, issues: list[Issue]) -> tuple[_Draft | None, int]:
+    """Read one tune starting at line ``i``; returns it (None when it has neither key nor music) and
     the index where reading stopped."""
+    lines = region.lines
     draft = _Draft(first_line=lines[i][0])
     in_body = False
     j = i
@@ -199,10 +194,11 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
             k = j
             while k < len(lines) and not lines[k][1].strip():
                 k += 1
-            if k < len(lines) and is_music_line(lines[k][1]) and not _starts_tune(lines, k):
-                issues.append(
-                    Issue(WARNING, "blank_line_in_tune", "blank line inside a tune removed", number)
-                )
+            if k < len(lines) and is_music_line(lines[k][1]) and not region.starts_tune(k):
+                if not draft.blank_lines_removed:  # one warning per tune is enough
+                    message = "blank line(s) inside a tune removed"
+                    issues.append(Issue(WARNING, "blank_line_in_tune", message, number))
+                draft.blank_lines_removed = True
                 j = k
                 continue
             break
@@ -227,10 +223,10 @@ def _collect(lines: list[tuple[int, str]], i: int, issues: list[Issue]) -> tuple
                 draft.body.append((number, rest))
             in_body = draft.has_key or bool(rest)
         elif in_body and _is_field_line(s) and s[0] in _BODY_FIELD_LETTERS:
-            if s[0] == "T" and _header_block_has_key(lines, j):
+            if s[0] == "T" and region.block_has_key[j]:
                 break  # a title opening a header block that ends in K: starts the next tune (no X:)
             draft.body.append((number, raw.rstrip()))
-        elif not in_body and draft.has_fields and _key_ahead(lines, j):
+        elif not in_body and draft.has_fields and region.key_ahead[j]:
             draft.header.append((number, s))  # a stray line inside the header: kept, validation flags it
         elif (in_body and not is_prose_line(s)) or is_music_line(s):
             draft.body.append((number, raw.rstrip()))
@@ -259,24 +255,21 @@ def _extract(text: str) -> ExtractResult:
     lines = list(enumerate(text.split("\n"), start=1))
     issues: list[Issue] = []
     drafts: list[_Draft] = []
-    for fenced, region in _regions(lines):
-        before = len(drafts)
-        i = 0
-        while i < len(region):
-            if not _starts_tune(region, i):
+    for fenced, region_lines in _regions(lines):
+        region, before, i = _Region(region_lines), len(drafts), 0
+        while i < len(region_lines):
+            if not region.starts_tune(i):
                 i += 1
                 continue
             draft, i = _collect(region, i, issues)
             if draft is not None:
                 drafts.append(draft)
-        music = [(number, line.rstrip()) for number, line in region if is_music_line(line)]
-        if fenced and len(drafts) == before and any("|" in line for _, line in music):
-            issues.append(
-                Issue(
-                    WARNING, "no_header", "code block with music but no header: X: added, no K:", region[0][0]
-                )
-            )
-            drafts.append(_Draft(first_line=region[0][0], body=music))
+        if fenced and len(drafts) == before:  # a code block of bare music: keep it, header-less
+            music = [(number, line.rstrip()) for number, line in region_lines if is_music_line(line)]
+            if any("|" in line for _, line in music):
+                message = "code block with music but no header: X: added, no K:"
+                issues.append(Issue(WARNING, "no_header", message, region_lines[0][0]))
+                drafts.append(_Draft(first_line=region_lines[0][0], body=music))
     tunes, source_lines = [], []
     for index, draft in enumerate(drafts, start=1):
         number = draft.number.strip() if draft.number else ""

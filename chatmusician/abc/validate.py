@@ -375,16 +375,19 @@ def _sort_key(issue: Issue) -> tuple:
 def validate_tune(text: str | Tune, limits: AbcLimits | None = None) -> list[Issue]:
     """Every problem found in one tune, sorted by position. Never raises.
 
-    Checking costs ~10 µs per character, so text over ``limits.max_input_bytes`` is refused unread
+    Checking costs ~10 µs per character (more on very long lines), so text over
+    ``limits.max_input_bytes`` or with a line over ``limits.max_line_chars`` is refused unread
     (sanitize() is the gate for untrusted input; this keeps a direct call from taking seconds)."""
     limits = limits or AbcLimits()
-    size = len(text.text if isinstance(text, Tune) else str(text))
-    if size > limits.max_input_bytes:
-        return [
-            Issue(
-                ERROR, "input_too_large", f"tune of {size} characters; the limit is {limits.max_input_bytes}"
-            )
-        ]
+    raw = text.text if isinstance(text, Tune) else str(text)
+    if len(raw) > limits.max_input_bytes:
+        message = f"tune of {len(raw)} characters; the limit is {limits.max_input_bytes}"
+        return [Issue(ERROR, "input_too_large", message)]
+    longest = max(raw.split("\n"), key=len)
+    if len(longest) > limits.max_line_chars:  # the tokenizer slices each line per token
+        line = raw.split("\n").index(longest) + 1
+        message = f"line of {len(longest)} characters; the limit is {limits.max_line_chars}"
+        return [Issue(ERROR, "line_too_long", message, line, limits.max_line_chars + 1)]
     try:
         tune = text if isinstance(text, Tune) else parse_tune(text)
         issues = list(tune.issues)

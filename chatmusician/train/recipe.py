@@ -169,6 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
+    from ray.train import CheckpointConsistencyMode
     from torch.optim.lr_scheduler import LambdaLR
 
     from chatmusician.model.loading import count_parameters
@@ -225,6 +226,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=checkpointing.checkpoint_dir_name(state.step),
             )
+        # Wait until Ray has registered it: a worker lost right after a checkpoint then resumes from that one,
+        # and a relaunch of the run finds it (otherwise the report can still be in flight when a worker dies).
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     # ---- train
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, skip=state.micro_batches)
