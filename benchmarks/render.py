@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,12 +39,21 @@ def sample(tunes: list[str], n: int) -> list[str]:
 
 
 FAILURES: list[str] = []
+CPU: dict[str, list[float]] = {"ours": [], "original": []}
+"""CPU seconds (this process + every tool) per full render: unlike wall time, barely moved by a busy machine."""
+
+
+def cpu_seconds() -> float:
+    me, tools = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + tools.ru_utime + tools.ru_stime
 
 
 def time_ours(tune: str, formats: list[str]) -> float:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = render(RenderRequest(tune, formats))
     elapsed = time.perf_counter() - start
+    if formats == FULL:
+        CPU["ours"].append(cpu_seconds() - cpu)
     if not result.ok:  # counted and shown; a loaded machine can push a render past its deadline
         FAILURES.append(f"{formats}: {[e['code'] + ' ' + e['message'] for e in result.errors]}")
     return elapsed
@@ -59,9 +69,11 @@ def time_original(tune: str, job: Path) -> dict[str, float]:
         subprocess.run(argv, cwd=job, env=env, capture_output=True, timeout=120)
         return time.perf_counter() - start
 
+    cpu = cpu_seconds()
     midi = run(["abc2midi", "t.abc", "1", "-o", "t.mid"])
     svg = run(["mscore3", "-f", "-o", "t.svg", "t.mid"])
     mp3 = run(["mscore3", "-f", "-o", "t.mp3", "t.mid"])
+    CPU["original"].append(cpu_seconds() - cpu)
     if not (job / "t.mp3").exists() or not list(job.glob("t*.svg")):
         raise RuntimeError("MuseScore made no output")
     for f in job.iterdir():
@@ -124,6 +136,11 @@ def main() -> None:
             f"{pct(mine, 0.95):9.3f} {speedup:11.1f}x"
         )
     print("* full: original = MIDI+SVG+MP3 (3 runs); ours = MIDI+MP3+SVG+PNG in one sandboxed request")
+    mine, theirs = (
+        statistics.median(CPU["ours"][1 : n + 1]),
+        statistics.median(CPU["original"][1:]),
+    )  # [0]: warm-up
+    print(f"CPU s per full render (p50): original {theirs:.3f}, ours {mine:.3f}, ratio {theirs / mine:.1f}x")
 
 
 if __name__ == "__main__":

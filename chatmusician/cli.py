@@ -17,6 +17,11 @@ from jsonargparse import ArgumentParser
 from chatmusician.config import make_parser, namespace_to_config
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "quickstart": (
+        "chatmusician.quickstart:QuickstartConfig",
+        "chatmusician.quickstart:run",
+        "The main job: every stage end to end on the tiny model and real tunes, on a local Ray.",
+    ),
     "build-tiny": (
         "chatmusician.model.config:TinyModelConfig",
         "chatmusician.model.tiny:run_build",
