@@ -90,6 +90,11 @@ def write_corpora(tunes: list[str], data_dir: Path) -> tuple[Path, Path]:
     return pt, sft
 
 
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    rows = manifest["rows"]
+    return {"rows_read": rows["read"], "rows_rejected": rows["rejected"], "sequences": manifest["sequences"]}
+
+
 def _stage(name: str):
     print(f"\n==> {name}", flush=True)
     return time.perf_counter()
@@ -140,7 +145,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"out_dir": str(out), "timings_s": {}}
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
     try:
         t = _stage("1/6 tiny LLaMA + SentencePiece tokenizer (offline stand-in for LLaMA2-7B)")
         base = str(ensure_tiny(cfg.model_size))
@@ -159,7 +164,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
                 output_dir=str(out / "shards" / "pt"),
             )
         )
-        summary["pt_manifest"] = {k: pt_manifest.get(k) for k in ("rows_read", "rows_written", "rows_rejected")}
+        summary["pt_manifest"] = manifest_summary(pt_manifest)
         summary["timings_s"]["tokenize_pt"] = time.perf_counter() - t
 
         t = _stage("3/6 Ray Train + DeepSpeed ZeRO-2: LoRA continual pretraining, then merge")
@@ -177,7 +182,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
                 output_dir=str(out / "shards" / "sft"),
             )
         )
-        summary["sft_manifest"] = {k: sft_manifest.get(k) for k in ("rows_read", "rows_written", "rows_rejected")}
+        summary["sft_manifest"] = manifest_summary(sft_manifest)
         final_model, sft_metrics = _train_and_merge(cfg.sft, out / "shards" / "sft", pt_model, out, out / "chatmusician-tiny")
         summary["final_model"] = final_model
         summary["timings_s"]["sft"] = time.perf_counter() - t
@@ -240,10 +245,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_column("seconds", justify="right")
     t = summary["timings_s"]
     table.add_row("tokenize pt", json.dumps(summary["pt_manifest"]), f"{t['tokenize_pt']:.1f}")
-    table.add_row("pretrain loss", " → ".join(f"{x:.2f}" for x in summary["loss"]["pretrain"]), f"{t['pretrain']:.1f}")
-    table.add_row("sft loss", " → ".join(f"{x:.2f}" for x in summary["loss"]["sft"]), f"{t['sft']:.1f}")
+    for stage in ("pretrain", "sft"):
+        losses = summary["loss"][stage]
+        curve = f"{losses[0]:.2f} → {losses[-1]:.2f} over {len(losses)} steps (min {min(losses):.2f})" if losses else "-"
+        table.add_row(f"{stage} loss", curve, f"{t[stage]:.1f}")
     first = summary["compositions"][0]
     table.add_row("compose", (first.get("output") or "")[:80].replace("\n", " ⏎ "), f"{t['compose']:.1f}")
     table.add_row("render", f"{summary['render'].get('source')}: {sorted(summary['render'].get('files', {}))}", f"{t['render']:.1f}")
-    table.add_row("total", summary["out_dir"], f"{t['total']:.1f}")
+    table.add_row("total", f"{summary['out_dir']} (summary.json, loss.png, render/)", f"{t['total']:.1f}")
     Console().print(table)

@@ -170,34 +170,24 @@ def test_zero_stage_trains_on_two_cpu_workers(combo_run, stage, train_type, tiny
     assert losses == pytest.approx(reference, abs=LOSS_TOLERANCE)
 
 
-def test_lost_worker_resumes_from_last_checkpoint_and_matches_uninterrupted_run(combo_run, base_config):
-    from chatmusician.train.recipe import train
-
-    reference = losses_by_step(combo_run(2, "lora")[0])
-    cfg = replace(base_config, run_name="lost_worker", fail_at_step=5, max_failures=1)
-    result = train(cfg)
-
-    run_dir = Path(cfg.storage_path) / cfg.run_name
-    assert (run_dir / ".failed_at_step_5").exists()  # a worker really died at step 5
-    steps_logged = [m["step"] for m in metrics(run_dir)]
-    assert steps_logged == [1, 2, 3, 4, 5, 5, 6]  # resumed from checkpoint 4: step 5 ran twice, nothing else
-    assert Path(result.checkpoint.path).name == "checkpoint_0000006"
-    assert losses_by_step(run_dir) == pytest.approx(reference, abs=LOSS_TOLERANCE)
-
-
-def test_relaunching_the_same_run_resumes_instead_of_restarting(combo_run, base_config):
+def test_relaunch_and_lost_worker_both_resume_from_the_last_checkpoint(combo_run, base_config):
+    """Launch 1 dies at step 3 (max_failures=0). Launch 2, same run name, resumes from checkpoint 2; a worker is
+    killed at step 5 and Ray Train restarts the group from checkpoint 4. The losses equal the uninterrupted run's."""
     import ray.train
 
     from chatmusician.train.recipe import train
 
     reference = losses_by_step(combo_run(2, "lora")[0])
-    cfg = replace(base_config, run_name="relaunched", fail_at_step=3, max_failures=0)
+    cfg = replace(base_config, run_name="interrupted", fail_at_step=3, max_failures=0)
+    run_dir = Path(cfg.storage_path) / cfg.run_name
     with pytest.raises(ray.train.TrainingFailedError):
         train(cfg)
-    run_dir = Path(cfg.storage_path) / cfg.run_name
     assert checkpoints(run_dir) == ["checkpoint_0000002"]
 
-    result = train(cfg)  # same name: picks up checkpoint 2 (the failure marker keeps it from dying again)
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 3, 4, 5, 6]
+    result = train(replace(cfg, fail_at_step=5, max_failures=1))
+    assert (run_dir / ".failed_at_step_3").exists() and (run_dir / ".failed_at_step_5").exists()
+    # Relaunch: steps 1-2 never run again; worker loss at 5: only step 5 runs twice. Exactly STEPS steps in the end.
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 3, 4, 5, 5, 6]
     assert Path(result.checkpoint.path).name == "checkpoint_0000006"
+    assert result.metrics["step"] == STEPS
     assert losses_by_step(run_dir) == pytest.approx(reference, abs=LOSS_TOLERANCE)

@@ -1,8 +1,9 @@
 """The Ray Data tokenization stage: read -> tokenize + pack (actor pool) -> training rows, streamed.
 
     plan (work items: parquet row groups / files, sources interleaved)
-      -> read tasks (sources.read_item: rows, bad ones become reasons, mixture repeats)
-      -> tokenizer actors (tokenize.process_batch: tokenizer loaded once per actor; tokenize, pack)
+      -> tokenizer actors, one stage (tokenizer loaded once per actor), per work item:
+         read (sources.read_item_tables: rows, bad ones become reasons, mixture repeats)
+         -> tokenize + pack in batches (tokenize.process_batch, columnar)
       -> build_dataset: the stream, for training directly
       -> write_shards: parquet shards + manifest.json, written in order by the driver
 
@@ -30,23 +31,12 @@ from chatmusician.config import to_dict
 from chatmusician.data import sources
 from chatmusician.data.config import TokenizeConfig
 from chatmusician.data.packing import IGNORE_INDEX
-from chatmusician.data.tokenize import empty_stats, process_batch
+from chatmusician.data.tokenize import BackendTokenizer, empty_stats, process_batch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "chatmusician.tokenized/1"
 _SHARD = re.compile(r"^part-\d{5}\.parquet$")
-READ_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("src", pa.string()),
-        ("reject", pa.string()),
-        ("repeats", pa.int32()),
-        ("is_score", pa.bool_()),
-        ("text", pa.large_string()),
-        ("source", pa.large_string()),
-        ("target", pa.large_string()),
-    ]
-)
+READ_SCHEMA = sources.READ_SCHEMA
 
 
 # --- Ray stages (thin: the logic is in sources.py / tokenize.py / packing.py) ---------------------------------
@@ -54,22 +44,48 @@ READ_SCHEMA = pa.schema(
 
 def _read(items: pa.Table, cfg: TokenizeConfig, class_weights: tuple[float, float]):
     for item in items.to_pylist():
-        for batch in sources.read_item(item, cfg, class_weights):
-            yield pa.table(batch, schema=READ_SCHEMA)
+        yield from sources.read_item_tables(item, cfg, class_weights)
+
+
+def _batches(tables, batch_size: int):
+    """Re-cut a stream of tables into tables of ``batch_size`` rows (the last may be shorter); slices, no copies."""
+    pending, rows = [], 0
+    for table in tables:
+        pending.append(table)
+        rows += table.num_rows
+        while rows >= batch_size:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, batch_size)
+            pending, rows = [joined.slice(batch_size)], rows - batch_size
+    if rows:
+        yield pa.concat_tables(pending)
 
 
 class _Tokenizer:
-    """Actor: loads the tokenizer once, then tokenizes and packs batch after batch."""
+    """Actor: loads the tokenizer once, then reads work items and tokenizes + packs them batch by batch.
+    Reading here rather than in separate read tasks saves a Ray Data stage: the text never crosses the
+    object store, and the actors' CPUs do all the work (one actor per CPU, each single-threaded)."""
 
-    def __init__(self, cfg: TokenizeConfig, with_stats: bool):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one actor per core already
-        from chatmusician.model.loading import load_tokenizer
+    def __init__(
+        self,
+        cfg: TokenizeConfig,
+        with_stats: bool,
+        class_weights: tuple[float, float],
+        tokenizer_json: str,
+        eos_token_id: int,
+    ):
+        # Rust threads = the CPUs this actor holds (several actors must not each spawn one per core).
+        threads = max(1, int(cfg.tokenizer_cpus))
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        self.cfg, self.with_stats, self.class_weights = cfg, with_stats, class_weights
+        self.tokenizer = BackendTokenizer.from_str(tokenizer_json, eos_token_id)
 
-        self.cfg, self.with_stats = cfg, with_stats
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return process_batch(batch.to_pydict(), self.tokenizer, self.cfg, self.with_stats)
+    def __call__(self, items: pa.Table):
+        for item in items.to_pylist():
+            tables = sources.read_item_tables(item, self.cfg, self.class_weights)
+            for batch in _batches(tables, self.cfg.batch_size):
+                yield process_batch(batch, self.tokenizer, self.cfg, self.with_stats)
 
 
 def _ordered(ds, cfg: TokenizeConfig):
@@ -112,43 +128,62 @@ def class_weights(cfg: TokenizeConfig) -> tuple[float, float]:
 
 
 def build_dataset(
-    cfg: TokenizeConfig, *, with_stats: bool = False, weights: tuple[float, float] | None = None
+    cfg: TokenizeConfig,
+    *,
+    with_stats: bool = False,
+    weights: tuple[float, float] | None = None,
+    tokenizer: Any = None,
 ):
     """The streaming ``ray.data.Dataset`` of training rows: ``input_ids``, ``labels`` (list<int32>, -100 = no
     loss) and, when packed, ``position_ids``. Lazy: nothing runs until it is consumed.
 
     ``with_stats=True`` adds a ``stats`` column: "" on training rows, and on one extra row per batch (empty
     ids) a JSON object with that batch's counts (see tokenize.process_batch); :func:`write_shards` uses it
-    for the manifest. Filter those rows out before training (``stats == ""``)."""
+    for the manifest. Filter those rows out before training (``stats == ""``). ``tokenizer``: the already
+    loaded tokenizer of ``cfg.tokenizer``, if the caller has one (saves loading it again).
+
+    One stage: the work items (parquet row groups, files) go to a pool of actors that read, tokenize and pack
+    them; a batch never spans two items."""
+    import ray
     from ray.data import ActorPoolStrategy
+
+    from chatmusician.model.loading import load_tokenizer
 
     _check(cfg)
     weights = weights if weights is not None else class_weights(cfg)
-    ds = _read_dataset(cfg, weights)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    items = sources.item_dicts(sources.plan(cfg))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _Tokenizer,
-        batch_size=cfg.batch_size,
+        batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=pool_size(cfg)),
+        compute=ActorPoolStrategy(size=pool_size(cfg), max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.tokenizer_cpus,
-        fn_constructor_kwargs={"cfg": cfg, "with_stats": with_stats},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "with_stats": with_stats,
+            "class_weights": weights,
+            "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
+            "eos_token_id": tokenizer.eos_token_id,
+        },
     )
     return _ordered(ds, cfg)
 
 
 def pool_size(cfg: TokenizeConfig) -> int:
-    """Tokenizer actors that fit beside one read task; a pool that would take every CPU would starve the
-    reads and hang, so that is a clear error instead."""
+    """Tokenizer actors (they also read): as many as the cluster's CPUs hold, or ``cfg.num_tokenizers``; a
+    pool larger than the cluster would never start, so that is a clear error instead of a hang."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
     if cfg.num_tokenizers is None:
-        return max(1, int((cpus - cfg.read_cpus) // cfg.tokenizer_cpus))
-    need = cfg.num_tokenizers * cfg.tokenizer_cpus + cfg.read_cpus
+        return max(1, int(cpus // cfg.tokenizer_cpus))
+    need = cfg.num_tokenizers * cfg.tokenizer_cpus
     if need > cpus:
         raise ValueError(
-            f"num_tokenizers={cfg.num_tokenizers} x tokenizer_cpus={cfg.tokenizer_cpus} + read_cpus={cfg.read_cpus} "
-            f"= {need} CPUs, but the cluster has {cpus}: lower them (or leave num_tokenizers unset)"
+            f"num_tokenizers={cfg.num_tokenizers} x tokenizer_cpus={cfg.tokenizer_cpus} = {need} CPUs, "
+            f"but the cluster has {cpus}: lower them (or leave num_tokenizers unset)"
         )
     return cfg.num_tokenizers
 
@@ -173,11 +208,12 @@ def output_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
 
 
-def tokenizer_fingerprint(name_or_path: str) -> dict[str, Any]:
-    """Name plus a SHA-256 of the serialized fast tokenizer (vocabulary, merges, normalizer, special tokens)."""
+def tokenizer_fingerprint(name_or_path: str, tokenizer: Any = None) -> dict[str, Any]:
+    """Name plus a SHA-256 of the serialized fast tokenizer (vocabulary, merges, normalizer, special tokens);
+    ``tokenizer``: that tokenizer already loaded, if the caller has it."""
     from chatmusician.model.loading import load_tokenizer
 
-    tok = load_tokenizer(name_or_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     blob = tok.backend_tokenizer.to_str().encode()
     return {
         "name": name_or_path,
@@ -284,8 +320,12 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
     """Run the pipeline; write shards + ``manifest.json`` into ``cfg.output_dir`` (None: count only) and
     return the manifest: tokenizer name and hash, mode, lengths, rows read / written / rejected by reason (with
     sample row ids), token counts, padding fraction, shard list."""
+    from chatmusician.model.loading import load_tokenizer
+
+    _check(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     weights = class_weights(cfg)
-    ds = build_dataset(cfg, with_stats=True, weights=weights)
+    ds = build_dataset(cfg, with_stats=True, weights=weights, tokenizer=tokenizer)
     writer = ShardWriter(cfg.output_dir, cfg.shard_rows) if cfg.output_dir else None
     totals, rejected, samples = empty_stats(), Counter(), []
     padding = PaddingMeter(cfg.train_batch_size, cfg.max_len)
@@ -316,7 +356,7 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
         "packing": cfg.packing,
         "max_len": cfg.max_len,
         "max_source_len": cfg.max_source_len if cfg.mode == "sft" else None,
-        "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
+        "tokenizer": tokenizer_fingerprint(cfg.tokenizer, tokenizer),
         "columns": ["input_ids", "labels"] + (["position_ids"] if cfg.packing != "none" else []),
         "rows": {
             "read": totals["read"],

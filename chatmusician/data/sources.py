@@ -295,6 +295,8 @@ def uniform(key: str, seed: int) -> float:
 def repeats(key: str, weight: float, seed: int) -> int:
     """How many times a row is used: ``floor(weight)``, plus one more with probability ``frac(weight)``."""
     whole = math.floor(weight)
+    if weight == whole:  # no draw needed (and none made: hashing every row id is the read's largest cost)
+        return whole
     return whole + (1 if uniform(key, seed) < weight - whole else 0)
 
 
@@ -315,6 +317,18 @@ def ratio_multipliers(n_verbal: float, n_score: float, ratio: tuple[float, float
 # --- the read task --------------------------------------------------------------------------------------------
 
 READ_COLUMNS = ("row_id", "src", "reject", "repeats", "is_score", "text", "source", "target")
+READ_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("src", pa.string()),
+        ("reject", pa.string()),
+        ("repeats", pa.int32()),
+        ("is_score", pa.bool_()),
+        ("text", pa.large_string()),
+        ("source", pa.large_string()),
+        ("target", pa.large_string()),
+    ]
+)
 
 
 def read_item(
@@ -344,6 +358,14 @@ def read_item(
             batch = {c: [] for c in READ_COLUMNS}
     if batch["row_id"]:
         yield batch
+
+
+def read_item_tables(
+    item: WorkItem | Mapping[str, Any], cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)
+) -> Iterator[pa.Table]:
+    """:func:`read_item` as Arrow tables (:data:`READ_SCHEMA`)."""
+    for batch in read_item(item, cfg, class_weights):
+        yield pa.Table.from_pydict(batch, schema=READ_SCHEMA)
 
 
 def item_dicts(items: list[WorkItem]) -> list[dict[str, Any]]:

@@ -13,31 +13,68 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from chatmusician.data.packing import IGNORE_INDEX, Doc, pack, rows_to_table
+from chatmusician.data.packing import IGNORE_INDEX, Doc, FlatDocs, flat_rows_to_table, pack_flat
+from chatmusician.data.sources import READ_SCHEMA
+
+
+@dataclass
+class BackendTokenizer:
+    """What the data stage uses of a Hugging Face fast tokenizer: its Rust ``tokenizers`` backend and the EOS
+    id. Built from ``backend_tokenizer.to_str()``, it loads in a fraction of a second without transformers."""
+
+    backend_tokenizer: Any
+    eos_token_id: int
+
+    @classmethod
+    def from_str(cls, serialized: str, eos_token_id: int) -> BackendTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(serialized), eos_token_id)
+
+
+def _encode(texts: Sequence[str], tokenizer) -> list:
+    if not len(texts):
+        return []
+    return tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
 
 
 def encode_batch(texts: Sequence[str], tokenizer) -> list[list[int]]:
     """Token ids of each text with no special tokens added (``</s>`` written as text still maps to EOS)."""
-    if not texts:
-        return []
-    return [
-        e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
-    ]
+    return [e.ids for e in _encode(texts, tokenizer)]
+
+
+def encode_flat(texts: Sequence[str], tokenizer, suffix: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_batch` laid end to end: (int32 ids of every text, each followed by ``suffix``; lengths).
+    One pass from the tokenizer's lists into one array, no per-text arrays."""
+    encodings = _encode(texts, tokenizer)
+    suffix = list(suffix)
+    # len(Encoding) is len(ids) without building the list
+    lengths = np.fromiter((len(e) for e in encodings), np.int64, len(encodings)) + len(suffix)
+    pieces = chain.from_iterable((e.ids, suffix) for e in encodings)
+    return np.fromiter(chain.from_iterable(pieces), np.int32, int(lengths.sum())), lengths
+
+
+def tokenize_pt_flat(texts: Sequence[str], tokenizer, add_eos: bool = True) -> FlatDocs:
+    """pt documents laid end to end (see :func:`tokenize_pt_batch`)."""
+    ids, lengths = encode_flat(texts, tokenizer, [tokenizer.eos_token_id] if add_eos else [])
+    return FlatDocs(ids, ids.copy(), lengths)
 
 
 def tokenize_pt_batch(texts: Sequence[str], tokenizer, add_eos: bool = True) -> list[Doc]:
     """pt documents -> ``(input_ids, labels)`` with labels a copy of the ids."""
-    eos = [tokenizer.eos_token_id] if add_eos else []
-    docs = []
-    for ids in encode_batch(texts, tokenizer):
-        arr = np.array(ids + eos, dtype=np.int32)
-        docs.append((arr, arr.copy()))
-    return docs
+    docs = tokenize_pt_flat(texts, tokenizer, add_eos)
+    if not len(docs.lengths):
+        return []
+    cut = docs.starts()[1:]
+    return list(zip(np.split(docs.input_ids, cut), np.split(docs.labels, cut), strict=True))
 
 
 def sft_layout(
@@ -102,51 +139,54 @@ def empty_stats() -> dict[str, Any]:
     }
 
 
-def process_batch(batch: Mapping[str, Sequence], tokenizer, cfg, with_stats: bool = False) -> pa.Table:
-    """Read-stage columns (see sources.READ_COLUMNS) -> training rows (``input_ids``, ``labels``, and
-    ``position_ids`` when packed). With ``with_stats`` one more row, with empty ids and a JSON ``stats``
-    column, reports this batch's counts: rows read / accepted / sampled out / truncated / rejected by reason,
-    and the first ``cfg.reject_samples`` rejected row ids."""
+def process_batch(batch: pa.Table | Mapping[str, Sequence], tokenizer, cfg, with_stats: bool = False) -> pa.Table:
+    """Read-stage columns (see sources.READ_COLUMNS; a table or a dict of lists) -> training rows (``input_ids``,
+    ``labels``, and ``position_ids`` when packed). With ``with_stats`` one more row, with empty ids and a JSON
+    ``stats`` column, reports this batch's counts: rows read / accepted / sampled out / truncated / rejected by
+    reason, and the first ``cfg.reject_samples`` rejected row ids (read rejects first, then too_long ones).
+
+    Columnar: rows are selected with pyarrow compute, token ids go from the tokenizer into one flat array,
+    and packing and the output columns are numpy/Arrow arrays (no per-row or per-token Python)."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch), schema=READ_SCHEMA)
     stats = empty_stats()
-    rejected: Counter[str] = Counter()
-    keep = []
-    for k, reason in enumerate(batch["reject"]):
-        if reason:
-            rejected[reason] += 1
-            if len(stats["samples"]) < cfg.reject_samples:
-                stats["samples"].append([batch["row_id"][k], reason])
-        elif batch["repeats"][k] > 0:
-            keep.append(k)
-        else:
-            stats["sampled_out"] += 1
-    docs: list[Doc] = []
+    is_rejected = pc.not_equal(table["reject"], "").to_numpy(zero_copy_only=False)
+    repeats = table["repeats"].to_numpy().astype(np.int64)
+    keep = ~is_rejected & (repeats > 0)
+    stats["sampled_out"] = int((~is_rejected & (repeats <= 0)).sum())
+    rejects = table.select(["row_id", "reject"]).filter(pa.array(is_rejected))
+    rejected: Counter[str] = Counter(rejects["reject"].to_pylist())
+    stats["samples"] = [list(r.values()) for r in rejects.slice(0, cfg.reject_samples).to_pylist()]
+    kept = table.filter(pa.array(keep))
     if cfg.mode == "pt":
-        encoded = tokenize_pt_batch([batch["text"][k] for k in keep], tokenizer, cfg.add_eos)
+        docs = tokenize_pt_flat(kept["text"].to_pylist(), tokenizer, cfg.add_eos)
+        stats["accepted"] = kept.num_rows
+        docs = docs.repeat(repeats[keep])
     else:
         encoded = tokenize_sft_batch(
-            [batch["source"][k] for k in keep],
-            [batch["target"][k] for k in keep],
+            kept["source"].to_pylist(),
+            kept["target"].to_pylist(),
             tokenizer,
             cfg.max_len,
             cfg.max_source_len,
             cfg.sft_truncate,
         )
-    for k, result in zip(keep, encoded, strict=True):
-        if result is None:  # sft over the limits with sft_truncate off
-            rejected["too_long"] += 1
-            if len(stats["samples"]) < cfg.reject_samples:
-                stats["samples"].append([batch["row_id"][k], "too_long"])
-            continue
-        if cfg.mode == "sft":
-            result, truncated = result
+        sft_docs: list[Doc] = []
+        for row_id, n, result in zip(kept["row_id"].to_pylist(), repeats[keep].tolist(), encoded, strict=True):
+            if result is None:  # over the limits with sft_truncate off
+                rejected["too_long"] += 1
+                if len(stats["samples"]) < cfg.reject_samples:
+                    stats["samples"].append([row_id, "too_long"])
+                continue
+            doc, truncated = result
             stats["truncated"] += int(truncated)
-        stats["accepted"] += 1
-        docs += [result] * batch["repeats"][k]
-    table = rows_to_table(pack(docs, cfg.max_len, cfg.packing, cfg.mode))
+            stats["accepted"] += 1
+            sft_docs += [doc] * n
+        docs = FlatDocs.of(sft_docs)
+    table = flat_rows_to_table(pack_flat(docs, cfg.max_len, cfg.packing, cfg.mode))
     if not with_stats:
         return table
-    stats["read"] = len(batch["reject"])
-    stats["documents"] = len(docs)
+    stats["read"] = len(is_rejected)
+    stats["documents"] = len(docs.lengths)
     stats["rejected"] = dict(sorted(rejected.items()))
     stats_row = {name: pa.array([[]], type=table.schema.field(name).type) for name in table.column_names}
     table = pa.concat_tables([table, pa.table(stats_row)])
