@@ -5,7 +5,7 @@
 2. Packed vs unpacked rows on a MusicPile-like length mix (many short ABC tunes, a tail of long documents):
    useful (non-pad) tokens/s through forward + backward with the recipe's collate. Goal >= 2x.
 
-    .venv/bin/python benchmarks/train.py [--steps 30] [--size nano] [--skip-ray]
+    .venv/bin/python -m benchmarks.train [--steps 30] [--size nano] [--skip-ray]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
 
 def prepare(out_dir: Path, rows: int = 64, max_len: int = 256) -> None:

@@ -9,7 +9,9 @@ from chatmusician.config import load_config
 from chatmusician.data.config import TokenizeConfig
 from chatmusician.data.packing import IGNORE_INDEX
 from chatmusician.data.tokenize import (
+    BackendTokenizer,
     encode_batch,
+    encode_flat,
     process_batch,
     sft_layout,
     tokenize_pt_batch,
@@ -113,3 +115,14 @@ def test_process_batch_rejects_overlong_sft_when_truncation_is_off(tokenizer):
     batch = _batch([{"row_id": "s:0", "source": "Human: hi </s> Assistant: ", "target": "x " * 40}])
     stats = json.loads(process_batch(batch, tokenizer, cfg, with_stats=True)["stats"][-1].as_py())
     assert stats["rejected"] == {"too_long": 1} and stats["documents"] == 0
+
+
+def test_actor_tokenizer_and_flat_encoding_give_the_hf_tokenizers_ids(tokenizer):
+    """The actors load the serialized backend (no transformers) and write ids into one flat array."""
+    texts = ["Human: Write a jig. </s> Assistant: X:1\nK:D\nABA|", " leading space", "prose, ünïcode"]
+    actor_tok = BackendTokenizer.from_str(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
+    expected = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    assert encode_batch(texts, actor_tok) == expected
+    ids, lengths = encode_flat(texts, actor_tok, suffix=[EOS])
+    assert ids.dtype == np.int32 and lengths.tolist() == [len(e) + 1 for e in expected]
+    assert ids.tolist() == [i for e in expected for i in [*e, EOS]]

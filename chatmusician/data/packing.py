@@ -67,7 +67,9 @@ class FlatDocs:
         chosen = np.repeat(np.arange(len(self.lengths)), counts)
         lengths = self.lengths[chosen]
         new_starts = np.cumsum(lengths) - lengths
-        index = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(self.starts()[chosen] - new_starts, lengths)
+        index = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+            self.starts()[chosen] - new_starts, lengths
+        )
         return FlatDocs(self.input_ids[index], self.labels[index], lengths)
 
 
@@ -128,7 +130,8 @@ def pack_concat_flat(docs: FlatDocs, max_len: int) -> FlatRows:
         return FlatRows(empty, empty, empty, np.zeros(1, np.int64), np.zeros(0, np.int64))
     starts = docs.starts()
     labels = docs.labels.copy()
-    labels[starts[docs.lengths > 0]] = IGNORE_INDEX  # a document's first token is never predicted from the previous one
+    # a document's first token is never predicted from the previous one
+    labels[starts[docs.lengths > 0]] = IGNORE_INDEX
     token = np.arange(total, dtype=np.int64)
     # positions restart at each document start and at each row start: the nearer of the two wins
     positions = np.minimum(token - np.repeat(starts, docs.lengths), token % max_len).astype(np.int32)
@@ -208,7 +211,9 @@ def flat_rows_to_table(rows: FlatRows) -> pa.Table:
     offsets = pa.array(rows.offsets.astype(np.int32))
 
     def column(values: np.ndarray) -> pa.ListArray:
-        return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32, copy=False), type=pa.int32()))
+        return pa.ListArray.from_arrays(
+            offsets, pa.array(values.astype(np.int32, copy=False), type=pa.int32())
+        )
 
     columns = {"input_ids": column(rows.input_ids), "labels": column(rows.labels)}
     if rows.position_ids is not None:

@@ -139,15 +139,25 @@ def empty_stats() -> dict[str, Any]:
     }
 
 
-def process_batch(batch: pa.Table | Mapping[str, Sequence], tokenizer, cfg, with_stats: bool = False) -> pa.Table:
+def _as_table(batch: pa.Table | Mapping[str, Sequence]) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        return batch
+    fields = [f for f in READ_SCHEMA if f.name in batch]
+    return pa.Table.from_pydict({f.name: list(batch[f.name]) for f in fields}, schema=pa.schema(fields))
+
+
+def process_batch(
+    batch: pa.Table | Mapping[str, Sequence], tokenizer, cfg, with_stats: bool = False
+) -> pa.Table:
     """Read-stage columns (see sources.READ_COLUMNS; a table or a dict of lists) -> training rows (``input_ids``,
     ``labels``, and ``position_ids`` when packed). With ``with_stats`` one more row, with empty ids and a JSON
     ``stats`` column, reports this batch's counts: rows read / accepted / sampled out / truncated / rejected by
     reason, and the first ``cfg.reject_samples`` rejected row ids (read rejects first, then too_long ones).
 
-    Columnar: rows are selected with pyarrow compute, token ids go from the tokenizer into one flat array,
-    and packing and the output columns are numpy/Arrow arrays (no per-row or per-token Python)."""
-    table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch), schema=READ_SCHEMA)
+    Columnar: rows are selected with pyarrow compute, token ids go from the tokenizer's lists straight into
+    one flat array (sft: through a per-sample layout step), and packing and the output columns are
+    numpy/Arrow operations on whole batches."""
+    table = _as_table(batch)
     stats = empty_stats()
     is_rejected = pc.not_equal(table["reject"], "").to_numpy(zero_copy_only=False)
     repeats = table["repeats"].to_numpy().astype(np.int64)
@@ -171,7 +181,9 @@ def process_batch(batch: pa.Table | Mapping[str, Sequence], tokenizer, cfg, with
             cfg.sft_truncate,
         )
         sft_docs: list[Doc] = []
-        for row_id, n, result in zip(kept["row_id"].to_pylist(), repeats[keep].tolist(), encoded, strict=True):
+        for row_id, n, result in zip(
+            kept["row_id"].to_pylist(), repeats[keep].tolist(), encoded, strict=True
+        ):
             if result is None:  # over the limits with sft_truncate off
                 rejected["too_long"] += 1
                 if len(stats["samples"]) < cfg.reject_samples:
