@@ -32,5 +32,6 @@ test-unit: setup
 test-integration: setup
 	$(VENV)/python -m pytest -q -m integration tests
 
+# Run as modules (-m) so that benchmarks/tokenize.py never shadows the standard library's tokenize.
 bench: setup
-	for b in benchmarks/*.py; do $(VENV)/python $$b || exit 1; done
+	for b in tokenize train render serve; do $(VENV)/python -m benchmarks.$$b || exit 1; done

@@ -79,16 +79,29 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def positional_as_flag(config_cls: type, args: Sequence[str]) -> list[str]:
+    """``chatmusician render tune.abc …``: a config class may name one field ``POSITIONAL``; a leading bare
+    argument becomes that field's flag."""
+    args = list(args)
+    field_name = getattr(config_cls, "POSITIONAL", None)
+    if field_name and args and not args[0].startswith("-"):
+        args[:1] = [f"--{field_name}", args[0]]
+    return args
+
+
 def run_command(name: str, args: Sequence[str]) -> Any:
     """Run one workflow from its command-line arguments (what ``ray_jobs/*`` entrypoints call)."""
     config_path, run_path, _ = COMMANDS[name]
     config_cls = _resolve(config_path)
+    args = positional_as_flag(config_cls, args)
     parser = make_parser(config_cls, prog=f"chatmusician {name}")
     return _resolve(run_path)(namespace_to_config(config_cls, parser.parse_args(list(args)), parser))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        argv[1:] = positional_as_flag(_resolve(COMMANDS[argv[0]][0]), argv[1:])
     build_parser().parse_args(argv)  # validates the whole command line and serves --help
     run_command(argv[0], argv[1:])
     return 0

@@ -5,6 +5,7 @@ Dataclasses only (no torch/ray imports) so that the CLI's help stays fast.
 
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 from chatmusician.abc.config import AbcLimits
@@ -93,6 +94,8 @@ class RenderConfig:
 @dataclass
 class RenderCommandConfig:
     """Render one ABC tune (from a file) to MIDI, WAV, MP3, SVG and/or PNG files in a folder."""
+
+    POSITIONAL: ClassVar[str] = "input"  # `chatmusician render tune.abc …`
 
     input: str
     """ABC file to render (may hold several tunes: see ``tune_index``); ``-`` reads standard input."""
