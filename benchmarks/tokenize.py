@@ -7,9 +7,11 @@ Measured in one run, on the same cores, each producing the token ids of every te
              which includes starting its process pool and writing its Arrow cache (not loading the parquet)
   raw limit  the fast tokenizer's batch encode over texts already in memory (Rust threads = cores), ids
              taken out as lists (the output; encode alone is printed too); tokenizer load not timed
-  pipeline   write_shards: read parquet -> tokenize + pack (actor pool) -> parquet shards + manifest, without
-             EOS (add_eos=False: the same ids as the raw encode); timed: the whole call, including starting
-             its actor pool and loading the tokenizer, but not ray.init (done once before; a warm-up run first)
+  pipeline   write_shards: read parquet -> tokenize + pack (Ray Data tasks) -> parquet shards + manifest,
+             without EOS (add_eos=False: the same ids as the raw encode); timed: the whole call (driver's
+             tokenizer load, Ray Data planning and scheduling, tasks, shard writing, manifest); not timed:
+             ray.init and starting Ray's worker processes (a warm-up run pays those, and leaves the tokenizer
+             loaded in the workers), as the original's interpreter and imports are not timed either
 plus peak RSS (driver + every Ray process) at 1x and 10x the corpus, and the padding fraction of packed vs
 unpacked rows at the training batch shape (8 rows, padded to the longest).
 

@@ -27,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.model.tiny:run_build",
         "Build the offline tiny LLaMA model and tokenizer.",
     ),
-    "abc-check": ("chatmusician.abc.config:AbcCheckConfig", "chatmusician.abc.check:run_check", "Validate ABC files: JSON issues per tune."),
+    "abc-check": (
+        "chatmusician.abc.config:AbcCheckConfig",
+        "chatmusician.abc.check:run_check",
+        "Validate ABC files: JSON issues per tune.",
+    ),
     "tokenize": (
         "chatmusician.data.config:TokenizeConfig",
         "chatmusician.data.pipeline:run",
@@ -72,7 +76,9 @@ def _resolve(dotted: str) -> Any:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="chatmusician", description="ChatMusician on Ray: data, training, serving, rendering.")
+    parser = ArgumentParser(
+        prog="chatmusician", description="ChatMusician on Ray: data, training, serving, rendering."
+    )
     subcommands = parser.add_subcommands(required=True, dest="command")
     for name, (config_path, _, help_text) in COMMANDS.items():
         subcommands.add_subcommand(name, make_parser(_resolve(config_path)), help=help_text)

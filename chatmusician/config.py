@@ -20,9 +20,13 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 C = TypeVar("C")
 
 
-def make_parser(config_cls: type, prog: str | None = None, parser: ArgumentParser | None = None) -> ArgumentParser:
+def make_parser(
+    config_cls: type, prog: str | None = None, parser: ArgumentParser | None = None
+) -> ArgumentParser:
     """A parser taking ``--config FILE.yaml`` plus one flag per field of ``config_cls`` (nested with dots)."""
-    parser = parser or ArgumentParser(prog=prog, description=(config_cls.__doc__ or "").strip(), exit_on_error=True)
+    parser = parser or ArgumentParser(
+        prog=prog, description=(config_cls.__doc__ or "").strip(), exit_on_error=True
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below.")
     parser.add_class_arguments(config_cls)
     return parser
@@ -38,7 +42,9 @@ def namespace_to_config(config_cls: type[C], namespace: Namespace, parser: Argum
 def parse_config(config_cls: type[C], args: Sequence[str] | None = None, prog: str | None = None) -> C:
     """Parse command-line ``args`` (``--config`` files first, then flags) into a ``config_cls`` instance."""
     parser = make_parser(config_cls, prog=prog)
-    return namespace_to_config(config_cls, parser.parse_args(list(args) if args is not None else None), parser)
+    return namespace_to_config(
+        config_cls, parser.parse_args(list(args) if args is not None else None), parser
+    )
 
 
 def load_config(config_cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:

@@ -47,7 +47,9 @@ def music21_abc_files(collections: tuple[str, ...] = MUSIC21_COLLECTIONS) -> lis
 def split_tunes(text: str) -> list[str]:
     """Split a multi-tune ABC file at its ``X:`` lines (file headers before the first tune are dropped)."""
     starts = [m.start() for m in _TUNE_START.finditer(text)]
-    return [text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)], strict=True) if text[a:b].strip()]
+    return [
+        text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)], strict=True) if text[a:b].strip()
+    ]
 
 
 def read_tunes(paths: list[Path]) -> list[str]:

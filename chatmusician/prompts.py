@@ -59,7 +59,9 @@ def text_to_music(description: Mapping[str, str]) -> str:
 
 
 def chord_conditioned(chords: Sequence[str]) -> str:
-    return "Develop a musical piece using the given chord progression.\n" + ", ".join(f"'{c}'" for c in chords)
+    return "Develop a musical piece using the given chord progression.\n" + ", ".join(
+        f"'{c}'" for c in chords
+    )
 
 
 def musical_form(form: str) -> str:

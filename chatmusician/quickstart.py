@@ -111,7 +111,9 @@ def _train_and_merge(train_cfg, shards: Path, base: str, out: Path, merged: Path
     adapter = Path(result.checkpoint.path) / "adapter"
     merge_adapter(adapter, merged, base_model=base)
     metrics_file = out / "runs" / train_cfg.run_name / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    metrics = (
+        [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    )
     return str(merged), metrics
 
 
@@ -168,7 +170,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         summary["timings_s"]["tokenize_pt"] = time.perf_counter() - t
 
         t = _stage("3/6 Ray Train + DeepSpeed ZeRO-2: LoRA continual pretraining, then merge")
-        pt_model, pt_metrics = _train_and_merge(cfg.pretrain, out / "shards" / "pt", base, out, out / "merged-pretrain")
+        pt_model, pt_metrics = _train_and_merge(
+            cfg.pretrain, out / "shards" / "pt", base, out, out / "merged-pretrain"
+        )
         summary["timings_s"]["pretrain"] = time.perf_counter() - t
 
         t = _stage("4/6 Ray Data + Ray Train: tokenize the SFT set, LoRA SFT, merge")
@@ -183,7 +187,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
             )
         )
         summary["sft_manifest"] = manifest_summary(sft_manifest)
-        final_model, sft_metrics = _train_and_merge(cfg.sft, out / "shards" / "sft", pt_model, out, out / "chatmusician-tiny")
+        final_model, sft_metrics = _train_and_merge(
+            cfg.sft, out / "shards" / "sft", pt_model, out, out / "chatmusician-tiny"
+        )
         summary["final_model"] = final_model
         summary["timings_s"]["sft"] = time.perf_counter() - t
     finally:
@@ -216,11 +222,15 @@ def compose(model_path: str, n_prompts: int) -> list[dict[str, Any]]:
     return predict(load_engine(config), config, EXAMPLE_PROMPTS[:n_prompts])
 
 
-def render_best(compositions: list[dict], reference_tune: str, formats: list[str], out: Path) -> dict[str, Any]:
+def render_best(
+    compositions: list[dict], reference_tune: str, formats: list[str], out: Path
+) -> dict[str, Any]:
     """Render the first composed tune the validator accepts; a tiny model may write none, then a reference tune."""
     from chatmusician.render import RenderRequest, render
 
-    candidates = [(f"composed for prompt {i + 1}", c["abc"]) for i, c in enumerate(compositions) if c.get("abc")]
+    candidates = [
+        (f"composed for prompt {i + 1}", c["abc"]) for i, c in enumerate(compositions) if c.get("abc")
+    ]
     for source, abc in [*candidates, ("reference Nottingham tune", reference_tune)]:
         result = render(RenderRequest(abc=abc, formats=formats))
         if result.ok:
@@ -247,10 +257,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("tokenize pt", json.dumps(summary["pt_manifest"]), f"{t['tokenize_pt']:.1f}")
     for stage in ("pretrain", "sft"):
         losses = summary["loss"][stage]
-        curve = f"{losses[0]:.2f} → {losses[-1]:.2f} over {len(losses)} steps (min {min(losses):.2f})" if losses else "-"
+        curve = (
+            f"{losses[0]:.2f} → {losses[-1]:.2f} over {len(losses)} steps (min {min(losses):.2f})"
+            if losses
+            else "-"
+        )
         table.add_row(f"{stage} loss", curve, f"{t[stage]:.1f}")
     first = summary["compositions"][0]
     table.add_row("compose", (first.get("output") or "")[:80].replace("\n", " ⏎ "), f"{t['compose']:.1f}")
-    table.add_row("render", f"{summary['render'].get('source')}: {sorted(summary['render'].get('files', {}))}", f"{t['render']:.1f}")
+    table.add_row(
+        "render",
+        f"{summary['render'].get('source')}: {sorted(summary['render'].get('files', {}))}",
+        f"{t['render']:.1f}",
+    )
     table.add_row("total", f"{summary['out_dir']} (summary.json, loss.png, render/)", f"{t['total']:.1f}")
     Console().print(table)

@@ -63,3 +63,18 @@ def test_cli_lists_subcommands_and_their_field_docs(capsys):
     out = capsys.readouterr().out
     assert "SentencePiece BPE vocabulary size" in out
     assert "build-tiny" in build_parser().format_help()
+
+
+def test_a_config_may_take_one_positional_argument():
+    from typing import ClassVar
+
+    from chatmusician.cli import positional_as_flag
+
+    @dataclass
+    class WithInput:
+        POSITIONAL: ClassVar[str] = "input"
+        input: str = ""
+
+    assert positional_as_flag(WithInput, ["tune.abc", "--out", "d"]) == ["--input", "tune.abc", "--out", "d"]
+    assert positional_as_flag(WithInput, ["--input", "x"]) == ["--input", "x"]
+    assert positional_as_flag(Outer, ["stray"]) == ["stray"]  # no POSITIONAL: left for the parser to refuse

@@ -16,7 +16,9 @@ def test_write_corpora_makes_pt_and_text_to_music_sft_rows(tmp_path):
     sft_rows = [json.loads(line) for line in sft.read_text().splitlines()]
     assert [r["text"] for r in pt_rows] == tunes
     assert sft_rows[0]["output"] == tunes[0]
-    assert sft_rows[0]["instruction"].startswith("Using ABC notation, recreate the given text as a musical score.\n")
+    assert sft_rows[0]["instruction"].startswith(
+        "Using ABC notation, recreate the given text as a musical score.\n"
+    )
     assert "\nMeter 3/4\nNote Length 1/4\nKey G" in sft_rows[0]["instruction"]
 
 

@@ -15,7 +15,11 @@ def readme_commands() -> list[str]:
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     assert readme_commands() == ["make quickstart", "make test"]
-    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    ci = [
+        ln.strip()
+        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert ci[-1] == "make test"
 
 

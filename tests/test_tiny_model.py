@@ -30,7 +30,10 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     a = tiny.train_tokenizer(tmp_path / "a")
     b = tiny.train_tokenizer(tmp_path / "b")
     assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
-    assert json.loads((a / "tokenizer.json").read_text())["model"] == json.loads((b / "tokenizer.json").read_text())["model"]
+    assert (
+        json.loads((a / "tokenizer.json").read_text())["model"]
+        == json.loads((b / "tokenizer.json").read_text())["model"]
+    )
 
 
 def test_tiny_sizes_and_generation(tiny_model_path):

@@ -45,7 +45,9 @@ def tokenizer_corpus() -> list[str]:
     lines: list[str] = []
     for path in corpora.nottingham_files() + corpora.music21_abc_files():
         lines += [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    lines += [ln for ln in (ASSETS / "music_theory.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines += [
+        ln for ln in (ASSETS / "music_theory.txt").read_text(encoding="utf-8").splitlines() if ln.strip()
+    ]
     return lines
 
 
@@ -99,7 +101,9 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE, s
     return out_dir
 
 
-def build_tiny_model(out_dir: str | Path, size: str = "nano", vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, size: str = "nano", vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0
+) -> Path:
     """Write a randomly initialised tiny LLaMA plus its tokenizer into ``out_dir`` (one HF repo layout)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -152,7 +156,9 @@ def ensure_tiny(size: str = "nano", vocab_size: int = DEFAULT_VOCAB_SIZE, seed: 
     return target
 
 
-def install_in_hub_cache(src_dir: str | Path, repo_id: str, hub_cache: str | Path, revision: str = "0" * 40) -> Path:
+def install_in_hub_cache(
+    src_dir: str | Path, repo_id: str, hub_cache: str | Path, revision: str = "0" * 40
+) -> Path:
     """Lay ``src_dir`` out as the Hugging Face hub cache would after downloading ``repo_id``, so that
     ``from_pretrained(repo_id)`` with ``HF_HUB_OFFLINE=1`` resolves it through the real hub code path."""
     repo_dir = Path(hub_cache) / ("models--" + repo_id.replace("/", "--"))

@@ -5,8 +5,8 @@ Dataclasses only (no torch/ray imports) so that the CLI's help stays fast.
 
 from __future__ import annotations
 
-from typing import ClassVar
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from chatmusician.abc.config import AbcLimits
 
