@@ -67,13 +67,13 @@ class TokenizeConfig:
     batch_size: int = 512
     """Documents per tokenizer call; greedy packing fills rows within one batch (a batch never spans two work items), so larger batches pad less."""
     read_rows: int = 1024
-    """Rows per block that reading a work item emits (the actors re-cut them into batch_size batches)."""
+    """Rows per block that reading a work item emits (re-cut into batch_size batches)."""
     num_tokenizers: int | None = None
-    """Size of the actor pool that reads, tokenizes and packs (tokenizer loaded once per actor); None = as many as the cluster's CPUs allow."""
+    """Read+tokenize+pack tasks run at once (tokenizer loaded once per worker process); None = as many as the cluster's CPUs allow."""
     tokenizer_cpus: float = 1.0
-    """CPUs each tokenizer actor reserves; an actor holding 2 or more runs that many tokenizer threads."""
+    """CPUs each tokenize task reserves; a task holding 2 or more runs that many tokenizer threads."""
     read_cpus: float = 0.25
-    """CPUs each read task of the verbal_score_ratio counting pass reserves (the main pass reads inside the actors)."""
+    """CPUs each read task of the verbal_score_ratio counting pass reserves (the main pass reads inside its tokenize tasks)."""
     reject_samples: int = 20
     """How many rejected row ids (with reasons) the manifest keeps."""
     progress: bool = True

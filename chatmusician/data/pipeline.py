@@ -1,7 +1,7 @@
-"""The Ray Data tokenization stage: read -> tokenize + pack (actor pool) -> training rows, streamed.
+"""The Ray Data tokenization stage: read + tokenize + pack (one stage of tasks) -> training rows, streamed.
 
     plan (work items: parquet row groups / files, sources interleaved)
-      -> tokenizer actors, one stage (tokenizer loaded once per actor), per work item:
+      -> one stage of tasks (tokenizer loaded once per worker process), per work item:
          read (sources.read_item_tables: rows, bad ones become reasons, mixture repeats)
          -> tokenize + pack in batches (tokenize.process_batch, columnar)
       -> build_dataset: the stream, for training directly
@@ -61,31 +61,36 @@ def _batches(tables, batch_size: int):
         yield pa.concat_tables(pending)
 
 
-class _Tokenizer:
-    """Actor: loads the tokenizer once, then reads work items and tokenizes + packs them batch by batch.
-    Reading here rather than in separate read tasks saves a Ray Data stage: the text never crosses the
-    object store, and the actors' CPUs do all the work (one actor per CPU, each single-threaded)."""
+_TOKENIZERS: dict[str, BackendTokenizer] = {}  # per worker process: loaded by its first task, reused after
 
-    def __init__(
-        self,
-        cfg: TokenizeConfig,
-        with_stats: bool,
-        class_weights: tuple[float, float],
-        tokenizer_json: str,
-        eos_token_id: int,
-    ):
-        # Rust threads = the CPUs this actor holds (several actors must not each spawn one per core).
-        threads = max(1, int(cfg.tokenizer_cpus))
+
+def _tokenizer(tokenizer_json: str, eos_token_id: int, cpus: float) -> BackendTokenizer:
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        # Rust threads = the CPUs a task holds (tasks side by side must not each spawn one per core).
+        threads = max(1, int(cpus))
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-        self.cfg, self.with_stats, self.class_weights = cfg, with_stats, class_weights
-        self.tokenizer = BackendTokenizer.from_str(tokenizer_json, eos_token_id)
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = BackendTokenizer.from_str(tokenizer_json, eos_token_id)
+    return _TOKENIZERS[key]
 
-    def __call__(self, items: pa.Table):
-        for item in items.to_pylist():
-            tables = sources.read_item_tables(item, self.cfg, self.class_weights)
-            for batch in _batches(tables, self.cfg.batch_size):
-                yield process_batch(batch, self.tokenizer, self.cfg, self.with_stats)
+
+def _tokenize_items(
+    items: pa.Table,
+    cfg: TokenizeConfig,
+    with_stats: bool,
+    class_weights: tuple[float, float],
+    tokenizer_json: str,
+    eos_token_id: int,
+):
+    """Task: read work items, then tokenize + pack them batch by batch. Reading here rather than in separate
+    read tasks saves a Ray Data stage (the text never crosses the object store); tasks rather than an actor
+    pool run in Ray's already started workers, where an actor pool starts new processes on every run (seconds)."""
+    tokenizer = _tokenizer(tokenizer_json, eos_token_id, cfg.tokenizer_cpus)
+    for item in items.to_pylist():
+        for batch in _batches(sources.read_item_tables(item, cfg, class_weights), cfg.batch_size):
+            yield process_batch(batch, tokenizer, cfg, with_stats)
 
 
 def _ordered(ds, cfg: TokenizeConfig):
@@ -142,10 +147,9 @@ def build_dataset(
     for the manifest. Filter those rows out before training (``stats == ""``). ``tokenizer``: the already
     loaded tokenizer of ``cfg.tokenizer``, if the caller has one (saves loading it again).
 
-    One stage: the work items (parquet row groups, files) go to a pool of actors that read, tokenize and pack
-    them; a batch never spans two items."""
+    One stage: each work item (parquet row group, file) goes to a task that reads, tokenizes and packs it,
+    at most ``pool_size(cfg)`` at a time; a batch never spans two items."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from chatmusician.model.loading import load_tokenizer
 
@@ -155,12 +159,12 @@ def build_dataset(
     items = sources.item_dicts(sources.plan(cfg))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        _Tokenizer,
+        _tokenize_items,
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=pool_size(cfg), max_tasks_in_flight_per_actor=2),
+        concurrency=pool_size(cfg),
         num_cpus=cfg.tokenizer_cpus,
-        fn_constructor_kwargs={
+        fn_kwargs={
             "cfg": cfg,
             "with_stats": with_stats,
             "class_weights": weights,
@@ -172,8 +176,8 @@ def build_dataset(
 
 
 def pool_size(cfg: TokenizeConfig) -> int:
-    """Tokenizer actors (they also read): as many as the cluster's CPUs hold, or ``cfg.num_tokenizers``; a
-    pool larger than the cluster would never start, so that is a clear error instead of a hang."""
+    """Tokenize tasks (they also read) run at once: as many as the cluster's CPUs hold, or
+    ``cfg.num_tokenizers``; more than the cluster holds would never start, so that is a clear error."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
