@@ -23,8 +23,12 @@ from chatmusician.train.config import PretrainConfig, SFTConfig
 
 
 def _tiny_train(config_cls, run_name: str, steps: int):
+    """Stage defaults sized for 2 CPU cores and the nano model (the paper's values live in configs/*.yaml)."""
+    from chatmusician.train.config import LoraConfig
+
     return lambda: config_cls(
         run_name=run_name,
+        lora=LoraConfig(r=16, alpha=16, dropout=0.1),
         profile="cpu",
         zero_stage=2,
         num_workers=2,

@@ -22,8 +22,10 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing Python packages into .venv"
   # torch first and pinned: its CPU build; a bare `torch` could pull a multi-GB CUDA build.
-  .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+  # (the grep drops pip's notes about this machine's optional local package indexes)
+  { .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" &&
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"; } 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import ray, torch, transformers; print("ray", ray.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -25,3 +25,16 @@ def test_write_corpora_makes_pt_and_text_to_music_sft_rows(tmp_path):
 def test_manifest_summary_reads_the_manifest_contract():
     manifest = {"rows": {"read": 10, "rejected": 2}, "sequences": 7}
     assert manifest_summary(manifest) == {"rows_read": 10, "rows_rejected": 2, "sequences": 7}
+
+
+def test_quickstart_yaml_gives_cpu_sized_stages_that_the_cli_can_override():
+    from pathlib import Path
+
+    from chatmusician.config import load_config
+    from chatmusician.quickstart import QuickstartConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(QuickstartConfig, path, **{"sft.max_steps": 7})
+    assert (cfg.pretrain.profile, cfg.pretrain.num_workers, cfg.pretrain.zero_stage) == ("cpu", 2, 2)
+    assert cfg.pretrain.max_steps == 40 and cfg.sft.max_steps == 7
+    assert cfg.pretrain.run_name != cfg.sft.run_name  # two runs, two checkpoint folders
