@@ -274,6 +274,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if run_dir is not None:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step in (1, total_steps)):
+            print(  # progress in the job's log (ray job logs / the driver's console)
+                f"[{cfg.run_name}] step {state.step}/{total_steps} loss {metrics['loss']:.4f} "
+                f"lr {lr:.2e} tokens/s {tokens_per_s:,.0f}",
+                flush=True,
+            )
         if cfg.fail_at_step is not None and state.step == cfg.fail_at_step and rank == world - 1 and run_dir:
             checkpointing.fail_once(run_dir / f".failed_at_step_{cfg.fail_at_step}")
         if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
