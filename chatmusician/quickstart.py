@@ -104,6 +104,23 @@ def _stage(name: str):
     return time.perf_counter()
 
 
+def _tokenize(
+    source: Path, mode: str, tokenizer: str, output_dir: Path, max_len: int, **options
+) -> dict[str, Any]:
+    """One Ray Data tokenize stage into ``output_dir``; returns the manifest's headline counts."""
+    from chatmusician.data.pipeline import write_shards
+
+    config = TokenizeConfig(
+        sources=[SourceConfig(path=str(source))],
+        mode=mode,
+        tokenizer=tokenizer,
+        max_len=max_len,
+        output_dir=str(output_dir),
+        **options,
+    )
+    return manifest_summary(write_shards(config))
+
+
 def _train_and_merge(train_cfg, shards: Path, base: str, out: Path, merged: Path) -> tuple[str, list[dict]]:
     from chatmusician.model.merge import merge_adapter
     from chatmusician.train.recipe import train
@@ -143,7 +160,6 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     import ray
 
     from chatmusician.corpora import nottingham_tunes
-    from chatmusician.data.pipeline import write_shards
     from chatmusician.model.tiny import ensure_tiny
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -160,17 +176,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         summary["timings_s"]["model"] = time.perf_counter() - t
 
         t = _stage("2/6 Ray Data: tokenize + pack the pretraining corpus")
-        pt_manifest = write_shards(
-            TokenizeConfig(
-                sources=[SourceConfig(path=str(pt_file))],
-                mode="pt",
-                tokenizer=base,
-                max_len=cfg.max_len,
-                packing="greedy",
-                output_dir=str(out / "shards" / "pt"),
-            )
+        summary["pt_manifest"] = _tokenize(
+            pt_file, "pt", base, out / "shards" / "pt", cfg.max_len, packing="greedy"
         )
-        summary["pt_manifest"] = manifest_summary(pt_manifest)
         summary["timings_s"]["tokenize_pt"] = time.perf_counter() - t
 
         t = _stage("3/6 Ray Train + DeepSpeed ZeRO-2: LoRA continual pretraining, then merge")
@@ -180,17 +188,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         summary["timings_s"]["pretrain"] = time.perf_counter() - t
 
         t = _stage("4/6 Ray Data + Ray Train: tokenize the SFT set, LoRA SFT, merge")
-        sft_manifest = write_shards(
-            TokenizeConfig(
-                sources=[SourceConfig(path=str(sft_file))],
-                mode="sft",
-                tokenizer=pt_model,
-                max_len=cfg.max_len,
-                max_source_len=cfg.max_len // 2,
-                output_dir=str(out / "shards" / "sft"),
-            )
+        summary["sft_manifest"] = _tokenize(
+            sft_file, "sft", pt_model, out / "shards" / "sft", cfg.max_len, max_source_len=cfg.max_len // 2
         )
-        summary["sft_manifest"] = manifest_summary(sft_manifest)
         final_model, sft_metrics = _train_and_merge(
             cfg.sft, out / "shards" / "sft", pt_model, out, out / "chatmusician-tiny"
         )

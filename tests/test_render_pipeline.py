@@ -95,13 +95,15 @@ def test_audio_is_not_silent_and_lasts_what_the_tune_says(tmp_path: Path):
     result = render(RenderRequest(tune("C D E F|G A B c|]"), ["wav", "mp3"]))
     assert result.ok, result.errors
     assert set(result.outputs) == {"wav", "mp3"} and result.duration_s == pytest.approx(4.0, abs=0.05)
-    seconds, rms = wav_stats(result.outputs["wav"])
-    assert 4.0 <= seconds <= result.duration_s + RenderConfig().audio_tail_s + 0.01  # plus the release tail
+    audio_length_s, rms = wav_stats(result.outputs["wav"])
+    assert (
+        4.0 <= audio_length_s <= result.duration_s + RenderConfig().audio_tail_s + 0.01
+    )  # plus the release tail
     assert rms > 0.01
     (tmp_path / "t.mp3").write_bytes(result.outputs["mp3"])
     subprocess.run(["lame", "--quiet", "--decode", "t.mp3", "t.wav"], cwd=tmp_path, check=True)
     mp3_seconds, mp3_rms = wav_stats((tmp_path / "t.wav").read_bytes())
-    assert mp3_seconds == pytest.approx(seconds, abs=0.2) and mp3_rms > 0.01
+    assert mp3_seconds == pytest.approx(audio_length_s, abs=0.2) and mp3_rms > 0.01
 
 
 def test_png_shows_the_score(tmp_path: Path):
