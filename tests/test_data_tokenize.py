@@ -126,3 +126,38 @@ def test_actor_tokenizer_and_flat_encoding_give_the_hf_tokenizers_ids(tokenizer)
     ids, lengths = encode_flat(texts, actor_tok, suffix=[EOS])
     assert ids.dtype == np.int32 and lengths.tolist() == [len(e) + 1 for e in expected]
     assert ids.tolist() == [i for e in expected for i in [*e, EOS]]
+
+
+def test_stats_rows_split_out_of_blocks_that_cut_through_a_batch(tokenizer):
+    """The driver reads counts from each batch's stats row and keeps every training row, in order, even when
+    a block ends before the stats row of its last batch."""
+    import pyarrow as pa
+
+    from chatmusician.data.pipeline import split_stats_rows
+
+    cfg = load_config(TokenizeConfig, None, max_len=8, packing="greedy")
+    outputs = [
+        process_batch(
+            _batch([{"row_id": f"{b}:{i}", "text": f"tune {b} {i} abc"} for i in range(3)]),
+            tokenizer,
+            cfg,
+            True,
+        )
+        for b in range(2)
+    ]
+    joined = pa.concat_tables(outputs)
+    cut = outputs[0].num_rows + 2  # the first block ends inside the second batch
+    parts, stats = [], []
+    for block in (joined.slice(0, cut), joined.slice(cut)):
+        block_parts, block_stats = split_stats_rows(block)
+        parts += block_parts
+        stats += block_stats
+    training = pa.concat_tables(parts)
+    expected = pa.concat_tables([o.slice(0, o.num_rows - 1).drop_columns(["stats"]) for o in outputs])
+    assert training.equals(expected) and "stats" not in training.column_names
+    assert [s["read"] for s in stats] == [3, 3]
+    assert sum(map(len, (s["lengths"] for s in stats))) == training.num_rows
+    assert sum(s["tokens"] for s in stats) == sum(map(len, training["input_ids"].to_pylist()))
+    assert sum(s["loss_tokens"] for s in stats) == sum(
+        sum(1 for x in row if x != IGNORE_INDEX) for row in training["labels"].to_pylist()
+    )

@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 from chatmusician.config import to_dict
 from chatmusician.data import sources
 from chatmusician.data.config import TokenizeConfig
-from chatmusician.data.packing import IGNORE_INDEX
 from chatmusician.data.tokenize import BackendTokenizer, empty_stats, process_batch
 
 MANIFEST = "manifest.json"
@@ -95,6 +94,9 @@ def _tokenize_items(
 
 def _ordered(ds, cfg: TokenizeConfig):
     ds.context.execution_options.preserve_order = True  # deterministic rows, byte-identical shards
+    # One stage does all the work: Ray Data's default reservation keeps half of the CPUs for other operators,
+    # which left one of two tokenize tasks idle on a 2-CPU node (measured: 7.3 s -> 5.6 s on 24 M chars).
+    ds.context.op_resource_reservation_enabled = False
     ds.context.enable_progress_bars = cfg.progress
     return ds
 
@@ -262,7 +264,15 @@ class ShardWriter:
         self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         name = f"part-{len(self.shards):05d}.parquet"
         tmp = f"{self.root}/.{name}.tmp"
-        pq.write_table(shard, tmp, filesystem=self.fs, row_group_size=max(n_rows, 1), compression="zstd")
+        # No dictionary encoding: token ids barely gain from it, and writing and reading are 2-3x faster without.
+        pq.write_table(
+            shard,
+            tmp,
+            filesystem=self.fs,
+            row_group_size=max(n_rows, 1),
+            compression="zstd",
+            use_dictionary=False,
+        )
         self.fs.move(tmp, f"{self.root}/{name}")
         self.shards.append({"file": name, "rows": shard.num_rows, "tokens": _token_count(shard)})
 
@@ -320,6 +330,20 @@ class PaddingMeter:
         return round(1 - self.tokens / padded, 6) if padded else 0.0
 
 
+def split_stats_rows(block: pa.Table) -> tuple[list[pa.Table], list[dict[str, Any]]]:
+    """A block of ``build_dataset(with_stats=True)`` -> (its training rows as zero-copy slices, in order, without
+    the ``stats`` column; the parsed stats rows). A block may end with rows whose stats row is in the next one."""
+    is_stats = pc.not_equal(block["stats"], "").to_numpy(zero_copy_only=False)
+    rows, parts, stats, start = block.drop_columns(["stats"]), [], [], 0
+    for end in [*is_stats.nonzero()[0].tolist(), block.num_rows]:
+        if end > start:
+            parts.append(rows.slice(start, end - start))
+        if end < block.num_rows:
+            stats.append(json.loads(block["stats"][end].as_py()))
+        start = end + 1
+    return parts, stats
+
+
 def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
     """Run the pipeline; write shards + ``manifest.json`` into ``cfg.output_dir`` (None: count only) and
     return the manifest: tokenizer name and hash, mode, lengths, rows read / written / rejected by reason (with
@@ -335,25 +359,19 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
     padding = PaddingMeter(cfg.train_batch_size, cfg.max_len)
     sequences = tokens = loss_tokens = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        is_stats = pc.not_equal(batch["stats"], "")
-        for blob in batch.filter(is_stats)["stats"].to_pylist():
-            stats = json.loads(blob)
+        rows, block_stats = split_stats_rows(batch)
+        if writer:
+            for part in rows:
+                writer.add(part)
+        for stats in block_stats:
             for key in ("read", "accepted", "sampled_out", "truncated", "documents"):
                 totals[key] += stats[key]
             rejected.update(stats["rejected"])
             samples += stats["samples"][: max(cfg.reject_samples - len(samples), 0)]
-        rows = batch.filter(pc.invert(is_stats)).drop_columns(["stats"])
-        if not rows.num_rows:
-            continue
-        lengths = pc.list_value_length(rows["input_ids"])
-        padding.add(lengths.to_pylist())
-        sequences += rows.num_rows
-        tokens += int(pc.sum(lengths).as_py())
-        loss_tokens += int(
-            pc.sum(pc.not_equal(pc.list_flatten(rows["labels"]), IGNORE_INDEX).cast(pa.int64())).as_py()
-        )
-        if writer:
-            writer.add(rows)
+            padding.add(stats["lengths"])
+            sequences += len(stats["lengths"])
+            tokens += stats["tokens"]
+            loss_tokens += stats["loss_tokens"]
     manifest = {
         "format": MANIFEST_FORMAT,
         "mode": cfg.mode,

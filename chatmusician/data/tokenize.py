@@ -152,7 +152,8 @@ def process_batch(
     """Read-stage columns (see sources.READ_COLUMNS; a table or a dict of lists) -> training rows (``input_ids``,
     ``labels``, and ``position_ids`` when packed). With ``with_stats`` one more row, with empty ids and a JSON
     ``stats`` column, reports this batch's counts: rows read / accepted / sampled out / truncated / rejected by
-    reason, and the first ``cfg.reject_samples`` rejected row ids (read rejects first, then too_long ones).
+    reason, the first ``cfg.reject_samples`` rejected row ids (read rejects first, then too_long ones), and the
+    training rows' lengths and input and loss tokens.
 
     Columnar: rows are selected with pyarrow compute, token ids go from the tokenizer's lists straight into
     one flat array (sft: through a per-sample layout step), and packing and the output columns are
@@ -194,9 +195,15 @@ def process_batch(
             stats["accepted"] += 1
             sft_docs += [doc] * n
         docs = FlatDocs.of(sft_docs)
-    table = flat_rows_to_table(pack_flat(docs, cfg.max_len, cfg.packing, cfg.mode))
+    rows = pack_flat(docs, cfg.max_len, cfg.packing, cfg.mode)
+    table = flat_rows_to_table(rows)
     if not with_stats:
         return table
+    stats["lengths"] = np.diff(
+        rows.offsets
+    ).tolist()  # of the training rows, in order: the padding meter's input
+    stats["tokens"] = len(rows.input_ids)
+    stats["loss_tokens"] = int((rows.labels != IGNORE_INDEX).sum())
     stats["read"] = len(is_rejected)
     stats["documents"] = len(docs.lengths)
     stats["rejected"] = dict(sorted(rejected.items()))
