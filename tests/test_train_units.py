@@ -251,3 +251,39 @@ def test_cli_rejects_a_bad_config_with_a_clear_error():
         run_command(
             "pretrain", ["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--data.shards", "null"]
         )
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+@pytest.mark.parametrize("train_type", ["lora", "full"])
+def test_activation_checkpointing_recomputes_without_changing_loss_or_gradients(tiny_model_path, train_type):
+    """Same loss and gradients with and without recomputation (LoRA with frozen embeddings included, the
+    case where re-entrant checkpointing silently drops gradients), and far fewer activations are kept."""
+    import torch
+
+    from chatmusician.train.recipe import _build_model
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [8, 9, 10, 11, 12, 13, 14, 15]])
+    results = {}
+    for checkpointing in (False, True):
+        cfg = TrainConfig(
+            model=tiny_model_path, train_type=train_type, activation_checkpointing=checkpointing
+        )
+        model = _build_model(cfg, "fp32")
+        model.train()
+        saved = []  # tensors the forward pass keeps for backward
+        torch.manual_seed(0)  # same dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t
+        ):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = (loss.item(), grads, sum(saved))
+    (loss_off, grads_off, saved_off), (loss_on, grads_on, saved_on) = results[False], results[True]
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    assert grads_on.keys() == grads_off.keys() and grads_off
+    for name, grad in grads_off.items():
+        assert torch.allclose(grads_on[name], grad, atol=1e-6), name
+    assert saved_on < saved_off / 2, (saved_on, saved_off)  # the layers' activations are recomputed, not kept
