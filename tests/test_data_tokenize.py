@@ -161,3 +161,12 @@ def test_stats_rows_split_out_of_blocks_that_cut_through_a_batch(tokenizer):
     assert sum(s["loss_tokens"] for s in stats) == sum(
         sum(1 for x in row if x != IGNORE_INDEX) for row in training["labels"].to_pylist()
     )
+
+
+def test_tasks_take_several_items_only_when_every_slot_still_gets_several_tasks():
+    from chatmusician.data.pipeline import items_per_task
+
+    assert items_per_task(9, pool=2) == 1  # 9 items over 2 slots: one each, for balance
+    assert items_per_task(35, pool=2) == 4  # >= 4 tasks per slot remain
+    assert items_per_task(100_000, pool=64) == 16  # capped: long tasks would unbalance the end
+    assert items_per_task(0, pool=2) == 1
