@@ -199,9 +199,8 @@ def process_batch(
     table = flat_rows_to_table(rows)
     if not with_stats:
         return table
-    stats["lengths"] = np.diff(
-        rows.offsets
-    ).tolist()  # of the training rows, in order: the padding meter's input
+    # The training rows' lengths, in order: the driver's padding meter reads them.
+    stats["lengths"] = np.diff(rows.offsets).tolist()
     stats["tokens"] = len(rows.input_ids)
     stats["loss_tokens"] = int((rows.labels != IGNORE_INDEX).sum())
     stats["read"] = len(is_rejected)
