@@ -166,7 +166,7 @@ def build_dataset(
         _tokenize_items,
         batch_size=items_per_task(len(items), pool),
         batch_format="pyarrow",
-        concurrency=pool,
+        compute=ray.data.TaskPoolStrategy(size=pool),
         num_cpus=cfg.tokenizer_cpus,
         fn_kwargs={
             "cfg": cfg,
