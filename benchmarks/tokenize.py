@@ -19,12 +19,14 @@ unpacked rows at the training batch shape (8 rows, padded to the longest).
 
     .venv/bin/python -m benchmarks.tokenize [--scale 4] [--rss-scales 1 10] [--repeat 3]
 
-Each time is the best of ``--repeat`` runs (original and raw interleaved), as other jobs share the cores.
+Each time is the best of ``--repeat`` rounds (one run of every method per round), as other jobs share the cores;
+the ratios of each round are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -78,6 +80,7 @@ def bench_original(path: Path, tokenizer_dir: str) -> tuple[float, int]:
     import datasets
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+    datasets.disable_progress_bars()
     ds = datasets.Dataset.from_parquet(str(path), cache_dir=tempfile.mkdtemp())
     tokenizer = SentencePieceBackend.from_pretrained(tokenizer_dir, legacy=True)
 
@@ -93,6 +96,7 @@ def bench_original_batched(path: Path, tokenizer_dir: str) -> tuple[float, int]:
     import datasets
     import sentencepiece as spm
 
+    datasets.disable_progress_bars()
     ds = datasets.Dataset.from_parquet(str(path), cache_dir=tempfile.mkdtemp())
     sp_path = str(Path(tokenizer_dir) / "tokenizer.model")
 
@@ -158,28 +162,26 @@ def pipeline_config(path: Path, tokenizer_dir: str, out: str | None, packing: st
     )
 
 
-def bench_pipeline(
-    path: Path, tokenizer_dir: str, packings=("greedy",), repeat: int = 1
-) -> dict[str, tuple[float, dict]]:
-    """Best seconds of ``repeat`` runs and the manifest of write_shards per packing, on one local Ray (started
-    once, warmed up first)."""
+@contextlib.contextmanager
+def local_ray():
+    """One local Ray for every pipeline run, warmed up by the caller's first run."""
     import ray
-
-    from chatmusician.data.pipeline import write_shards
 
     ray.init(num_cpus=CORES, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        write_shards(pipeline_config(path, tokenizer_dir, None, packings[0]))  # warm-up: workers, imports
-        results = {}
-        for packing in packings:
-            for _ in range(repeat):
-                start = time.perf_counter()
-                manifest = write_shards(pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing))
-                seconds = time.perf_counter() - start
-                results[packing] = (min(seconds, results.get(packing, (seconds,))[0]), manifest)
-        return results
+        yield
     finally:
         ray.shutdown()
+
+
+def bench_pipeline(path: Path, tokenizer_dir: str, packing: str = "greedy") -> tuple[float, dict]:
+    """(seconds, manifest) of one write_shards run into a fresh folder (on the caller's local Ray)."""
+    from chatmusician.data.pipeline import write_shards
+
+    cfg = pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing)
+    start = time.perf_counter()
+    manifest = write_shards(cfg)
+    return time.perf_counter() - start, manifest
 
 
 def tree_rss(pid: int) -> int:
@@ -208,7 +210,9 @@ def rss_run(scale: int, tokenizer_dir: str) -> None:
                 time.sleep(0.2)
 
         threading.Thread(target=sample, daemon=True).start()
-        seconds, manifest = bench_pipeline(path, tokenizer_dir)["greedy"]
+        with local_ray():
+            bench_pipeline(path, tokenizer_dir)  # warm-up: workers, imports
+            seconds, manifest = bench_pipeline(path, tokenizer_dir)
         done.set()
         print(
             json.dumps(
@@ -244,15 +248,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "corpus.parquet"
         chars = make_corpus(path, args.scale)
-        t_orig = t_batched = t_encode = t_raw = float("inf")
-        for _ in range(args.repeat):  # interleaved, best of each: load from other jobs only ever adds time
-            seconds, tokens_orig = bench_original(path, tokenizer_dir)
-            t_orig = min(t_orig, seconds)
-            t_batched = min(t_batched, bench_original_batched(path, tokenizer_dir)[0])
-            encode, seconds, tokens_raw = bench_raw(path, tokenizer_dir)
-            t_encode, t_raw = min(t_encode, encode), min(t_raw, seconds)
-        runs = bench_pipeline(path, tokenizer_dir, ("greedy", "none"), repeat=args.repeat)
-        (t_pipe, packed), (_, unpacked) = runs["greedy"], runs["none"]
+        t_orig = t_batched = t_encode = t_raw = t_pipe = float("inf")
+        round_ratios = []
+        with local_ray():
+            bench_pipeline(path, tokenizer_dir)  # warm-up: Ray's workers, imports, the tokenizer in each
+            # Rounds of every method, best of each: load from other jobs only ever adds time, and a round keeps
+            # the methods side by side in time (Ray is up, idle, during the others).
+            for _ in range(args.repeat):
+                seconds, tokens_orig = bench_original(path, tokenizer_dir)
+                t_orig = min(t_orig, seconds)
+                t_batched = min(t_batched, bench_original_batched(path, tokenizer_dir)[0])
+                encode, raw, tokens_raw = bench_raw(path, tokenizer_dir)
+                pipe, packed = bench_pipeline(path, tokenizer_dir)
+                t_encode, t_raw, t_pipe = min(t_encode, encode), min(t_raw, raw), min(t_pipe, pipe)
+                round_ratios.append(raw / pipe)
+            unpacked = bench_pipeline(path, tokenizer_dir, "none")[1]  # for its padding only
     mb = chars / 1e6
     print(
         f"corpus: {mb:.1f} M chars, {packed['rows']['read']} rows, {packed['tokens']['input']} tokens, {CORES} cores"
@@ -272,7 +282,8 @@ def main() -> None:
     )
     print(
         f"pipeline vs original: {t_orig / t_pipe:.2f}x (goal >= 2x) [vs its batched variant {t_batched / t_pipe:.2f}x]; "
-        f"vs raw limit: {t_raw / t_pipe:.2f}x (goal >= 0.7x) [{t_encode / t_pipe:.2f}x vs encode alone]"
+        f"vs raw limit: {t_raw / t_pipe:.2f}x (goal >= 0.7x) [{t_encode / t_pipe:.2f}x vs encode alone; "
+        f"round by round {', '.join(f'{r:.2f}' for r in round_ratios)}]"
     )
     key = "pad_to_longest_batch_8"
     print(

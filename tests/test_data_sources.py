@@ -17,6 +17,8 @@ from chatmusician.data.sources import (
     plan,
     ratio_multipliers,
     read_item,
+    read_item_tables,
+    read_parquet_pt,
     repeats,
     validate,
 )
@@ -171,3 +173,55 @@ def test_verbal_score_ratio_multipliers_and_classifier():
     assert ratio_multipliers(900, 100, (2, 1)) == (pytest.approx(200 / 900), 1.0)
     assert ratio_multipliers(0, 10, (2, 1)) == (1.0, 1.0)
     assert is_score(TUNE) and not is_score("A jig is a dance in 6/8 time.") and not is_score("K: no bars")
+
+
+def read_tables(cfg, class_weights=(1.0, 1.0)):
+    return [t for item in plan(cfg) for t in read_item_tables(item, cfg, class_weights)]
+
+
+def test_parquet_pt_rows_from_arrow_kernels_equal_the_per_row_path(tmp_path):
+    from chatmusician.data.sources import _WHITESPACE
+
+    assert set(_WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
+    texts = [
+        TUNE,
+        None,
+        "  ",
+        "\x1c\u3000\n",
+        "",
+        "A jig | no key line",
+        "K:D\n|a|",
+        "x" * 50,
+        "prose",
+        "\u2003ok",
+    ]
+    srcs = ["abc", None, "a", "b", "c", "d", "prose", "abc", "abc", None]
+    path = tmp_path / "pt.parquet"
+    pq.write_table(pa.table({"text": texts, "src": srcs}), path, row_group_size=4)
+    for weight, src_weights, class_weights in ((1.0, {}, (1.0, 1.0)), (0.5, {"abc": 3.0}, (1.0, 0.3))):
+        cfg = load_config(
+            TokenizeConfig,
+            None,
+            sources=[{"path": str(path), "weight": weight, "src_weights": src_weights}],
+            max_row_chars=40,
+            read_rows=3,
+        )
+        assert all(read_parquet_pt(item, cfg, class_weights) is not None for item in plan(cfg))
+        tables = read_tables(cfg, class_weights)
+        assert [t.num_rows for t in tables] == [3, 1, 3, 1, 2]  # read_rows blocks within each row group
+        fast = pa.concat_tables(tables)  # == the per-row path's rows, field by field
+        assert fast.to_pylist() == read_all(cfg, class_weights)
+    assert fast.column("reject").to_pylist() == [
+        "", "missing_field", "empty", "empty", "empty", "", "", "too_long", "", "",
+    ]  # fmt: skip
+
+
+def test_parquet_text_that_is_not_valid_utf8_text_takes_the_per_row_path(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"fine", b"bad \xff"], pa.binary())}), path)
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    for file, reasons in ((path, ["", "invalid_utf8"]), (numbers, ["not_string", "not_string"])):
+        cfg = cfg_for(file)
+        assert [read_parquet_pt(item, cfg) for item in plan(cfg)] == [None]
+        assert pa.concat_tables(read_tables(cfg)).column("reject").to_pylist() == reasons

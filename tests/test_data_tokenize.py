@@ -170,3 +170,38 @@ def test_tasks_take_several_items_only_when_every_slot_still_gets_several_tasks(
     assert items_per_task(35, pool=2) == 4  # >= 4 tasks per slot remain
     assert items_per_task(100_000, pool=64) == 16  # capped: long tasks would unbalance the end
     assert items_per_task(0, pool=2) == 1
+
+
+def test_extra_tasks_queue_only_when_the_pool_takes_every_cpu():
+    from chatmusician.data.pipeline import tasks_in_flight
+
+    assert tasks_in_flight(2, task_cpus=1, cluster_cpus=2) == 4  # the extra two wait for a free CPU
+    assert tasks_in_flight(3, task_cpus=1, cluster_cpus=3.5) == 6  # a half CPU left holds no task
+    assert tasks_in_flight(1, task_cpus=1, cluster_cpus=2) == 1  # queued tasks would run beside it
+    assert tasks_in_flight(4, task_cpus=0.5, cluster_cpus=8) == 4
+
+
+def test_shards_stream_row_groups_cut_by_row_count_not_by_block(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatmusician.data.pipeline import ShardWriter
+
+    rows = pa.table({"input_ids": pa.array([[k] * (k % 5 + 1) for k in range(23)], pa.list_(pa.int32()))})
+    files = {}
+    for name, cuts in (("one_block", [23]), ("ragged", [3, 5, 1, 9, 5])):
+        writer = ShardWriter(str(tmp_path / name), shard_rows=10, row_group_rows=4)
+        start = 0
+        for n in cuts:
+            writer.add(rows.slice(start, n))
+            start += n
+            assert sum(t.num_rows for t in writer.pending) < 4  # never more than one row group held
+        shards = writer.close()
+        assert [s["rows"] for s in shards] == [10, 10, 3]
+        assert sum(s["tokens"] for s in shards) == sum(k % 5 + 1 for k in range(23))
+        files[name] = [(tmp_path / name / s["file"]).read_bytes() for s in shards]
+        metas = [pq.ParquetFile(tmp_path / name / s["file"]).metadata for s in shards]
+        groups = [[m.row_group(g).num_rows for g in range(m.num_row_groups)] for m in metas]
+        assert groups == [[4, 4, 2], [4, 4, 2], [3]]
+        assert pa.concat_tables(pq.read_table(tmp_path / name / s["file"]) for s in shards).equals(rows)
+    assert files["one_block"] == files["ragged"]  # byte-identical however the stream was cut
