@@ -1,9 +1,10 @@
-"""Where rows come from: hub ids, local/remote parquet, jsonl, json and raw ABC files, read row by row with
-every bad row turned into a reason instead of an exception. Mixture weights and the verbal:score ratio are
-per-row, deterministic decisions (a hash of the row id), so they stream and reproduce.
+"""Where rows come from: hub ids, local/remote parquet, jsonl, json and raw ABC files, read row by row (pt
+parquet: the same rows from Arrow kernels) with every bad row turned into a reason instead of an exception.
+Mixture weights and the verbal:score ratio are per-row, deterministic decisions (a hash of the row id), so they
+stream and reproduce.
 
 Everything here is Ray-free: :func:`plan` lists work items (one parquet row group or one file each) and
-:func:`read_item` turns one item into column batches; the pipeline runs ``read_item`` in Ray Data tasks.
+:func:`read_item_tables` turns one item into Arrow tables; the pipeline runs it in Ray Data tasks.
 """
 
 from __future__ import annotations
@@ -406,10 +407,9 @@ def _utf8_column(table: pa.Table, name: str) -> pa.Array | None:
     if not any(is_type(column.type) for is_type in text_types):
         return None
     try:
+        # casting from binary checks UTF-8; string columns from foreign writers may still hold invalid UTF-8
         column = column.cast(pa.large_string())
-        column.validate(
-            full=True
-        )  # casting from binary checks UTF-8; string columns from foreign writers may lie
+        column.validate(full=True)
     except pa.ArrowInvalid:
         return None
     return column
