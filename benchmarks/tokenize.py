@@ -182,7 +182,9 @@ def bench_pipeline(path: Path, tokenizer_dir: str, packing: str = "greedy") -> t
     """(seconds, manifest) of one write_shards run into a fresh folder (on the caller's local Ray)."""
     from chatmusician.data.pipeline import write_shards
 
-    cfg = pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(), packing)
+    cfg = pipeline_config(
+        path, tokenizer_dir, tempfile.mkdtemp(dir=path.parent), packing
+    )  # goes with the corpus
     start = time.perf_counter()
     manifest = write_shards(cfg)
     return time.perf_counter() - start, manifest
