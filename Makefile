@@ -1,7 +1,7 @@
 # Two commands matter: `make quickstart` (the main job, end to end on an embedded local Ray) and `make test`.
 SHELL := /bin/bash
 VENV := .venv/bin
-# Keep every Ray listener on loopback (see NOTES.md) and never reach a model hub from tests.
+# Keep every Ray listener on loopback (see docs/TOOLS.md) and never reach a model hub from tests.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -1,39 +1,24 @@
-"""Where the real ABC tunes live on this machine: the Nottingham set in ../shared/data and music21's corpus.
+"""The real ABC tunes the project uses offline: the Nottingham set shipped in the package, and music21's corpus.
 
-Both are used offline by the tokenizer factory, the tests and the benchmarks (DESIGN.md, "Offline rule").
+Both are read by the tokenizer factory, the tests, the quickstart and the benchmarks (no hub, no sibling folder).
+The Nottingham tunes live in ``chatmusician/assets/nottingham`` with their GPLv3 licence and provenance
+(``SOURCE.txt``); music21's collections come with its wheel (BSD).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from functools import cache
 from pathlib import Path
 
-NOTTINGHAM_SUBDIR = Path("nottingham-dataset") / "ABC_cleaned"
+NOTTINGHAM_DIR = Path(__file__).parent / "assets" / "nottingham"
 # Essen is licensed for non-commercial use only: kept out of anything we train on or ship.
 MUSIC21_COLLECTIONS = ("ryansMammoth", "oneills1850", "airdsAirs", "miscFolk")
 _TUNE_START = re.compile(r"^X:", re.MULTILINE)
 
 
-@cache
-def shared_data_dir() -> Path | None:
-    """``$CHATMUSICIAN_SHARED_DATA``, else the first ``shared/data`` found beside or above the package."""
-    env = os.environ.get("CHATMUSICIAN_SHARED_DATA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        for candidate in (parent / "shared" / "data", parent.parent / "shared" / "data"):
-            if (candidate / NOTTINGHAM_SUBDIR).is_dir():
-                return candidate
-    return None
-
-
 def nottingham_files() -> list[Path]:
-    """The 14 Nottingham ABC files (1,034 tunes), sorted; empty when shared data is absent."""
-    root = shared_data_dir()
-    return sorted((root / NOTTINGHAM_SUBDIR).glob("*.abc")) if root else []
+    """The 14 Nottingham ABC files (1,034 tunes), sorted."""
+    return sorted(NOTTINGHAM_DIR.glob("*.abc"))
 
 
 def music21_abc_files(collections: tuple[str, ...] = MUSIC21_COLLECTIONS) -> list[Path]:

@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/abc_agreement.md", help="markdown report path")
     args = parser.parse_args(argv)
     paths = nottingham_files()
-    if not paths:
-        print("Nottingham data not found (set CHATMUSICIAN_SHARED_DATA)", file=sys.stderr)
-        return 2
     start = time.perf_counter()
     results = verdicts(paths, args.limit)
     seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-# Keep every Ray listener on loopback (NOTES.md) and never reach a model hub from tests.
+# Keep every Ray listener on loopback (docs/TOOLS.md) and never reach a model hub from tests.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +36,7 @@ def tiny_model_path() -> str:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session: 4 logical CPUs so that Data tasks never starve 2 train workers
-    (NOTES.md), the dashboard on a free port (Tune needs it), everything on loopback."""
+    (docs/TOOLS.md), the dashboard on a free port (Tune needs it), everything on loopback."""
     import ray
 
     if not ray.is_initialized():

@@ -19,7 +19,7 @@ FORMATS = ["midi", "svg"]
 
 def test_nottingham_renders_at_least_99_percent_with_failures_reported():
     tunes = nottingham_tunes()
-    assert len(tunes) == 1034, "the Nottingham set in shared/data is incomplete"
+    assert len(tunes) == 1034, "the Nottingham set in chatmusician/assets/nottingham is incomplete"
     summary = summarize(render_corpus(tunes, FORMATS, workers=4), FORMATS, "Nottingham (ABC_cleaned)")
     md, js = write_report(summary, REPORTS, "render_nottingham")
     for fmt in FORMATS:

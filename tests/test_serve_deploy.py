@@ -95,7 +95,7 @@ def test_serve_deploy_on_ray_start_head(tmp_path, tiny_model_path):
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on loopback
-        "RAY_AUTH_MODE": "token",  # CLI clients need it with 2.60's token auth (NOTES.md)
+        "RAY_AUTH_MODE": "token",  # CLI clients need it with 2.60's token auth (docs/TOOLS.md)
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("RAY_ADDRESS", None)

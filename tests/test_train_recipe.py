@@ -26,7 +26,7 @@ LOSS_TOLERANCE = 1e-4  # fp32 on CPU; ZeRO's partitioned reductions only reorder
 
 def _tokenize_config(tiny_model_path: str, output_dir: str | None = None) -> TokenizeConfig:
     """Real ABC tunes (Nottingham reels U-Z), pretraining mode, packed into 64-token rows."""
-    source = corpora.shared_data_dir() / corpora.NOTTINGHAM_SUBDIR / "reelsu-z.abc"
+    source = corpora.NOTTINGHAM_DIR / "reelsu-z.abc"
     return TokenizeConfig(
         sources=[SourceConfig(path=str(source), format="abc")],
         mode="pt",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Directives that make abcm2ps/abc2midi read files or copy raw PostScript/SVG/HTML into their output
-# (NOTES.md: both tools honour %%abc-include; abcm2ps copies %%beginsvg blocks, <script> included).
+# (docs/TOOLS.md: both tools honour %%abc-include; abcm2ps copies %%beginsvg blocks, <script> included).
 # A "begin..." entry removes the whole block up to its "%%end..." line.
 DEFAULT_FORBIDDEN_DIRECTIVES = [
     "abc-include",  # abcm2ps + abc2midi: reads any file

@@ -1,7 +1,7 @@
 """Make ABC text safe for the external tools (abc2midi, abcm2ps, ...) before they see it.
 
 Two jobs: strip what makes the tools read files or copy raw PostScript/SVG/HTML into their output
-(NOTES.md), and enforce size/complexity limits (``AbcLimits``) so that a tiny input cannot ask for
+(docs/TOOLS.md), and enforce size/complexity limits (``AbcLimits``) so that a tiny input cannot ask for
 hours of MIDI or a parser's worst case. Line-based and linear in the input; never raises.
 """
 

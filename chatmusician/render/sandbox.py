@@ -2,7 +2,7 @@
 capabilities, its own PID namespace) + rlimits (CPU time, address space, file size, no core dumps) + a
 wall-clock timeout.
 
-NOTES.md explains why: abc2midi and abcm2ps read arbitrary files through directives, abc2midi crashes on some
+docs/TOOLS.md explains why: abc2midi and abcm2ps read arbitrary files through directives, abc2midi crashes on some
 inputs, and fluidsynth writes ~27 MB of WAV per second of work. The input sanitizer runs first; this is the
 second line of defence, so it is also tested with unsanitized input.
 """

@@ -1,6 +1,6 @@
 """Make abcm2ps's SVG safe to show in a browser, and join page-mode SVGs into one.
 
-abcm2ps copies ``%%beginsvg`` blocks verbatim, ``<script>`` included (NOTES.md), so whatever the ABC sanitizer
+abcm2ps copies ``%%beginsvg`` blocks verbatim, ``<script>`` included (docs/TOOLS.md), so whatever the ABC sanitizer
 missed must not survive here. An allowlist: only drawing elements of the SVG namespace, no ``on*`` handlers,
 links only to ``#fragments`` inside the document, no CSS that loads anything. XML is parsed with defusedxml
 (no entity expansion, no external entities).

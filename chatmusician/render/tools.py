@@ -46,7 +46,7 @@ class ToolMessage:
 
 
 def abc2midi_argv(abc: str, midi: str, tune_number: int = 1) -> list[str]:
-    """Always the tune number and ``-o``: without them a multi-tune file writes one MIDI per tune (NOTES.md)."""
+    """Always the tune number and ``-o``: without them a multi-tune file writes one MIDI per tune (docs/TOOLS.md)."""
     return ["abc2midi", abc, str(tune_number), "-o", midi]
 
 

@@ -31,7 +31,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "a800": Profile("a800", "bf16", (2, 3), "nccl", True, "A800", 8.0, True, 312e12),
     "v100": Profile("v100", "fp16", (2, 3), "nccl", True, "V100", 8.0, False, 125e12),
-    # 0.5 CPU: Ray Data tasks must still get CPUs on a small machine (NOTES.md).
+    # 0.5 CPU: Ray Data tasks must still get CPUs on a small machine (docs/TOOLS.md).
     "cpu": Profile("cpu", "fp32", (0, 1, 2, 3), "gloo", False, None, 0.5, False, None),
 }
 
