@@ -62,6 +62,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.chat:run_chat",
         "Chat with a model in the terminal, or answer a prompts file in batch.",
     ),
+    "eval": (
+        "chatmusician.eval.config:EvalConfig",
+        "chatmusician.eval.runner:run",
+        "Evaluate: MusicTheoryBench (PPL + generation), MMLU (lm-eval), ABC quality (Ray Data batch inference).",
+    ),
     "serve": (
         "chatmusician.serve.config:ServeAppConfig",
         "chatmusician.serve.app:run_serve",

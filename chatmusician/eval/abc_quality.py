@@ -1,0 +1,161 @@
+"""Quality of generated ABC (the paper's Tables 5-6 and its successors' metrics), per tune and summarized.
+
+A prompt set covers the original's task families (text -> music, chords, form, motif + form, harmonisation,
+style); each prompt may say what it asks for (``request``: key, meter, sections). For each generated answer:
+
+* ``parse_success``: a tune was found, the validator reports no error, and abc2midi (sandboxed) wrote a MIDI
+  file with music in it;
+* ``key_present`` / ``meter_present`` and, where requested, ``key_as_requested`` / ``meter_as_requested``;
+* ``bar_consistency``: the share of inner bars (first and last left out: pickups) lasting what the meter says;
+* ``has_repeats``: repeat signs or numbered endings; ``tokens``: generated tokens;
+* structure: ``bars``, ``distinct_bar_ratio`` (distinct bars / bars) and ``repeated_bigram_share`` (bar pairs
+  that occur more than once: the motif reuse that folk tunes have and rambling text has not).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from chatmusician.abc import extract_tunes, has_errors, parse_key, parse_meter, parse_tune, validate_tune
+from chatmusician.abc.validate import bar_durations
+from chatmusician.eval.config import FIXTURES
+from chatmusician.prompts import Task, build_task_prompt
+
+DEFAULT_PROMPTS = FIXTURES / "abc_prompts.json"
+_BAR_SPLIT = re.compile(r"\|\]|\[\||\|\||:\|\]?|\|:|::|\|[12]?|\[[12]")
+_REPEAT = re.compile(r"\|:|:\||::|\[[12]|\|[12]")
+_COMMENT = re.compile(r"%.*")
+
+
+def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The prompt set: ``[{name, family, fields, request}]`` (JSON list or JSONL); each becomes a user prompt."""
+    path = Path(path) if path else DEFAULT_PROMPTS
+    text = path.read_text(encoding="utf-8")
+    rows = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    )
+    out = []
+    for i, row in enumerate(rows):
+        prompt = build_task_prompt(Task(row["family"], row.get("fields", {})))  # ValueError names a bad field
+        out.append({"name": row.get("name", f"prompt-{i}"), "family": row["family"], "prompt": prompt,
+                    "request": row.get("request", {})})  # fmt: skip
+    return out
+
+
+def _same_key(a: str, b: str) -> bool:
+    try:
+        ka, kb = parse_key(a), parse_key(b)
+    except ValueError:
+        return False
+    return (ka.tonic, ka.mode) == (kb.tonic, kb.mode)
+
+
+def _same_meter(a: str, b: str) -> bool:
+    return parse_meter(a) == parse_meter(b)
+
+
+def body_bars(body: str) -> list[str]:
+    """The bars of a tune body as normalized strings (spaces, comments and bar-line kinds dropped)."""
+    lines = [_COMMENT.sub("", ln) for ln in body.splitlines() if not re.match(r"^[A-Za-z]:", ln)]
+    bars = [re.sub(r"\s+", "", b) for b in _BAR_SPLIT.split("\n".join(lines))]
+    return [b for b in bars if b]
+
+
+def structure(bars: list[str]) -> dict[str, float]:
+    """Repetition statistics of a bar sequence."""
+    n = len(bars)
+    pairs = Counter(zip(bars, bars[1:], strict=False))
+    repeated = sum(c for c in pairs.values() if c > 1)
+    return {
+        "bars": n,
+        "distinct_bar_ratio": len(set(bars)) / n if n else 0.0,
+        "repeated_bigram_share": repeated / max(1, n - 1) if n > 1 else 0.0,
+    }
+
+
+def bar_consistency(tune_text: str, meter: Fraction | None) -> float | None:
+    """Share of inner bars (all voices) whose duration equals the meter; None with no meter or < 3 bars."""
+    if meter is None:
+        return None
+    try:
+        voices = bar_durations(tune_text)
+    except Exception:  # noqa: BLE001 - the tokenizer is third-party; a bad tune is just inconsistent
+        return 0.0
+    inner = [d for bars in voices.values() for d in bars[1:-1]]
+    if not inner:
+        return None
+    return sum(d == meter for d in inner) / len(inner)
+
+
+def tune_metrics(
+    text: str, request: Mapping[str, Any] | None = None, midi_ok: bool | None = None
+) -> dict[str, Any]:
+    """Metrics of one generated answer (``midi_ok``: abc2midi's verdict, None when not checked)."""
+    request = request or {}
+    found = extract_tunes(text)
+    if not found.found:
+        out = {"found": False, "syntax_ok": False, "midi_ok": False, "parse_success": False,
+               "key_present": False, "meter_present": False, "has_repeats": False}  # fmt: skip
+        return out | {f"{k}_as_requested": False for k in ("key", "meter") if k in request}
+    tune_text = found.tunes[0]
+    tune = parse_tune(tune_text)
+    syntax_ok = not has_errors(validate_tune(tune_text))
+    key, meter = tune.header("K"), tune.header("M")
+    out: dict[str, Any] = {
+        "found": True,
+        "syntax_ok": syntax_ok,
+        "midi_ok": midi_ok,
+        "parse_success": syntax_ok and midi_ok is not False,
+        "key_present": bool(key and key.strip()),
+        "meter_present": bool(meter and meter.strip()),
+        "has_repeats": bool(_REPEAT.search(tune.body)),
+        "bar_consistency": bar_consistency(tune_text, tune.meter),
+        **structure(body_bars(tune.body)),
+    }
+    if "key" in request:
+        out["key_as_requested"] = bool(key) and _same_key(key, request["key"])
+    if "meter" in request:
+        out["meter_as_requested"] = bool(meter) and _same_meter(meter, request["meter"])
+    return out
+
+
+def midi_check(text: str, render_config=None) -> bool:
+    """abc2midi (sandboxed, through the render pipeline) writes a MIDI file with music in it."""
+    from chatmusician.render.pipeline import RenderRequest, render
+
+    found = extract_tunes(text)
+    if not found.found:
+        return False
+    result = render(RenderRequest(abc=found.tunes[0], formats=["midi"]), render_config)
+    return bool(result.ok and result.outputs.get("midi") and (result.duration_s or 0) > 0)
+
+
+_RATES = ("found", "syntax_ok", "midi_ok", "parse_success", "key_present", "meter_present", "has_repeats",
+          "key_as_requested", "meter_as_requested")  # fmt: skip
+_MEANS = ("bar_consistency", "bars", "distinct_bar_ratio", "repeated_bigram_share", "tokens")
+
+
+def _aggregate(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"tunes": len(rows)}
+    for name in _RATES + _MEANS:
+        values = [float(r[name]) for r in rows if r.get(name) is not None]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rates (share of tunes) and means over all tunes and per task family."""
+    rows = list(rows)
+    families: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        families[r["family"]].append(r)
+    return {"all": _aggregate(rows), "families": {f: _aggregate(v) for f, v in sorted(families.items())}}

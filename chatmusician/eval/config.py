@@ -1,0 +1,136 @@
+"""Typed configs of the evaluation workflow (``chatmusician eval``): MusicTheoryBench, MMLU, ABC quality.
+
+Dataclasses only (no torch/ray imports) so that ``--help`` stays fast. ``configs/eval.yaml`` is the paper's
+setting on the real model; the defaults here read the fixtures shipped in ``chatmusician/eval/fixtures``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MTB_FIXTURE = str(FIXTURES / "mtb")
+MMLU_FIXTURE = str(FIXTURES / "mmlu")
+MTB_MODES = ("ppl_zero_shot", "ppl_few_shot", "gen_zero_shot", "gen_few_shot")
+
+
+@dataclass
+class MTBConfig:
+    """MusicTheoryBench: 4-option questions scored by perplexity (the paper's numbers) or by generation."""
+
+    enabled: bool = True
+    """Run MusicTheoryBench."""
+    path: str = MTB_FIXTURE
+    """Hub id (m-a-p/MusicTheoryBench) or a local folder / file of parquet, json or jsonl with dev and test splits."""
+    modes: list[str] = field(default_factory=lambda: ["ppl_zero_shot", "ppl_few_shot"])
+    """Any of ppl_zero_shot, ppl_few_shot (OpenCompass PPL, the paper's protocol), gen_zero_shot, gen_few_shot."""
+    subjects: list[str] = field(default_factory=lambda: ["knowledge", "reasoning"])
+    """Subjects of the test split to evaluate (the original ran each as its own dataset)."""
+    limit: int | None = None
+    """Evaluate only the first N test questions (smoke runs)."""
+    shuffles: int = 0
+    """Seeded option shuffles averaged (the paper's 5); 0: the options in their original order only (OpenCompass)."""
+    seed: int = 0
+    """Seed of the option shuffles, the bootstrap and generation sampling."""
+    one_pass: bool = True
+    """Score the four candidates with one forward pass over their shared prefix where tokenization allows."""
+    max_seq_len: int = 2048
+    """OpenCompass's max_seq_len: shots are dropped from the end until the prompt fits, then tokens are cut."""
+    ci_level: float = 0.95
+    """Confidence level of the bootstrap interval over questions."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the confidence interval."""
+    gen_max_new_tokens: int = 32
+    """Generation mode: tokens generated per answer."""
+    gen_temperature: float = 0.0
+    """Generation mode: 0 = greedy (reproducible); above 0 samples with the DESIGN defaults of top_p/top_k."""
+
+
+@dataclass
+class MMLUConfig:
+    """MMLU 5-shot through lm-evaluation-harness, in-process on the same model object."""
+
+    enabled: bool = False
+    """Run MMLU (and the lm-eval twin of MusicTheoryBench when lm_eval_mtb is set)."""
+    path: str = MMLU_FIXTURE
+    """Hub id (cais/mmlu, config all) or a local folder/file in the HF schema (question, subject, choices, answer)."""
+    num_fewshot: int = 5
+    """Shots from the dev split (first N of the subject, as lm-eval's MMLU does)."""
+    limit: int | None = None
+    """At most N test questions per subject."""
+    batch_size: int = 8
+    """lm-eval's batch size for loglikelihood requests."""
+    lm_eval_mtb: bool = False
+    """Also run the shipped lm-eval task definition of MusicTheoryBench (answer-only log-likelihood)."""
+
+
+@dataclass
+class AbcQualityConfig:
+    """Quality of generated ABC: parse success, key/meter as requested, bar consistency, repeats, structure."""
+
+    enabled: bool = False
+    """Run the ABC quality evaluation."""
+    prompts: str | None = None
+    """JSON/JSONL file of {family, fields, request} prompts; default: the shipped set covering every task family."""
+    n_per_prompt: int = 2
+    """Tunes generated per prompt."""
+    max_new_tokens: int = 256
+    """Tokens generated per tune (the original allowed 1536)."""
+    temperature: float = 0.2
+    """Sampling temperature (the original's default)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    top_k: int = 40
+    """Top-k sampling."""
+    repetition_penalty: float = 1.1
+    """Repetition penalty (the original's default)."""
+    constrained: bool = False
+    """Generate through the ABC grammar (chatmusician.model.constrained) instead of free sampling."""
+    check_midi: bool = True
+    """Parse success also needs abc2midi (sandboxed) to write a usable MIDI file."""
+
+
+@dataclass
+class PoolConfig:
+    """The pool of model replicas (Ray Data actors) that stream the evaluation work through."""
+
+    replicas: int = 1
+    """Model replicas (actors), each holding the whole model."""
+    num_cpus: float = 1.0
+    """CPUs each replica reserves."""
+    num_gpus: float = 0.0
+    """GPUs each replica reserves (1 per replica for a 7B model)."""
+    batch_size: int = 8
+    """Work items per batch handed to a replica."""
+    torch_threads: int | None = None
+    """torch intra-op threads per replica; default: the replica's CPUs rounded up."""
+    use_ray: bool = True
+    """False: a single-process loop in the driver (same code, no Ray), the benchmark's baseline."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model on MusicTheoryBench (PPL + generation), MMLU (lm-eval) and ABC quality, as Ray Data
+    batch inference; writes results.json, results.md, per-subject bar charts and a reproducibility record."""
+
+    model: str = "m-a-p/ChatMusician"
+    """Model to evaluate: hub id or local path."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or path; default: the model's."""
+    adapter: str | None = None
+    """Optional PEFT adapter folder applied on top of the model (merged at load time)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    output_dir: str = "./outputs/eval"
+    """Where results.json, results.md, the PNG charts, config.yaml and fingerprint.json go."""
+    mtb: MTBConfig = field(default_factory=MTBConfig)
+    """MusicTheoryBench settings."""
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+    """MMLU (lm-evaluation-harness) settings."""
+    abc_quality: AbcQualityConfig = field(default_factory=AbcQualityConfig)
+    """ABC quality settings."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """Model replica pool."""

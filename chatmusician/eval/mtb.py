@@ -1,0 +1,277 @@
+"""MusicTheoryBench as the original evaluated it: rows, prompts, option shuffles, answer extraction, summaries.
+
+Pure functions (no torch, no Ray). The strings are the original's OpenCompass configs
+(``eval/configs/datasets/music_theory_bench/*_ppl_*.py`` and ``eval/opencompass/datasets/music_theory_bench.py``
+in hf-lin/ChatMusician):
+
+* loader: when ``abc_score`` is set, ``Use the example below to answer the question that follows.`` is removed
+  from the stem, the stem stripped, and ``"\\n" + abc_score`` appended;
+* zero-shot candidate ``X``: ``{HINT}\\n{input}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer: X``;
+* few-shot: the five dev rows, each ``{input}\\nA. …\\nD. {D}\\nAnswer: {gold}\\n``, joined with ``\\n`` and
+  followed by ``\\n`` (OpenCompass's retriever separator and end token), between the hint line and the question;
+* truncation (OpenCompass's PPL inferencer): while the prompt has more than ``max_seq_len`` tokens and shots are
+  left, drop the last shot (per candidate in A..D order, carried over to the next candidate); the scorer then
+  keeps the first ``max_seq_len`` tokens.
+
+The lowest perplexity wins, the first candidate on ties. One difference from OpenCompass: the template fields
+are filled by concatenation, not by successive ``str.replace`` of ``{field}`` names, which differs only for
+texts that themselves contain ``{input}``, ``{A}`` … literally.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+LETTERS = ("A", "B", "C", "D")
+HINT = (
+    "Read the following questions from the four options (A, B, C and D) given in each question. "
+    "Choose the best option."
+)
+ABC_SENTENCE = "Use the example below to answer the question that follows."
+FIELDS = ("id", "instruction", "stem", "options", "subject", "answer", "abc_score", "analysis")
+
+
+class MTBError(ValueError):
+    """A MusicTheoryBench row or source that cannot be used (missing field, bad answer, no split)."""
+
+
+# --- rows ----------------------------------------------------------------------------------------------------
+
+
+def convert_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Dataset-card row -> the question the prompts use (``input``, ``A``..``D``, ``target``, ``id``, ``subject``)."""
+    try:
+        stem = str(row["stem"])
+        options = row["options"]
+        answer = str(row["answer"]).strip()
+        opts = {letter: str(options[letter]) for letter in LETTERS}
+    except (KeyError, TypeError) as missing:
+        raise MTBError(f"MusicTheoryBench row {row.get('id', '?')!r}: missing field {missing}") from None
+    if answer not in LETTERS:
+        raise MTBError(f"MusicTheoryBench row {row.get('id', '?')!r}: answer {answer!r} is not one of A-D")
+    abc = row.get("abc_score")
+    if abc:
+        stem = f"{stem.replace(ABC_SENTENCE, '').strip()}\n{abc}"
+    return {"id": str(row.get("id", "")), "subject": str(row.get("subject", "")), "input": stem, **opts,
+            "target": answer}  # fmt: skip
+
+
+def _split_files(path: Path, split: str) -> list[str]:
+    token = re.compile(rf"(^|[/_.-]){split}([/_.-]|$)")
+    return sorted(str(p) for p in path.rglob("*") if p.is_file() and token.search(p.name))
+
+
+def load_rows(path: str) -> dict[str, list[dict[str, Any]]]:
+    """``{"dev": [...], "test": [...]}`` raw rows from a hub id or a local folder/file (parquet, json, jsonl).
+
+    One code path: ``datasets.load_dataset`` (the original's loader) for the hub, its json/parquet builders for
+    local files (a folder's files are assigned to splits by ``dev``/``test`` in their names)."""
+    import datasets
+
+    local = Path(path).expanduser()
+    if local.exists():
+        files = [local] if local.is_file() else None
+        data_files = (
+            {"test": [str(local)]}
+            if files
+            else {s: f for s in ("dev", "test") if (f := _split_files(local, s))}
+        )
+        if not data_files.get("test"):
+            raise MTBError(f"{path}: no test split found (files named *test*.parquet|json|jsonl)")
+        suffix = Path(data_files["test"][0]).suffix
+        builder = "parquet" if suffix == ".parquet" else "json"
+        loaded = datasets.load_dataset(builder, data_files=data_files)
+    else:
+        try:
+            loaded = datasets.load_dataset(path)
+        except Exception as err:  # offline / unknown id: a clear message, not a traceback
+            raise MTBError(f"cannot load MusicTheoryBench from {path!r}: {err}") from None
+    return {split: [dict(r) for r in loaded[split]] for split in ("dev", "test") if split in loaded}
+
+
+def load_questions(
+    path: str, subjects: Sequence[str] = ("knowledge", "reasoning"), limit: int | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(dev shots, test questions of the chosen subjects), converted; ``limit`` keeps the first N test rows."""
+    rows = load_rows(path)
+    dev = [convert_row(r) for r in rows.get("dev", [])]
+    test = [convert_row(r) for r in rows["test"] if r.get("subject") in set(subjects)]
+    return dev, test[:limit] if limit is not None else test
+
+
+# --- prompts -------------------------------------------------------------------------------------------------
+
+
+def question_block(q: Mapping[str, Any]) -> str:
+    """``{input}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer: `` (the candidate letter follows)."""
+    return f"{q['input']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}\nAnswer: "
+
+
+def shots_text(shots: Sequence[Mapping[str, Any]]) -> str:
+    """In-context examples as OpenCompass's retriever joins them (separator ``\\n``, end token ``\\n``)."""
+    return "\n".join(f"{question_block(s)}{s['target']}\n" for s in shots) + "\n"
+
+
+def candidate_text(q: Mapping[str, Any], letter: str, shots: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The full sequence scored for one candidate letter (zero-shot when ``shots`` is empty)."""
+    ice = shots_text(shots) if shots else ""
+    return f"{HINT}\n{ice}{question_block(q)}{letter}"
+
+
+def candidate_texts(
+    q: Mapping[str, Any],
+    shots: Sequence[Mapping[str, Any]] = (),
+    token_len: Callable[[str], int] | None = None,
+    max_seq_len: int | None = None,
+) -> list[str]:
+    """The four candidates with OpenCompass's shot-dropping rule applied (``token_len`` counts tokens the way
+    the model's tokenizer does, BOS included when it adds one)."""
+    shots = list(shots)
+    texts = []
+    for letter in LETTERS:
+        text = candidate_text(q, letter, shots)
+        if token_len is not None and max_seq_len is not None:
+            while shots and token_len(text) > max_seq_len:
+                shots = shots[:-1]
+                text = candidate_text(q, letter, shots)
+        texts.append(text)
+    return texts
+
+
+def chat_question(q: Mapping[str, Any]) -> str:
+    """The user message of generation mode: the hint and the question with its options."""
+    return f"{HINT}\n{question_block(q).rstrip()}"
+
+
+def chat_history(shots: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Few-shot generation mode: each dev row as an earlier turn answered ``Answer: {gold}``."""
+    return [(chat_question(s), f"Answer: {s['target']}") for s in shots]
+
+
+# --- option shuffles -----------------------------------------------------------------------------------------
+
+
+def permutation(question_id: str, shuffle: int, seed: int) -> list[int]:
+    """Seeded permutation of the four options for one (question, shuffle): the same whatever the run's order.
+    ``perm[i]`` is the original index of the option shown at position i; shuffle -1 is the identity."""
+    if shuffle < 0:
+        return [0, 1, 2, 3]
+    import numpy as np
+
+    rng = np.random.default_rng([seed, shuffle, zlib.crc32(question_id.encode())])
+    return [int(i) for i in rng.permutation(4)]
+
+
+def shuffle_question(q: Mapping[str, Any], perm: Sequence[int]) -> dict[str, Any]:
+    """The question with its options reordered by ``perm`` and the gold letter moved with its option."""
+    out = dict(q)
+    for pos, orig in enumerate(perm):
+        out[LETTERS[pos]] = q[LETTERS[orig]]
+    out["target"] = LETTERS[list(perm).index(LETTERS.index(q["target"]))]
+    return out
+
+
+def shuffle_ids(shuffles: int) -> list[int]:
+    """Shuffle indices of a run: ``[-1]`` (original order) when ``shuffles`` is 0, else ``0..shuffles-1``."""
+    return list(range(shuffles)) if shuffles > 0 else [-1]
+
+
+# --- generation-mode answers ---------------------------------------------------------------------------------
+
+_ANSWER_IS = re.compile(
+    r"answer\s*(?:is|:)?\s*[:\-]?\s*(?:option\s*)?\(?\s*([A-Da-d])\s*\)?(?![A-Za-z])", re.I
+)
+_LEADING = re.compile(r"^\s*(?:option\s*)?\(?\s*([A-Da-d])\s*(?:[.):,]|\s*$)", re.I)
+_PARENS = re.compile(r"\(\s*([A-Da-d])\s*\)")
+_MARKED = re.compile(r"(?<![A-Za-z])([A-D])[.)](?!\w)")
+_BARE = re.compile(r"(?<![A-Za-z'])([A-D])(?![A-Za-z'])")
+
+
+def extract_letter(text: str) -> str | None:
+    """The option letter a free-text answer chose, or None (a format error).
+
+    In order: ``Answer: C`` / ``the answer is (c)``; a leading ``C.``, ``(C)``, ``c)`` or a lone letter; ``(C)``
+    anywhere; ``C.`` / ``C)`` anywhere; one distinct capital letter standing alone (an article ``A`` before a
+    lowercase word does not count)."""
+    for pattern in (_ANSWER_IS, _LEADING, _PARENS, _MARKED):
+        if m := pattern.search(text):
+            return m.group(1).upper()
+    letters = {
+        m.group(1)
+        for m in _BARE.finditer(text)
+        if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end() :]))
+    }
+    return letters.pop() if len(letters) == 1 else None
+
+
+# --- summaries -----------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: Sequence[float], level: float, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (per-question accuracies)."""
+    if not values or resamples <= 0:
+        return (math.nan, math.nan)
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def summarize(
+    records: Iterable[Mapping[str, Any]], ci_level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy of one mode from per-(question, shuffle) records ``{id, subject, shuffle, pred, target}``.
+
+    A question's accuracy is its mean over shuffles; ``accuracy`` is the mean over questions (= the mean of
+    the per-shuffle accuracies), ``subject_mean`` the unweighted mean of the subjects (OpenCompass's summary
+    style), ``ci`` a bootstrap interval over questions, ``format_errors`` the answers with no letter
+    (generation mode), counted apart from wrong answers."""
+    records = list(records)
+    per_question: dict[str, list[float]] = defaultdict(list)
+    subject_of: dict[str, str] = {}
+    per_shuffle: dict[int, list[float]] = defaultdict(list)
+    format_errors = wrong = 0
+    for r in records:
+        correct = float(r["pred"] == r["target"])
+        per_question[r["id"]].append(correct)
+        subject_of[r["id"]] = r["subject"]
+        per_shuffle[int(r["shuffle"])].append(correct)
+        if r["pred"] is None:
+            format_errors += 1
+        elif not correct:
+            wrong += 1
+    q_acc = {qid: sum(v) / len(v) for qid, v in per_question.items()}
+    by_subject: dict[str, list[float]] = defaultdict(list)
+    for qid, acc in q_acc.items():
+        by_subject[subject_of[qid]].append(acc)
+    subjects = {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}
+    shuffle_acc = [sum(v) / len(v) for _, v in sorted(per_shuffle.items())]
+    mean = sum(q_acc.values()) / len(q_acc) if q_acc else math.nan
+    std = (
+        math.sqrt(sum((a - mean) ** 2 for a in shuffle_acc) / (len(shuffle_acc) - 1))
+        if len(shuffle_acc) > 1
+        else 0.0
+    )
+    return {
+        "accuracy": mean,
+        "ci": list(bootstrap_ci(list(q_acc.values()), ci_level, resamples, seed)),
+        "ci_level": ci_level,
+        "subjects": subjects,
+        "subject_counts": {s: len(v) for s, v in sorted(by_subject.items())},
+        "subject_mean": sum(subjects.values()) / len(subjects) if subjects else math.nan,
+        "shuffle_accuracy": shuffle_acc,
+        "shuffle_std": std,
+        "questions": len(q_acc),
+        "answers": len(records),
+        "format_errors": format_errors,
+        "wrong": wrong,
+    }

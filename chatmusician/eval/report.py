@@ -1,0 +1,154 @@
+"""Evaluation outputs: results.json, results.md, one per-subject bar chart per MusicTheoryBench mode, and the
+config plus a model fingerprint saved beside them so that a result can be reproduced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from chatmusician.config import dump_yaml
+from chatmusician.eval.config import EvalConfig
+
+_HASHED_WHOLE = (".json", ".model", ".txt", ".yaml")
+_EDGE = 1 << 20  # bytes hashed at each end of a weight file (hashing 14 GB whole would take minutes)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file: whole for small text files, size + first and last MiB for weight files."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if path.suffix in _HASHED_WHOLE or size <= 2 * _EDGE:
+            h.update(f.read())
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(_EDGE))
+            f.seek(size - _EDGE)
+            h.update(f.read(_EDGE))
+    return h.hexdigest()
+
+
+def model_fingerprint(name_or_path: str | None) -> dict[str, Any]:
+    """Which model this was: per-file hashes of a local folder, or the hub id and its resolved revision."""
+    if not name_or_path:
+        return {}
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        hashes = {str(p.relative_to(path)): file_fingerprint(p) for p in files}
+        combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+        return {"path": str(path.absolute()), "sha256": combined, "files": hashes}
+    try:
+        from huggingface_hub import HfApi
+
+        return {"hub_id": name_or_path, "revision": HfApi().model_info(name_or_path).sha}
+    except Exception as err:  # noqa: BLE001 - offline: record what is known
+        return {"hub_id": name_or_path, "revision": None, "note": f"revision not resolved: {err}"}
+
+
+def environment() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "ray", "lm_eval", "datasets"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def markdown(out: Mapping[str, Any]) -> str:
+    """The summary as markdown tables (accuracies in %)."""
+    lines = [
+        f"# Evaluation of `{out.get('model')}`" + (f" + `{out['adapter']}`" if out.get("adapter") else ""),
+        "",
+    ]
+    if "mtb" in out:
+        subjects = sorted({s for r in out["mtb"].values() for s in r["subjects"]})
+        lines += ["## MusicTheoryBench", "",
+                  "| mode | accuracy | CI | " + " | ".join(subjects) + " | subject mean | shuffles | format errors |",
+                  "|---" * (6 + len(subjects)) + "|"]  # fmt: skip
+        for mode, r in out["mtb"].items():
+            ci = f"{_pct(r['ci'][0])}–{_pct(r['ci'][1])} ({int(100 * r['ci_level'])} %)"
+            subj = " | ".join(_pct(r["subjects"].get(s)) for s in subjects)
+            shuffles = f"{len(r['shuffle_accuracy'])} (sd {_pct(r['shuffle_std'])})"
+            lines.append(f"| {mode} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
+                         f"{shuffles} | {r['format_errors']} |")  # fmt: skip
+        lines.append("")
+    if "mmlu" in out:
+        m = out["mmlu"]
+        lines += ["## MMLU (lm-evaluation-harness)", "", "| subjects | weighted by size | unweighted mean |",
+                  "|---|---|---|", f"| {len(m['subjects'])} | {_pct(m['weighted'])} | {_pct(m['unweighted'])} |", ""]  # fmt: skip
+        if "mtb_lm_eval" in m:
+            lines += ["lm-eval MusicTheoryBench task (answer-only log-likelihood): "
+                      + ", ".join(f"{k} {_pct(v)}" for k, v in m["mtb_lm_eval"].items()), ""]  # fmt: skip
+    if "abc_quality" in out:
+        q = out["abc_quality"]
+        cols = ("parse_success", "syntax_ok", "midi_ok", "key_as_requested", "meter_as_requested",
+                "bar_consistency", "has_repeats", "distinct_bar_ratio", "repeated_bigram_share")  # fmt: skip
+        lines += [f"## ABC quality ({'constrained' if q['constrained'] else 'free'} decoding)", "",
+                  "| family | tunes | " + " | ".join(cols) + " | tokens |", "|---" * (len(cols) + 3) + "|"]  # fmt: skip
+        for name, agg in [("all", q["all"]), *q["families"].items()]:
+            vals = " | ".join(_pct(agg.get(c)) for c in cols)
+            lines.append(f"| {name} | {agg['tunes']} | {vals} | {agg.get('tokens', 0):.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
+    """Bar chart of one mode's per-subject accuracy with the overall accuracy and its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*result["subjects"], "all"]
+    values = [100 * v for v in result["subjects"].values()] + [100 * result["accuracy"]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2))
+    bars = ax.bar(names, values, color=["#4c72b0"] * (len(names) - 1) + ["#dd8452"])
+    lo, hi = (100 * x for x in result["ci"])
+    if not (math.isnan(lo) or math.isnan(hi)):
+        ax.errorbar([len(names) - 1], [values[-1]], yerr=[[values[-1] - lo], [hi - values[-1]]], fmt="none",
+                    ecolor="black", capsize=4)  # fmt: skip
+    ax.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance (25 %)")
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"MusicTheoryBench {mode}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
+    """Write every output file into ``cfg.output_dir`` and return it."""
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
+    (root / "results.md").write_text(markdown(out), encoding="utf-8")
+    for mode, result in out.get("mtb", {}).items():
+        subject_chart(mode, result, root / f"mtb_{mode}.png")
+    (root / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    fingerprint = {
+        "model": model_fingerprint(cfg.model),
+        "tokenizer": model_fingerprint(cfg.tokenizer) if cfg.tokenizer else None,
+        "adapter": model_fingerprint(cfg.adapter) if cfg.adapter else None,
+        "data": {
+            "mtb": model_fingerprint(cfg.mtb.path) if cfg.mtb.enabled else None,
+            "mmlu": model_fingerprint(cfg.mmlu.path) if cfg.mmlu.enabled else None,
+        },  # fmt: skip
+        "environment": environment(),
+    }
+    (root / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+    return root

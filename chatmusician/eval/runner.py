@@ -1,0 +1,218 @@
+"""``chatmusician eval``: MusicTheoryBench (PPL + generation), MMLU (lm-eval) and ABC quality as Ray Data batch
+inference over a pool of model replicas.
+
+What it supports: the original's OpenCompass protocol for MusicTheoryBench (zero-/few-shot PPL, one-pass
+scoring where tokenization allows), the paper's seeded option shuffles with per-subject accuracy and a
+bootstrap interval, generation mode with letter extraction and format errors counted apart, MMLU 5-shot through
+lm-evaluation-harness on the same model, and ABC quality (parse success through the validator and abc2midi,
+key/meter, bar consistency, repeats, structure), optionally through constrained decoding.
+
+Shape: plan work items (pure) -> stream them through ``Replica`` actors (``ray.data.ActorPoolStrategy``: each
+actor loads the model once; or one process when ``pool.use_ray`` is false) -> summarize (pure) -> write
+``results.json``, ``results.md``, one bar chart per scored mode, ``config.yaml`` and ``fingerprint.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from chatmusician.eval import abc_quality, mtb
+from chatmusician.eval.config import MTB_MODES, EvalConfig
+from chatmusician.eval.replica import Replica, load_for_eval, process
+
+# --- planning ------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Config mistakes reported before any work starts (one clear ValueError)."""
+    bad = [m for m in cfg.mtb.modes if m not in MTB_MODES]
+    if bad:
+        raise ValueError(f"mtb.modes: unknown {bad}; choose from {list(MTB_MODES)}")
+    if cfg.mtb.shuffles < 0 or cfg.abc_quality.n_per_prompt < 1 or cfg.pool.replicas < 1:
+        raise ValueError("mtb.shuffles must be >= 0, abc_quality.n_per_prompt and pool.replicas >= 1")
+    if cfg.pool.batch_size < 1:
+        raise ValueError("pool.batch_size must be >= 1")
+
+
+def mtb_items(
+    dev: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], modes: Sequence[str], shuffles: int,
+    seed: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One work item per (mode, shuffle, question); the question carries its shuffled options and gold."""
+    items = []
+    for mode in modes:
+        kind = "ppl" if mode.startswith("ppl") else "gen"
+        shots = list(dev) if mode.endswith("few_shot") else []
+        for shuffle in mtb.shuffle_ids(shuffles):
+            for q in test:
+                question = mtb.shuffle_question(q, mtb.permutation(q["id"], shuffle, seed))
+                payload = {"question": question, "shots": shots}
+                items.append({"key": json.dumps([mode, shuffle, q["id"]]), "kind": kind,
+                              "payload": json.dumps(payload)})  # fmt: skip
+    return items
+
+
+def abc_items(prompts: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "key": json.dumps(["abc", p["name"], k]),
+            "kind": "abc",
+            "payload": json.dumps({"prompt": p["prompt"], "seed": seed + k}),
+        }  # fmt: skip
+        for p in prompts
+        for k in range(n)
+    ]
+
+
+# --- execution -----------------------------------------------------------------------------------------------
+
+
+def _threads(cfg: EvalConfig) -> int:
+    return cfg.pool.torch_threads or max(1, math.ceil(cfg.pool.num_cpus))
+
+
+def run_local(cfg: EvalConfig, items: Sequence[Mapping[str, Any]], model=None, tokenizer=None) -> list[dict]:
+    """The single-process loop: the same :func:`process` as the actors, batch by batch, with progress."""
+    if model is None:
+        model, tokenizer = load_for_eval(cfg, _threads(cfg))
+    out: list[dict] = []
+    step = cfg.pool.batch_size
+    for start in range(0, len(items), step):
+        out += process(model, tokenizer, items[start : start + step], cfg)
+        print(f"[eval] {min(start + step, len(items))}/{len(items)} items", file=sys.stderr, flush=True)
+    return out
+
+
+def run_ray(cfg: EvalConfig, items: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Ray Data batch inference: items stream through ``pool.replicas`` actors, each holding the model."""
+    import ray
+
+    ds = ray.data.from_items(list(items), override_num_blocks=max(1, len(items) // cfg.pool.batch_size))
+    ds = ds.map_batches(
+        Replica,
+        fn_constructor_kwargs={"cfg": cfg, "threads": _threads(cfg)},
+        batch_size=cfg.pool.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.pool.replicas),
+        num_cpus=cfg.pool.num_cpus,
+        num_gpus=cfg.pool.num_gpus,
+    )
+    return ds.take_all()
+
+
+def execute(cfg: EvalConfig, items: Sequence[Mapping[str, Any]]) -> list[dict]:
+    if not items:
+        return []
+    return run_ray(cfg, items) if cfg.pool.use_ray else run_local(cfg, items)
+
+
+# --- summaries -----------------------------------------------------------------------------------------------
+
+
+def mtb_results(
+    cfg: EvalConfig, test: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Per mode: accuracy summary (see :func:`mtb.summarize`), one-pass share, and every answer."""
+    by_id = {q["id"]: q for q in test}
+    records: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        mode, shuffle, qid = json.loads(r["key"])
+        res = json.loads(r["result"])
+        gold = mtb.shuffle_question(by_id[qid], mtb.permutation(qid, shuffle, cfg.mtb.seed))["target"]
+        records[mode].append({"id": qid, "subject": by_id[qid]["subject"], "shuffle": shuffle,
+                              "target": gold, **res})  # fmt: skip
+    out = {}
+    for mode in cfg.mtb.modes:
+        recs = sorted(records[mode], key=lambda r: (r["shuffle"], r["id"]))
+        summary = mtb.summarize(recs, cfg.mtb.ci_level, cfg.mtb.bootstrap, cfg.mtb.seed)
+        if mode.startswith("ppl"):
+            summary["one_pass_share"] = sum(r.get("method") == "one_pass" for r in recs) / max(1, len(recs))
+        summary["answers_detail"] = recs
+        out[mode] = summary
+    return out
+
+
+def abc_results(
+    cfg: EvalConfig, prompts: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    by_name = {p["name"]: p for p in prompts}
+    rows = []
+    for r in sorted(results, key=lambda r: r["key"]):
+        _, name, k = json.loads(r["key"])
+        res = json.loads(r["result"])
+        p = by_name[name]
+        midi_ok = abc_quality.midi_check(res["text"]) if cfg.abc_quality.check_midi else None
+        metrics = abc_quality.tune_metrics(res["text"], p["request"], midi_ok)
+        rows.append({"name": name, "family": p["family"], "sample": k, "tokens": res["tokens"],
+                     "text": res["text"], **metrics})  # fmt: skip
+    return {**abc_quality.summarize(rows), "constrained": cfg.abc_quality.constrained, "tunes_detail": rows}
+
+
+# --- entry ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every enabled evaluation (Ray must already be initialized when ``pool.use_ray``); write outputs."""
+    from chatmusician.eval import report
+
+    check_config(cfg)
+    start = time.perf_counter()
+    items: list[dict] = []
+    test: list[dict] = []
+    prompts: list[dict] = []
+    if cfg.mtb.enabled:
+        dev, test = mtb.load_questions(cfg.mtb.path, cfg.mtb.subjects, cfg.mtb.limit)
+        if any(m.endswith("few_shot") for m in cfg.mtb.modes) and not dev:
+            raise ValueError(f"{cfg.mtb.path}: few-shot modes need the dev split")
+        items += mtb_items(dev, test, cfg.mtb.modes, cfg.mtb.shuffles, cfg.mtb.seed)
+    if cfg.abc_quality.enabled:
+        prompts = abc_quality.load_prompts(cfg.abc_quality.prompts)
+        items += abc_items(prompts, cfg.abc_quality.n_per_prompt, cfg.mtb.seed)
+    print(f"[eval] {len(items)} work items on {cfg.pool.replicas} replica(s)", file=sys.stderr, flush=True)
+    results = execute(cfg, items)
+    out: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter}
+    if cfg.mtb.enabled:
+        out["mtb"] = mtb_results(cfg, test, [r for r in results if r["kind"] != "abc"])
+    if cfg.abc_quality.enabled:
+        out["abc_quality"] = abc_results(cfg, prompts, [r for r in results if r["kind"] == "abc"])
+    if cfg.mmlu.enabled:
+        from chatmusician.eval import mmlu
+
+        out["mmlu"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
+    out["wall_s"] = time.perf_counter() - start
+    report.write(cfg, out)
+    return out
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """CLI / ``ray job submit`` entry: join the cluster (``RAY_ADDRESS``) or start a local Ray, evaluate, print
+    the summary table, and shut down only what it started."""
+    from chatmusician.eval import report
+
+    started = False
+    if cfg.pool.use_ray:
+        import ray
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
+        started = not ray.is_initialized()
+        if started:
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        out = evaluate(cfg)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(report.markdown(out))
+    print(f"[eval] results in {cfg.output_dir}", file=sys.stderr)
+    return out

@@ -1,0 +1,157 @@
+"""MusicTheoryBench logic: the original's strings (pinned), loading, truncation, shuffles, letters, summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from chatmusician.eval import mtb
+from chatmusician.eval.config import MTB_FIXTURE
+
+# The literal strings of hf-lin/ChatMusician eval/configs/datasets/music_theory_bench/*_ppl_*.py and
+# eval/opencompass/datasets/music_theory_bench.py.
+ORIGINAL_HINT = (
+    "Read the following questions from the four options (A, B, C and D) given in each question. "
+    "Choose the best option."
+)
+ORIGINAL_ABC_SENTENCE = "Use the example below to answer the question that follows."
+
+ROW = {
+    "id": "q1",
+    "instruction": "",
+    "stem": "Use the example below to answer the question that follows. What is the meter?",
+    "options": {"A": "2/4", "B": "3/4", "C": "4/4", "D": "6/8"},
+    "subject": "reasoning",
+    "answer": "B",
+    "abc_score": "X:1\nM:3/4\nK:C\nC D E |]",
+    "analysis": "",
+}
+
+
+def test_original_strings_are_pinned():
+    assert mtb.HINT == ORIGINAL_HINT
+    assert mtb.ABC_SENTENCE == ORIGINAL_ABC_SENTENCE
+
+
+def test_abc_score_merge_as_the_original_loader():
+    q = mtb.convert_row(ROW)
+    assert q["input"] == "What is the meter?\nX:1\nM:3/4\nK:C\nC D E |]"
+    assert (q["A"], q["B"], q["C"], q["D"], q["target"]) == ("2/4", "3/4", "4/4", "6/8", "B")
+    plain = mtb.convert_row({**ROW, "abc_score": "", "stem": "  Which clef? "})
+    assert plain["input"] == "  Which clef? "  # no abc_score: the stem is left exactly as it is
+
+
+def test_zero_and_few_shot_candidates_are_the_opencompass_strings():
+    q = mtb.convert_row(ROW)
+    block = "What is the meter?\nX:1\nM:3/4\nK:C\nC D E |]\nA. 2/4\nB. 3/4\nC. 4/4\nD. 6/8\nAnswer: "
+    assert mtb.candidate_text(q, "C") == ORIGINAL_HINT + "\n" + block + "C"
+    shot = {"input": "S?", "A": "a", "B": "b", "C": "c", "D": "d", "target": "D"}
+    few = mtb.candidate_text(q, "A", [shot, {**shot, "target": "A"}])
+    ice = "S?\nA. a\nB. b\nC. c\nD. d\nAnswer: D\n" + "\n" + "S?\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n" + "\n"
+    assert few == ORIGINAL_HINT + "\n" + ice + block + "A"
+    assert mtb.candidate_texts(q) == [mtb.candidate_text(q, x) for x in "ABCD"]
+
+
+def test_fixture_loads_in_the_dataset_card_schema_from_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dev, test = mtb.load_questions(MTB_FIXTURE)
+    assert len(dev) == 5 and len(test) == 12
+    assert {q["subject"] for q in test} == {"knowledge", "reasoning"}
+    merged = [q for q in test if "X:1" in q["input"]]
+    assert merged and all(ORIGINAL_ABC_SENTENCE not in q["input"] for q in merged)
+    rows = mtb.load_rows(MTB_FIXTURE)
+    assert set(rows["test"][0]) == set(mtb.FIELDS)
+    for split, split_rows in rows.items():  # the hub's layout: data/<split>-00000-of-00001.parquet
+        (tmp_path / "data").mkdir(exist_ok=True)
+        pq.write_table(
+            pa.Table.from_pylist(split_rows), tmp_path / "data" / f"{split}-00000-of-00001.parquet"
+        )
+    assert mtb.load_questions(str(tmp_path)) == (dev, test)
+    only = mtb.load_questions(MTB_FIXTURE, subjects=["knowledge"], limit=4)[1]
+    assert [q["id"] for q in only] == ["test-0", "test-1", "test-2", "test-3"]
+
+
+def test_bad_rows_and_sources_are_clear_errors(tmp_path):
+    with pytest.raises(mtb.MTBError, match="missing field"):
+        mtb.convert_row({k: v for k, v in ROW.items() if k != "options"})
+    with pytest.raises(mtb.MTBError, match="answer 'E'"):
+        mtb.convert_row({**ROW, "answer": "E"})
+    (tmp_path / "notes.jsonl").write_text(json.dumps(ROW) + "\n")
+    with pytest.raises(mtb.MTBError, match="no test split"):
+        mtb.load_rows(str(tmp_path))
+
+
+def test_shots_are_dropped_from_the_end_per_candidate_and_carried_over():
+    q = {"input": "Q", "A": "a", "B": "b", "C": "c", "D": "d", "target": "A"}
+    shots = [{**q, "input": f"S{i}"} for i in range(3)]
+
+    # A length function that makes candidate D one "token" longer than the others.
+    def token_len(text):
+        return len(text) + (5 if text.endswith("D") else 0)
+
+    full = len(mtb.candidate_text(q, "A", shots))
+    two = len(mtb.candidate_text(q, "A", shots[:2]))
+    texts = mtb.candidate_texts(q, shots, token_len, max_seq_len=full)
+    assert texts[:3] == [mtb.candidate_text(q, x, shots) for x in "ABC"]
+    assert texts[3] == mtb.candidate_text(q, "D", shots[:2])  # D dropped one shot...
+    assert two + 5 <= full
+    # ...and a limit no shot count meets leaves zero shots (the scorer then cuts tokens).
+    assert mtb.candidate_texts(q, shots, len, max_seq_len=5) == [mtb.candidate_text(q, x) for x in "ABCD"]
+
+
+def test_shuffles_are_seeded_and_move_the_gold_with_its_option():
+    q = mtb.convert_row(ROW)
+    perms = [mtb.permutation("q1", k, seed=0) for k in range(5)]
+    assert perms == [mtb.permutation("q1", k, seed=0) for k in range(5)]
+    assert perms != [mtb.permutation("q1", k, seed=1) for k in range(5)]
+    assert mtb.permutation("q1", -1, 0) == [0, 1, 2, 3]
+    for perm in perms:
+        s = mtb.shuffle_question(q, perm)
+        assert sorted(s[x] for x in "ABCD") == sorted(q[x] for x in "ABCD")
+        assert s[s["target"]] == "3/4"
+    assert mtb.shuffle_ids(0) == [-1] and mtb.shuffle_ids(5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("Answer: C", "C"),
+        ("The answer is (b).", "B"),
+        ("(C)", "C"),
+        ("C.", "C"),
+        ("c) because it is", "C"),
+        ("d", "D"),
+        ("I think option D is right", "D"),
+        ("A chord of three notes, so B", "B"),
+        ("no letter here", None),
+        ("A major scale has seven notes", None),
+        ("", None),
+        ("B or C", None),
+    ],
+)
+def test_generation_answers_are_extracted_robustly(text, letter):
+    assert mtb.extract_letter(text) == letter
+
+
+def test_summary_averages_shuffles_per_question_and_counts_format_errors_apart():
+    records = []
+    # q1 (knowledge): right in both shuffles; q2 (knowledge): right once; q3 (reasoning): wrong, then no letter.
+    for shuffle, (p1, p2, p3) in enumerate([("A", "B", "C"), ("A", "D", None)]):
+        records += [
+            {"id": "q1", "subject": "knowledge", "shuffle": shuffle, "pred": p1, "target": "A"},
+            {"id": "q2", "subject": "knowledge", "shuffle": shuffle, "pred": p2, "target": "B"},
+            {"id": "q3", "subject": "reasoning", "shuffle": shuffle, "pred": p3, "target": "D"},
+        ]
+    s = mtb.summarize(records, ci_level=0.9, resamples=500, seed=0)
+    assert s["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert s["shuffle_accuracy"] == pytest.approx([2 / 3, 1 / 3])
+    assert s["shuffle_std"] == pytest.approx(math.sqrt(((2 / 3 - 0.5) ** 2 + (1 / 3 - 0.5) ** 2) / 1))
+    assert s["subjects"] == {"knowledge": 0.75, "reasoning": 0.0}
+    assert s["subject_mean"] == pytest.approx(0.375)  # unweighted over subjects, unlike accuracy (0.5)
+    assert (s["format_errors"], s["wrong"], s["answers"], s["questions"]) == (1, 2, 6, 3)
+    lo, hi = s["ci"]
+    assert 0.0 <= lo <= s["accuracy"] <= hi <= 1.0 and hi > lo
