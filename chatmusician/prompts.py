@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 HUMAN = "Human: "
 SEP = " </s> "
@@ -26,13 +27,38 @@ def build_chat_prompt(prompt: str, history: Sequence[tuple[str, str]] = ()) -> s
     return "".join(format_turn(q, a) for q, a in history) + format_turn(prompt)
 
 
-def sft_source_target(row: Mapping[str, object]) -> tuple[str, str]:
-    """MusicPile-sft row -> (source, target). Source = template(instruction + input), masked from the loss;
-    target = output, trained (the tokenizer stage appends EOS)."""
+SftTemplate = Literal["auto", "always", "never"]
+"""How sft rows become (source, target): see :func:`sft_source_target`."""
+
+
+def is_chat_form(instruction: str, input_: str, output: str) -> bool:
+    """Is a row already in the original's chat form (MusicPile-sft: ``input`` ends with `` </s> ``, ``output``
+    starts with ``Assistant: ``)? Either sign is enough."""
+    return output.lstrip().startswith(ASSISTANT.strip()) or (instruction + input_).rstrip().endswith(
+        SEP.strip()
+    )
+
+
+def sft_source_target(row: Mapping[str, object], template: SftTemplate = "auto") -> tuple[str, str]:
+    """sft row ``{instruction, input, output}`` -> (source, target); the source is masked from the loss.
+
+    - A row already in chat form (MusicPile-sft; ``template`` "auto" or "never") is used as the original's
+      data_preprocess.py used it: source = ``instruction + input`` (no separator), target = ``output``.
+    - A raw row (users' own data; "auto" or "always") is put into that same form first: source =
+      ``Human: {instruction}\n{input} </s> `` and target = ``Assistant: {output} </s> ``, so that training on
+      it and prompting with :func:`build_chat_prompt` (``Human: {prompt} </s> Assistant: ``) agree.
+
+    "never" takes every row verbatim; "always" wraps every row (for raw data that happens to look templated).
+    """
     instruction = str(row.get("instruction") or "")
     extra = str(row.get("input") or "")
+    output = str(row.get("output") or "")
+    if template == "never" or (template == "auto" and is_chat_form(instruction, extra, output)):
+        return instruction + extra, output
+    if template not in ("auto", "always"):
+        raise ValueError(f"sft template must be auto, always or never, got {template!r}")
     prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
-    return build_chat_prompt(prompt), str(row.get("output") or "")
+    return f"{HUMAN}{prompt}{SEP}", f"{ASSISTANT}{output}{SEP}"
 
 
 # --- task families of the paper (text/chords/form/motif/harmonization/style -> music; form/motif analysis) ---
@@ -112,15 +138,60 @@ TASK_BUILDERS = {
 }
 
 
+# Each family's fields and their JSON shape: "text" (a string), "texts" (a non-empty list of strings),
+# "labels" (an object of label -> string or number).
+TASK_FIELDS = {
+    "text_to_music": {"description": "labels"},
+    "chords": {"chords": "texts"},
+    "form": {"form": "text"},
+    "motif_form": {"form": "text", "motif": "text"},
+    "harmonize": {"melody": "text"},
+    "style": {"style": "text"},
+    "analyze_form": {"abc": "text"},
+    "analyze_motif": {"abc": "text"},
+}
+_SHAPES = {
+    "text": "a string",
+    "texts": "a non-empty list of strings",
+    "labels": "an object of label -> string",
+}
+
+
+class TaskError(ValueError):
+    """A task request that cannot become a prompt; ``field`` names the field at fault (None: the family)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _fits(value: object, shape: str) -> bool:
+    if shape == "text":
+        return isinstance(value, str)
+    if shape == "texts":
+        return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value)
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+        for k, v in value.items()
+    )
+
+
 def build_task_prompt(task: Task) -> str:
-    """Task -> user prompt (not yet templated). Unknown family or missing field -> ValueError naming it."""
+    """Task -> user prompt (not yet templated). Unknown family, missing field or a field of the wrong type
+    -> :class:`TaskError` (a ValueError) naming it."""
     builder = TASK_BUILDERS.get(task.family)
     if builder is None:
-        raise ValueError(f"unknown task family {task.family!r}; choose one of {sorted(TASK_BUILDERS)}")
-    try:
-        return builder(task.fields)
-    except KeyError as missing:
-        raise ValueError(f"task {task.family!r} needs field {missing.args[0]!r}") from None
+        raise TaskError(f"unknown task family {task.family!r}; choose one of {sorted(TASK_BUILDERS)}")
+    if not isinstance(task.fields, Mapping):
+        raise TaskError(f"task {task.family!r}: 'fields' must be an object", "fields")
+    for name, shape in TASK_FIELDS[task.family].items():
+        if name not in task.fields:
+            raise TaskError(f"task {task.family!r} needs field {name!r}", name)
+        value = task.fields[name]
+        if not _fits(value, shape):
+            got = type(value).__name__
+            raise TaskError(f"task {task.family!r}: field {name!r} must be {_SHAPES[shape]}, got {got}", name)
+    return builder(task.fields)
 
 
 # The original demo's example prompts (web UI and CLI offer these).

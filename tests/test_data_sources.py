@@ -81,7 +81,9 @@ def test_parquet_invalid_utf8_and_sft_fields(tmp_path):
     pq.write_table(table, path)
     rows = read_all(cfg_for(path, mode="sft"))
     assert [r["reject"] for r in rows] == ["", "invalid_utf8", "missing_field", "missing_field"]
-    assert rows[0]["source"] == "Human: Write a jig. </s> Assistant: " and rows[0]["target"] == TUNE
+    assert (
+        rows[0]["source"] == "Human: Write a jig. </s> " and rows[0]["target"] == f"Assistant: {TUNE} </s> "
+    )
     assert rows[0]["is_score"]
 
 

@@ -14,7 +14,9 @@ from chatmusician.data.tokenize import (
     encode_flat,
     process_batch,
     sft_layout,
+    target_needs_eos,
     tokenize_pt_batch,
+    tokenize_sft_batch,
     tokenize_sft_example,
 )
 from chatmusician.prompts import sft_source_target
@@ -36,20 +38,21 @@ def test_sft_layout_masks_the_source_and_appends_eos():
     assert ids.dtype == labels.dtype == np.int32 and not truncated
 
 
-def test_sft_layout_truncates_source_then_target_within_max_len():
+def test_sft_layout_truncates_source_then_target_leaving_the_originals_three_tokens():
     (ids, labels), truncated = sft_layout(
-        list(range(10, 20)), [30, 31, 32, 33, 34], EOS, max_len=8, max_source_len=4
+        list(range(10, 20)), [30, 31, 32, 33, 34], EOS, max_len=10, max_source_len=4
     )
-    # source kept to 4 tokens, target to 8 - 4 - 1 (EOS) = 3 tokens
+    # source kept to 4 tokens, target to 10 - 3 - 4 = 3 tokens, then EOS
     assert ids.tolist() == [10, 11, 12, 13, 30, 31, 32, EOS]
     assert labels.tolist() == [-100] * 4 + [30, 31, 32, EOS]
     assert truncated
 
 
-def test_sft_layout_keeps_an_existing_eos_and_can_reject_instead_of_truncating():
-    (ids, _), _ = sft_layout([5], [8, EOS], EOS, max_len=10, max_source_len=5)
+def test_sft_layout_eos_follows_the_text_rule_and_can_reject_instead_of_truncating():
+    (ids, _), _ = sft_layout([5], [8, EOS], EOS, max_len=10, max_source_len=5, add_eos=False)
     assert ids.tolist() == [5, 8, EOS]
     assert sft_layout(list(range(10, 20)), [30], EOS, max_len=8, max_source_len=4, truncate=False) is None
+    assert target_needs_eos("Assistant: x") and not target_needs_eos("Assistant: x </s> \n")
 
 
 def test_pt_documents_end_with_eos_and_labels_copy_ids(tokenizer):
@@ -63,16 +66,58 @@ def test_pt_documents_end_with_eos_and_labels_copy_ids(tokenizer):
     )  # the original's ids exactly
 
 
-def test_sft_example_with_the_chat_template(tokenizer):
+def original_sft(tok, row, max_len=2048, max_src_len=1536):
+    """The original's data_preprocess.py tokenize_function_sft, re-written from its text: tokenize() the
+    concatenated instruction + input and the output apart, truncate, EOS unless output.strip() ends in </s>."""
+    src_tokens = tok.tokenize(row["instruction"] + row["input"])[:max_src_len]
+    max_tgt_len = max_len - 3 - len(src_tokens)
+    tgt_tokens = tok.tokenize(row["output"])[:max_tgt_len]
+    tokens = src_tokens + tgt_tokens + ([] if row["output"].strip().endswith("</s>") else ["</s>"])
+    input_ids = tok.convert_tokens_to_ids(tokens)
+    return input_ids, [-100] * len(src_tokens) + input_ids[len(src_tokens) :]
+
+
+def musicpile_rows():
+    from tests.test_prompts import README_ROW
+
+    tune = "X:1\nL:1/8\nM:6/8\nK:D\n|: A | dfa agf | e2d B2A :|"
+    return [
+        README_ROW,
+        {"instruction": "Human: Write a jig. ", "input": " </s> ", "output": f"Assistant: {tune} </s> "},
+        {"instruction": "Human: Name the key.\n", "input": f"{tune} </s> ", "output": "Assistant: D major"},
+        {"instruction": "Human: ünïcode   spaces", "input": "\n\n </s> ", "output": "Assistant:  x </s>"},
+        {"instruction": "Human: long " * 300, "input": " </s> ", "output": "Assistant: " + "abc| " * 900},
+    ]
+
+
+@pytest.mark.parametrize("limits", [(2048, 1536), (64, 40), (16, 8)])
+def test_musicpile_sft_rows_tokenize_exactly_as_the_original(tokenizer, limits):
+    max_len, max_src = limits
+    rows = musicpile_rows()
+    pairs = [sft_source_target(r) for r in rows]
+    got = tokenize_sft_batch(
+        [s for s, _ in pairs], [t for _, t in pairs], tokenizer, max_len=max_len, max_source_len=max_src
+    )
+    for row, ((ids, labels), _) in zip(rows, got, strict=True):
+        want_ids, want_labels = original_sft(tokenizer, row, max_len, max_src)
+        assert ids.tolist() == want_ids and labels.tolist() == want_labels
+        assert len(ids) <= max_len
+        # no second template, no added separator
+        assert tokenizer.decode(ids).count("Assistant:") == 1
+
+
+def test_raw_rows_train_on_what_inference_prompts_with(tokenizer):
     source, target = sft_source_target(
         {"instruction": "Write a jig.", "input": "", "output": "X:1\nK:D\nABA|"}
     )
-    assert source == "Human: Write a jig. </s> Assistant: "
+    assert source == "Human: Write a jig. </s> "
     (ids, labels), truncated = tokenize_sft_example(source, target, tokenizer, max_len=64, max_source_len=32)
     n_source = len(encode_batch([source], tokenizer)[0])
     assert tokenizer.eos_token_id in ids[:n_source].tolist()  # "</s>" in the template is the EOS token
     assert (labels[:n_source] == IGNORE_INDEX).all()
-    assert labels[n_source:].tolist() == ids[n_source:].tolist() == encode_batch([target], tokenizer)[0] + [2]
+    assert labels[n_source:].tolist() == ids[n_source:].tolist() == encode_batch([target], tokenizer)[0]
+    # exactly one EOS after the answer: the template's "</s>" (no second one appended)
+    assert ids[n_source:].tolist().count(tokenizer.eos_token_id) == 1
     assert not truncated
 
 
@@ -205,3 +250,22 @@ def test_shards_stream_row_groups_cut_by_row_count_not_by_block(tmp_path):
         assert groups == [[4, 4, 2], [4, 4, 2], [3]]
         assert pa.concat_tables(pq.read_table(tmp_path / name / s["file"]) for s in shards).equals(rows)
     assert files["one_block"] == files["ragged"]  # byte-identical however the stream was cut
+
+
+def test_jsonl_of_musicpile_rows_through_read_and_process_batch_gives_the_originals_rows(tmp_path, tokenizer):
+    """The data stage's whole Ray-free path (plan -> read -> validate -> tokenize -> rows), unpacked."""
+    import pyarrow as pa
+
+    from chatmusician.data.sources import plan, read_item_tables
+
+    rows = musicpile_rows()
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        TokenizeConfig, None, sources=[{"path": str(path)}], mode="sft", max_len=128, max_source_len=64
+    )
+    read = pa.concat_tables(t for item in plan(cfg) for t in read_item_tables(item, cfg))
+    out = process_batch(read, tokenizer, cfg)
+    want = [original_sft(tokenizer, r, 128, 64) for r in rows]
+    assert out["input_ids"].to_pylist() == [i for i, _ in want]
+    assert out["labels"].to_pylist() == [lab for _, lab in want]

@@ -41,13 +41,15 @@ class TokenizeConfig:
     max_len: int = 2048
     """Tokens per training row (the original's 2048)."""
     max_source_len: int = 1536
-    """sft: source (template + instruction + input) tokens kept; longer sources are truncated (the original's 1536)."""
+    """sft: source (instruction + input) tokens kept; longer sources are truncated (the original's 1536; at most max_len - 3)."""
     packing: Packing = "none"
     """none: one document/sample per row (the original) | greedy: fill max_len rows in order, positions restart per document."""
     text_field: str = "text"
     """pt: the text column."""
     add_eos: bool = True
     """pt: end every document with EOS (documents are joined with EOS); False gives the original's ids exactly."""
+    sft_template: Literal["auto", "always", "never"] = "auto"
+    """sft: auto (rows already in chat form, like MusicPile-sft, verbatim as the original; raw rows wrapped in `Human: … </s> ` / `Assistant: … </s> `) | always (wrap every row) | never (every row verbatim)."""
     sft_truncate: bool = True
     """sft: truncate over-long samples like the original; False rejects them (reason too_long) instead."""
     max_row_chars: int = 4_000_000
@@ -56,6 +58,8 @@ class TokenizeConfig:
     """Optional verbal:score row ratio, e.g. [2, 1] (the paper's); the larger class is subsampled to reach it (costs one extra read pass)."""
     seed: int = 0
     """Seed of the deterministic per-row sampling that fractional weights use."""
+    val_fraction: float = 0.0
+    """Rows held out for validation, chosen by a hash of the row id (deterministic, never in training): written to output_dir/val."""
     hub_root: str | None = None
     """A local directory standing in for the Hugging Face hub (holds datasets/<owner>/<name>/...); None = the real hub."""
     output_dir: str | None = None

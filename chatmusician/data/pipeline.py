@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from chatmusician.config import to_dict
 from chatmusician.data import sources
 from chatmusician.data.config import TokenizeConfig
-from chatmusician.data.tokenize import BackendTokenizer, empty_stats, process_batch
+from chatmusician.data.tokenize import SFT_RESERVED, BackendTokenizer, empty_stats, process_batch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "chatmusician.tokenized/1"
@@ -75,6 +75,25 @@ def _tokenizer(tokenizer_json: str, eos_token_id: int, cpus: float) -> BackendTo
     return _TOKENIZERS[key]
 
 
+def is_val_row(row_ids, fraction: float, seed: int):
+    """Per row id: held out for validation? A hash of the id (salted apart from the mixture draws), so the
+    split is deterministic, never depends on where or in which order rows were read, and a row and all its
+    repeats land on the same side."""
+    import numpy as np
+
+    return np.fromiter((sources.uniform(f"val:{r}", seed) < fraction for r in row_ids), bool, len(row_ids))
+
+
+def _split_rows(tables, cfg: TokenizeConfig, split: str | None):
+    """Keep the rows of one split (all rows when there is no validation fraction)."""
+    for table in tables:
+        if split is None or cfg.val_fraction <= 0:
+            yield table
+            continue
+        val = is_val_row(table["row_id"].to_pylist(), cfg.val_fraction, cfg.seed)
+        yield table.filter(pa.array(val if split == "val" else ~val))
+
+
 def _tokenize_items(
     items: pa.Table,
     cfg: TokenizeConfig,
@@ -82,13 +101,15 @@ def _tokenize_items(
     class_weights: tuple[float, float],
     tokenizer_json: str,
     eos_token_id: int,
+    split: str | None = None,
 ):
     """Task: read work items, then tokenize + pack them batch by batch. Reading here rather than in separate
     read tasks saves a Ray Data stage (the text never crosses the object store); tasks rather than an actor
     pool run in Ray's already started workers, where an actor pool starts new processes on every run (seconds)."""
     tokenizer = _tokenizer(tokenizer_json, eos_token_id, cfg.tokenizer_cpus)
     for item in items.to_pylist():
-        for batch in _batches(sources.read_item_tables(item, cfg, class_weights), cfg.batch_size):
+        tables = _split_rows(sources.read_item_tables(item, cfg, class_weights), cfg, split)
+        for batch in _batches(tables, cfg.batch_size):
             yield process_batch(batch, tokenizer, cfg, with_stats)
 
 
@@ -140,8 +161,10 @@ def build_dataset(
     with_stats: bool = False,
     weights: tuple[float, float] | None = None,
     tokenizer: Any = None,
+    split: str = "train",
 ):
-    """The streaming ``ray.data.Dataset`` of training rows: ``input_ids``, ``labels`` (list<int32>, -100 = no
+    """The streaming ``ray.data.Dataset`` of training rows (``split="val"``: the held-out validation rows of
+    ``cfg.val_fraction``; "train" leaves them out): ``input_ids``, ``labels`` (list<int32>, -100 = no
     loss) and, when packed, ``position_ids``. Lazy: nothing runs until it is consumed.
 
     ``with_stats=True`` adds a ``stats`` column: "" on training rows, and on one extra row per batch (empty
@@ -176,6 +199,7 @@ def build_dataset(
             "class_weights": weights,
             "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
             "eos_token_id": tokenizer.eos_token_id,
+            "split": split,
         },
     )
     return _ordered(ds, cfg)
@@ -215,12 +239,15 @@ def pool_size(cfg: TokenizeConfig) -> int:
 def _check(cfg: TokenizeConfig) -> None:
     if cfg.max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {cfg.max_len}")
-    if cfg.mode == "sft" and not 0 < cfg.max_source_len < cfg.max_len:
+    if cfg.mode == "sft" and not 0 < cfg.max_source_len <= cfg.max_len - SFT_RESERVED:
         raise ValueError(
-            f"max_source_len must be in (0, max_len), got {cfg.max_source_len} (max_len {cfg.max_len})"
+            f"max_source_len {cfg.max_source_len} does not fit max_len {cfg.max_len}: pass --max_source_len "
+            f"between 1 and {cfg.max_len - SFT_RESERVED} (max_len - 3; the original: 1536 of 2048)"
         )
     if min(cfg.shard_rows, cfg.batch_size, cfg.read_rows, cfg.num_tokenizers or 1) < 1:
         raise ValueError("shard_rows, batch_size, read_rows and num_tokenizers must be positive")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -266,6 +293,13 @@ class ShardWriter:
         self._open_rows = self._open_tokens = 0
         self.fs.create_dir(self.root, recursive=True)
         self._delete([MANIFEST])  # no manifest while a run is in progress: a crashed run never looks complete
+
+    @classmethod
+    def manifest_only(cls, output_dir: str) -> ShardWriter:
+        """A writer that only writes the manifest of shards already written (no deletions)."""
+        writer = cls.__new__(cls)
+        writer.fs, writer.root = output_filesystem(output_dir)
+        return writer
 
     def _delete(self, names):
         for name in names:
@@ -385,17 +419,41 @@ def split_stats_rows(block: pa.Table) -> tuple[list[pa.Table], list[dict[str, An
     return parts, stats
 
 
+VAL_DIR = "val"
+
+
 def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
     """Run the pipeline; write shards + ``manifest.json`` into ``cfg.output_dir`` (None: count only) and
     return the manifest: tokenizer name and hash, mode, lengths, rows read / written / rejected by reason (with
-    sample row ids), token counts, padding fraction, shard list."""
+    sample row ids), token counts, padding fraction, shard list. With ``val_fraction`` the held-out rows go to
+    ``output_dir/val`` (shards + a manifest of their own, from a second pass that tokenizes only them), where
+    training finds them; the manifest's ``val`` entry describes them."""
     from chatmusician.model.loading import load_tokenizer
 
     _check(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     weights = class_weights(cfg)
-    ds = build_dataset(cfg, with_stats=True, weights=weights, tokenizer=tokenizer)
-    writer = ShardWriter(cfg.output_dir, cfg.shard_rows) if cfg.output_dir else None
+    manifest = _write_split(cfg, "train", tokenizer, weights, cfg.output_dir)
+    val_dir = f"{cfg.output_dir.rstrip('/')}/{VAL_DIR}" if cfg.output_dir else None
+    if cfg.val_fraction > 0:
+        val = _write_split(cfg, "val", tokenizer, weights, val_dir)
+        manifest["val"] = {"path": VAL_DIR, "fraction": cfg.val_fraction}
+        manifest["val"] |= {k: val[k] for k in ("rows", "sequences", "tokens")}
+    elif val_dir:  # the validation split of an earlier run must not pass for this one's
+        fs, root = output_filesystem(val_dir)
+        if fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+            fs.delete_dir(root)
+    if cfg.output_dir:
+        ShardWriter.manifest_only(cfg.output_dir).write_manifest(manifest)
+    return manifest
+
+
+def _write_split(
+    cfg: TokenizeConfig, split: str, tokenizer, weights, output_dir: str | None
+) -> dict[str, Any]:
+    """One pass of the pipeline over one split's rows: its shards (and, for val, its manifest)."""
+    ds = build_dataset(cfg, with_stats=True, weights=weights, tokenizer=tokenizer, split=split)
+    writer = ShardWriter(output_dir, cfg.shard_rows) if output_dir else None
     totals, rejected, samples = empty_stats(), Counter(), []
     padding = PaddingMeter(cfg.train_batch_size, cfg.max_len)
     sequences = tokens = loss_tokens = 0
@@ -437,8 +495,9 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
         "padding_fraction": padding.result(),
         "shards": writer.close() if writer else [],
         "config": to_dict(cfg),
+        "split": split,
     }
-    if writer:
+    if writer and split == "val":
         writer.write_manifest(manifest)
     return manifest
 
@@ -476,6 +535,8 @@ def run(cfg: TokenizeConfig) -> dict[str, Any]:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
+    _check(cfg)  # config mistakes fail here, in a second, not after Ray started
+    sources.check_local_sources(cfg)
     started = not ray.is_initialized()
     if started:
         if os.environ.get("RAY_ADDRESS"):

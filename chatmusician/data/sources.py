@@ -167,6 +167,27 @@ def plan(cfg: TokenizeConfig) -> list[WorkItem]:
     return mixed
 
 
+def check_local_sources(cfg: TokenizeConfig) -> None:
+    """Before any cluster work: every local source exists and holds readable files (hub and remote sources are
+    listed later, by :func:`plan`); SourceError otherwise, saying what to pass."""
+    if not cfg.sources:
+        raise SourceError("no sources given: pass --config FILE.yaml with sources: [{path: ...}]")
+    for i, src in enumerate(cfg.sources):
+        if source_format(src) == "hub" or "://" in src.path:
+            continue
+        fs, path = filesystem(src, cfg.hub_root)
+        if not list_files(fs, path):
+            what = (
+                "does not exist"
+                if fs.get_file_info(path).type == pafs.FileType.NotFound
+                else "holds no files"
+            )
+            raise SourceError(
+                f"source {i} ({src.path!r}) {what}: pass a file, folder or glob of "
+                ".parquet/.jsonl/.json/.abc files, or a hub id owner/name"
+            )
+
+
 # --- reading raw rows -----------------------------------------------------------------------------------------
 
 RawRow = tuple[str, Mapping[str, Any] | str]  # (row id, row fields | reject reason)
@@ -270,8 +291,11 @@ def as_text(value: Any) -> str | None | tuple[str]:
     return value
 
 
-def validate(row: Mapping[str, Any], mode: str, text_field: str, max_chars: int) -> dict[str, str] | str:
-    """Raw row -> ``{"text"}`` (pt) or ``{"source", "target"}`` (sft) plus ``src``; or the reject reason."""
+def validate(
+    row: Mapping[str, Any], mode: str, text_field: str, max_chars: int, sft_template: str = "auto"
+) -> dict[str, str] | str:
+    """Raw row -> ``{"text"}`` (pt) or ``{"source", "target"}`` (sft, see prompts.sft_source_target) plus
+    ``src``; or the reject reason."""
     names = SFT_FIELDS if mode == "sft" else (text_field,)
     fields: dict[str, str] = {}
     for name in names:
@@ -291,7 +315,7 @@ def validate(row: Mapping[str, Any], mode: str, text_field: str, max_chars: int)
     src = as_text(row.get("src"))
     out = {"src": src if isinstance(src, str) else ""}
     if mode == "sft":
-        out["source"], out["target"] = sft_source_target(fields)
+        out["source"], out["target"] = sft_source_target(fields, sft_template)
     else:
         out["text"] = main
     return out
@@ -361,7 +385,11 @@ def read_item(
     text_field = src.text_field or cfg.text_field
     batch: dict[str, list] = {c: [] for c in READ_COLUMNS}
     for row_id, raw in iter_raw_rows(item, cfg):
-        fields = raw if isinstance(raw, str) else validate(raw, cfg.mode, text_field, cfg.max_row_chars)
+        fields = (
+            raw
+            if isinstance(raw, str)
+            else validate(raw, cfg.mode, text_field, cfg.max_row_chars, cfg.sft_template)
+        )
         if isinstance(fields, str):
             fields, reject, score, n = {}, fields, False, 0
         else:

@@ -4,8 +4,10 @@ trainer and the tests call them directly; the pipeline calls :func:`process_batc
 
 Layouts (the original's data_preprocess.py, with its limits made configurable):
 - pt: ``ids(text) + [EOS]``, labels = the same ids (HF shifts them inside the model).
-- sft: ``ids(source)[:max_source_len] + ids(target)[:budget] + [EOS]``, labels -100 over the source;
-  source and target are tokenized separately, as the original did; total <= ``max_len``.
+- sft: ``ids(source)[:max_source_len] + ids(target)[:max_len - 3 - len(source)]``, then EOS unless the target
+  text already ends with ``</s>``; labels -100 over the source; source and target are tokenized separately, as
+  the original did. Which text is source and target (MusicPile-sft rows verbatim, raw rows templated):
+  chatmusician.prompts.sft_source_target.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def tokenize_pt_batch(texts: Sequence[str], tokenizer, add_eos: bool = True) -> 
     return list(zip(np.split(docs.input_ids, cut), np.split(docs.labels, cut), strict=True))
 
 
+SFT_RESERVED = 3
+"""Tokens the original keeps free beside the source: the target gets ``max_len - 3 - len(source)`` at most."""
+
+
+def target_needs_eos(target: str) -> bool:
+    """The original's rule: EOS is appended unless ``output.strip()`` already ends with ``</s>``."""
+    return not target.strip().endswith("</s>")
+
+
 def sft_layout(
     source_ids: Sequence[int],
     target_ids: Sequence[int],
@@ -84,17 +95,18 @@ def sft_layout(
     max_len: int = 2048,
     max_source_len: int = 1536,
     truncate: bool = True,
+    add_eos: bool = True,
 ) -> tuple[Doc, bool] | None:
-    """Token layout of one sft sample: ``(input_ids, labels), truncated``; None when it is over the limits
-    and ``truncate`` is False. EOS is appended unless the target already ends with it (as the original)."""
-    need_eos = not (len(target_ids) and target_ids[-1] == eos_id)
+    """Token layout of one sft sample, the original's data_preprocess.py: ``ids(source)[:max_source_len] +
+    ids(target)[:max_len - 3 - len(source)] (+ [EOS] when add_eos)``, labels -100 over the source.
+    Returns ``(input_ids, labels), truncated``; None when it is over the limits and ``truncate`` is False."""
     source = list(source_ids[:max_source_len])
-    budget = max(max_len - len(source) - int(need_eos), 0)
+    budget = max(max_len - SFT_RESERVED - len(source), 0)
     target = list(target_ids[:budget])
     truncated = len(source) < len(source_ids) or len(target) < len(target_ids)
     if truncated and not truncate:
         return None
-    ids = np.array(source + target + [eos_id] * need_eos, dtype=np.int32)
+    ids = np.array(source + target + [eos_id] * add_eos, dtype=np.int32)
     labels = ids.copy()
     labels[: len(source)] = IGNORE_INDEX
     return (ids, labels), truncated
@@ -108,7 +120,7 @@ def tokenize_sft_example(
     max_source_len: int = 1536,
     truncate: bool = True,
 ) -> tuple[Doc, bool] | None:
-    """One sft sample (source text from chatmusician.prompts.sft_source_target) -> :func:`sft_layout`."""
+    """One sft sample (source, target from chatmusician.prompts.sft_source_target) -> :func:`sft_layout`."""
     return tokenize_sft_batch([source], [target], tokenizer, max_len, max_source_len, truncate)[0]
 
 
@@ -120,10 +132,13 @@ def tokenize_sft_batch(
     max_source_len: int = 1536,
     truncate: bool = True,
 ) -> list[tuple[Doc, bool] | None]:
-    """Batch twin of :func:`tokenize_sft_example` (two batch-encode calls)."""
+    """Batch twin of :func:`tokenize_sft_example` (two batch-encode calls: source and target are tokenized
+    apart, as the original did)."""
     return [
-        sft_layout(s, t, tokenizer.eos_token_id, max_len, max_source_len, truncate)
-        for s, t in zip(encode_batch(sources, tokenizer), encode_batch(targets, tokenizer), strict=True)
+        sft_layout(s, t, tokenizer.eos_token_id, max_len, max_source_len, truncate, target_needs_eos(text))
+        for s, t, text in zip(
+            encode_batch(sources, tokenizer), encode_batch(targets, tokenizer), targets, strict=True
+        )
     ]
 
 
