@@ -20,6 +20,15 @@ from chatmusician.serve.composer import Completion, ComposeError, analyze_abc, l
 from chatmusician.serve.config import ChatConfig
 
 
+def _loads(text: str, path: Path, line: int) -> Any:
+    """JSON of one .jsonl line (``line``) or a whole .json file (``line`` 0); ValueError naming the file line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = line or exc.lineno
+        raise ValueError(f"{path}:{where}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts of a batch file; a row that is neither a prompt nor a valid task -> ValueError naming its line."""
     path = Path(path)
@@ -27,10 +36,10 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if path.suffix == ".json":
-        rows = json.loads(text)
+        rows = _loads(text, path, 0)
         numbered = list(enumerate(rows if isinstance(rows, list) else [rows], 1))
     elif path.suffix == ".jsonl":
-        numbered = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        numbered = [(n, _loads(line, path, n)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         raise ValueError(f"{path}: use .txt, .json or .jsonl")
     prompts = []
@@ -56,7 +65,7 @@ def prediction(
     if error is not None:
         return {"prompt": prompt, "output": None, "error": error.to_dict()}
     abc = analyze_abc(completion.text)
-    return {
+    result = {
         "prompt": prompt,
         "output": completion.text,
         "finish_reason": completion.finish_reason,
@@ -65,6 +74,9 @@ def prediction(
         "abc": abc["abc"],
         "validation": abc["validation"],
     }
+    if abc["abc"] is None:  # an answer, but no tune in it: say so rather than leave a bare null
+        result["error"] = {"code": "no_abc", "message": abc["message"] or "the answer holds no ABC tune"}
+    return result
 
 
 def predict(engine, config: ChatConfig, prompts: Sequence[str]) -> list[dict[str, Any]]:
@@ -140,10 +152,7 @@ def run_chat(config: ChatConfig) -> list[dict[str, Any]] | list[tuple[str, str]]
     """CLI entry: batch mode when ``prompts_file`` is set, else the interactive REPL."""
     if not config.prompts_file:
         return repl(load_engine(config), config)
-    try:  # read before loading the model: a bad file fails fast
-        prompts = read_prompts(config.prompts_file)
-    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise SystemExit(f"chatmusician chat: {exc}") from None
+    prompts = read_prompts(config.prompts_file)  # before loading the model: a bad file fails fast
     results = predict(load_engine(config), config, prompts)
     text = json.dumps(results, indent=2, ensure_ascii=False)
     if config.output:

@@ -8,6 +8,8 @@ Config modules hold dataclasses only (no torch/ray imports) so that the CLI's he
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,11 +23,15 @@ C = TypeVar("C")
 
 
 def make_parser(
-    config_cls: type, prog: str | None = None, parser: ArgumentParser | None = None
+    config_cls: type,
+    prog: str | None = None,
+    parser: ArgumentParser | None = None,
+    exit_on_error: bool = True,
 ) -> ArgumentParser:
-    """A parser taking ``--config FILE.yaml`` plus one flag per field of ``config_cls`` (nested with dots)."""
+    """A parser taking ``--config FILE.yaml`` plus one flag per field of ``config_cls`` (nested with dots);
+    ``exit_on_error=False`` raises ``argparse.ArgumentError`` instead of printing the usage and exiting."""
     parser = parser or ArgumentParser(
-        prog=prog, description=(config_cls.__doc__ or "").strip(), exit_on_error=True
+        prog=prog, description=(config_cls.__doc__ or "").strip(), exit_on_error=exit_on_error
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below.")
     parser.add_class_arguments(config_cls)
@@ -64,3 +70,54 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# --- checks made before any work starts ------------------------------------------------------------------------
+
+MODEL_REF_FIELDS = ("model", "tokenizer", "base_model", "adapter", "adapters")
+"""Top-level config fields that name a model, tokenizer or adapter (a local path or a hub id)."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, found before any cluster work; the message says what to pass instead."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_ref_problem(value: str) -> str | None:
+    """Why a model/tokenizer/adapter reference cannot load (None when it may): a path that does not exist, or
+    a hub id while the hub is offline and the id is not in the local cache."""
+    if not value or "://" in value or Path(value).expanduser().exists():
+        return None
+    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        return "no such folder"
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = any(
+            isinstance(try_to_load_from_cache(value, name), str)
+            for name in ("config.json", "tokenizer_config.json", "adapter_config.json")
+        )
+        if not cached:
+            return "is a hub id, but the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
+    return None
+
+
+def check_model_refs(config: Any) -> None:
+    """ConfigError naming the first of :data:`MODEL_REF_FIELDS` that cannot load, and what to pass instead."""
+    for name in MODEL_REF_FIELDS:
+        value = getattr(config, name, None)
+        for ref in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(ref, str) and (problem := model_ref_problem(ref)):
+                what = (
+                    "a PEFT adapter folder (a training run's checkpoint adapter/)"
+                    if name.startswith("adapter")
+                    else "a local model folder (`chatmusician build-tiny` prints one)"
+                )
+                raise ConfigError(
+                    f"{name} {ref!r}: {problem}; pass --{name} with {what} or a hub id such as "
+                    "m-a-p/ChatMusician with the hub reachable"
+                )

@@ -31,8 +31,8 @@ def test_clean_file_exits_0_with_one_report_per_tune(tmp_path, capsys):
     code, reports = run(["abc-check", "--inputs", f"[{path}]"], capsys, entry="main")
     assert code == 0
     assert [(r["tune"], r["number"], r["ok"], r["issues"]) for r in reports] == [
-        (1, 1, True, []),
-        (2, 5, True, []),
+        (0, 1, True, []),
+        (1, 5, True, []),
     ]
 
 
@@ -42,8 +42,8 @@ def test_errors_exit_1_and_point_at_input_lines(tmp_path, capsys):
     code, reports = run(["abc-check", "--inputs", f"[{path}]"], capsys)
     assert code == 1
     by_tune = {r["tune"]: r for r in reports}
-    assert by_tune[1]["ok"] and not by_tune[2]["ok"]
-    issues = {(i["code"], i["line"]) for i in by_tune[2]["issues"]}
+    assert by_tune[0]["ok"] and not by_tune[1]["ok"]
+    issues = {(i["code"], i["line"]) for i in by_tune[1]["issues"]}
     # BAD starts on input line 11 (after the prose, GOOD and a blank line): K:H is line 15, the bars line 16
     assert issues == {("invalid_key", 15), ("bar_duration", 16)}
 
@@ -51,14 +51,14 @@ def test_errors_exit_1_and_point_at_input_lines(tmp_path, capsys):
 def test_tune_index_and_limits_from_the_command_line(tmp_path, capsys):
     path = tmp_path / "book.abc"
     path.write_text(GOOD + "\n" + BAD)
-    code, reports = run(["abc-check", "--inputs", f"[{path}]", "--tune_index", "1"], capsys)
-    assert code == 0 and [r["tune"] for r in reports] == [1]
+    code, reports = run(["abc-check", "--inputs", f"[{path}]", "--tune_index", "0"], capsys)
+    assert code == 0 and [r["tune"] for r in reports] == [0]  # 0-based, as render and /v1/render count
     code, reports = run(
-        ["abc-check", "--inputs", f"[{path}]", "--tune_index", "1", "--limits.max_tunes", "1"], capsys
+        ["abc-check", "--inputs", f"[{path}]", "--tune_index", "0", "--limits.max_tunes", "1"], capsys
     )
     assert code == 1 and reports[0]["tune"] is None and reports[0]["issues"][0]["code"] == "too_many_tunes"
-    code, reports = run(["abc-check", "--inputs", f"[{path}]", "--tune_index", "3"], capsys)
-    assert code == 1 and reports[-1]["issues"][0]["code"] == "no_such_tune"
+    code, reports = run(["abc-check", "--inputs", f"[{path}]", "--tune_index", "2"], capsys)
+    assert code == 1 and reports[-1]["issues"][0]["code"] == "tune_index_out_of_range"
 
 
 def test_forbidden_directives_are_reported_as_warnings(tmp_path, capsys):
@@ -76,6 +76,20 @@ def test_unreadable_file_and_no_abc_are_structured_errors(tmp_path, capsys):
     code, reports = run(["abc-check", "--inputs", f"[{tmp_path / 'missing.abc'}, {prose}]"], capsys)
     assert code == 1
     assert [r["issues"][0]["code"] for r in reports] == ["unreadable_input", "no_abc_found"]
+
+
+def test_files_are_positional_like_render_and_an_empty_file_is_the_same_error(tmp_path, capsys):
+    good, bad, empty = tmp_path / "good.abc", tmp_path / "bad.abc", tmp_path / "empty.abc"
+    good.write_text(GOOD)
+    bad.write_text(BAD)
+    empty.write_text("  \n")
+    code, reports = run(["abc-check", str(good), str(bad), "--tune_index", "0"], capsys, entry="main")
+    assert code == 1 and [(r["input"], r["ok"]) for r in reports] == [(str(good), True), (str(bad), False)]
+    code, reports = run(["abc-check", str(empty)], capsys, entry="main")
+    assert code == 1 and reports[0]["issues"][0]["code"] == "empty_input"
+    from chatmusician.render.pipeline import RenderRequest, render
+
+    assert [e["code"] for e in render(RenderRequest("  \n")).errors] == ["empty_input"]
 
 
 def test_stdin_is_read_with_dash(monkeypatch, capsys):

@@ -119,5 +119,25 @@ def test_cli_batch_mode_writes_json_predictions(tiny_model_path, tmp_path):
     assert all(p["completion_tokens"] <= 5 for p in first)
     main([*args, "--generation.max_new_tokens", "4", "--seed", "3"])
     assert json.loads(out.read_text()) == first  # a seed makes batch predictions reproducible
-    with pytest.raises(SystemExit, match="chatmusician chat: .*missing.txt"):
-        main(["chat", "--model", tiny_model_path, "--prompts_file", str(tmp_path / "missing.txt")])
+    assert main(["chat", "--model", tiny_model_path, "--prompts_file", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_prompts_file_errors_name_the_line_and_answers_without_abc_say_so(tmp_path, capsys):
+    from chatmusician.chat import prediction
+    from chatmusician.serve.composer import Completion
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n\n{"prompt": "cut\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:3: malformed JSON"):
+        read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.json").write_text('[\n"a",\n"b"\n"c"]')
+    with pytest.raises(ValueError, match=r"p.json:4: malformed JSON"):
+        read_prompts(tmp_path / "p.json")
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"task": {"family": "chords", "fields": {"chords": 5}}}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"t.jsonl:1: .*'chords' must be a non-empty list of strings"):
+        read_prompts(tmp_path / "t.jsonl")
+    no_tune = prediction("p", Completion("I would rather talk about music.", "stop", 3, 7))
+    assert no_tune["abc"] is None and no_tune["error"]["code"] == "no_abc"
+    tune = prediction("p", Completion("X:1\nK:G\nGABc|", "stop", 3, 7))
+    assert tune["abc"].startswith("X:1") and "error" not in tune

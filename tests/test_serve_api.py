@@ -110,6 +110,24 @@ def test_compose_without_abc_renders_nothing_and_says_so(client, backend):
     assert body["extraction"]["message"] and not backend.renders
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"chords": 5}, "chords"),
+        ({"chords": []}, "chords"),
+        ({"chords": ["C", 7]}, "chords"),
+        ({"description": ["M", "6/8"]}, "description"),
+        ({"description": {"M": {"nested": 1}}}, "description"),
+        ({"form": None}, "form"),
+    ],
+)
+def test_compose_task_fields_of_the_wrong_type_are_400_naming_the_field(client, fields, field):
+    family = {"chords": "chords", "description": "text_to_music", "form": "form"}[field]
+    response = client.post("/v1/compose", json={"task": {"family": family, "fields": fields}})
+    error = assert_error(response, 400, "invalid_task")
+    assert error["param"] == f"task.fields.{field}" and repr(field) in error["message"]
+
+
 def test_compose_task_uses_the_prompt_builders(client):
     body = client.post("/v1/compose", json={"task": {"family": "form", "fields": {"form": "AABB"}}}).json()
     assert body["prompt"] == musical_form("AABB") == body["text"]  # the echo engine answers with the prompt

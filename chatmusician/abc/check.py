@@ -40,22 +40,25 @@ def check_text(
     text: str, limits: AbcLimits | None = None, tune_index: int | None = None, source: str = "-"
 ) -> list[dict]:
     """Reports for one input: one for the input itself when sanitizing/extracting found something, then
-    one per tune (only the ``tune_index``-th, 1-based, when given)."""
+    one per tune (only tune ``tune_index``, 0-based as everywhere, when given); ``tune`` is that 0-based index.
+    An input with no ABC text at all is the ``empty_input`` error, as ``render`` says it."""
+    if not text.strip():
+        return [_report(source, None, [Issue(ERROR, "empty_input", "the input holds no ABC text")])]
     cleaned = sanitize(text, limits)
     found = extract_tunes(cleaned.text) if cleaned.text else None
     input_issues = cleaned.issues + (found.issues if found else [])
     reports = [_report(source, None, input_issues)] if input_issues else []
     for index, (tune_text, lines) in enumerate(
-        zip(found.tunes, found.source_lines, strict=True) if found else [], 1
+        zip(found.tunes, found.source_lines, strict=True) if found else []
     ):
         if tune_index is not None and index != tune_index:
             continue
         tune = parse_tune(tune_text)
         issues = [_to_input_line(i, lines) for i in validate_tune(tune)]
         reports.append(_report(source, index, issues, number=tune.number, title=tune.title, line=lines[0]))
-    if tune_index is not None and found is not None and not 1 <= tune_index <= len(found.tunes):
-        message = f"no tune at position {tune_index} ({len(found.tunes)} found)"
-        reports.append(_report(source, tune_index, [Issue(ERROR, "no_such_tune", message)]))
+    if tune_index is not None and found is not None and not 0 <= tune_index < len(found.tunes):
+        message = f"tune_index {tune_index} out of range: the input holds {len(found.tunes)} tune(s)"
+        reports.append(_report(source, tune_index, [Issue(ERROR, "tune_index_out_of_range", message)]))
     return reports
 
 

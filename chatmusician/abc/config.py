@@ -6,6 +6,7 @@ Dataclasses only (no parsing code here), so that the CLI's ``--help`` stays fast
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 # Directives that make abcm2ps/abc2midi read files or copy raw PostScript/SVG/HTML into their output
 # (docs/TOOLS.md: both tools honour %%abc-include; abcm2ps copies %%beginsvg blocks, <script> included).
@@ -55,9 +56,12 @@ class AbcLimits:
 class AbcCheckConfig:
     """Check ABC files: sanitize, extract tunes, validate; print one JSON object per tune; exit 1 on errors."""
 
+    POSITIONAL: ClassVar[str] = "inputs"  # `chatmusician abc-check a.abc b.abc` (or `-`)
+    POSITIONAL_LIST: ClassVar[bool] = True
+
     inputs: list[str] = field(default_factory=lambda: ["-"])
     """Files to check ("-" reads standard input); each may hold model output, one tune or a tune book."""
     tune_index: int | None = None
-    """Check only the tune at this 1-based position in each input (default: every tune)."""
+    """Check only the tune at this position in each input, 0 = the first, as ``render`` counts (default: every tune)."""
     limits: AbcLimits = field(default_factory=AbcLimits)
     """Limits applied to each input before parsing."""

@@ -1,4 +1,5 @@
-"""``chatmusician render --input tune.abc --formats midi,mp3,svg,png --out DIR``: the pipeline on one file."""
+"""``chatmusician render tune.abc --formats midi,mp3,svg,png --out DIR`` (``-`` reads standard input): the
+pipeline on one file; prints one JSON line with the files, errors and warnings (each with line/column)."""
 
 from __future__ import annotations
 
@@ -40,17 +41,13 @@ def run_render(cfg: RenderCommandConfig) -> RenderResult:
     else:
         path = Path(cfg.input)
         if not path.is_file():
-            raise SystemExit(f"chatmusician render: no such file: {cfg.input}")
+            raise FileNotFoundError(f"no such file: {cfg.input}")
         data, stem = path.read_bytes(), path.stem
     text = data.decode("utf-8", errors="replace")  # bytes that are not UTF-8 reach the sanitizer as U+FFFD
     request = RenderRequest(abc=text, formats=parse_formats(cfg.formats), tune_index=cfg.tune_index)
     result = render(request, cfg.render)
     files = write_outputs(result, cfg.out, stem)
-    print(
-        json.dumps(
-            {"ok": result.ok, "files": files, "errors": result.errors, "warnings": len(result.warnings)}
-        )
-    )
+    print(json.dumps({"ok": result.ok, "files": files, "errors": result.errors, "warnings": result.warnings}))
     if not result.ok:
         raise SystemExit(1)
     return result

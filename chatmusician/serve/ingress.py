@@ -247,7 +247,10 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
             try:
                 prompt = build_task_prompt(Task(body.task.family, body.task.fields))
             except ValueError as exc:
-                return error_response(400, "invalid_task", str(exc), param="task")
+                field = getattr(exc, "field", None)  # prompts.TaskError names the field at fault
+                return error_response(
+                    400, "invalid_task", str(exc), param=f"task.fields.{field}" if field else "task"
+                )
         if error := too_long(prompt + "".join(q + a for q, a in body.history), "the prompt"):
             return error
         params = body.params.model_dump()
