@@ -33,6 +33,23 @@ def tiny_model_path() -> str:
     return str(ensure_tiny("nano"))
 
 
+def own_dashboard_agent_port() -> None:
+    """Ray's dashboard agent listens on 52365 unless told otherwise, and ``ray.init`` cannot tell it: a second
+    cluster on the host then dies at start-up (raylet: "Timed out waiting for file ... metrics_agent_port",
+    the agent: "address already in use"). Make this process's next local cluster take a free port instead."""
+    import inspect
+
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+    names = [
+        p for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty
+    ]
+    defaults = list(init.__defaults__)
+    defaults[[p.name for p in names].index("dashboard_agent_listen_port")] = free_port()
+    init.__defaults__ = tuple(defaults)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session: 4 logical CPUs so that Data tasks never starve 2 train workers
@@ -40,6 +57,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        own_dashboard_agent_port()
         ray.init(
             address="local",  # never attach to a cluster another `ray start` left in /tmp/ray
             num_cpus=4,
