@@ -1,4 +1,4 @@
-"""Ray Serve app: Ingress (REST + OpenAI-compatible API + gradio web UI) -> Composer (model) and Renderer.
+"""Ray Serve app: Ingress (REST + OpenAI-compatible API + web UI) -> Composer (model) and Renderer.
 
 ``build_app`` (:mod:`chatmusician.serve.app`) is the ``import_path`` of serve_config.yaml; the pure helpers
 live in :mod:`~chatmusician.serve.composer` and :mod:`~chatmusician.serve.openai_api`.

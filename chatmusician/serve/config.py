@@ -85,7 +85,7 @@ class ServeAppConfig(EngineConfig):
     retry_after_s: int = 1
     """Retry-After seconds sent with 503 when the app is overloaded."""
     web_ui: bool = True
-    """Mount the gradio web UI at ui_path."""
+    """Serve the web UI (a static page over this API) at ui_path."""
     ui_path: str = "/ui"
     """URL path of the web UI."""
     ui_formats: list[str] = field(default_factory=lambda: ["png", "mp3"])

@@ -2,11 +2,11 @@
 
 Routes: ``POST /v1/compose`` (prompt or task -> answer, extracted ABC, validation report, renders),
 ``POST /v1/render`` (ABC -> renders), OpenAI-compatible ``POST /v1/chat/completions`` (``stream: true`` as
-server-sent events) and ``GET /v1/models``, ``GET /healthz``, OpenAPI docs at ``/docs``, the gradio web UI at
-``ui_path``. Every error has one JSON shape (:func:`~chatmusician.serve.openai_api.error_body`); bodies over
+server-sent events) and ``GET /v1/models``, ``GET /healthz``, OpenAPI docs at ``/docs``, the web UI at
+``ui_path`` (``webui.py``). Every error has one JSON shape (:func:`~chatmusician.serve.openai_api.error_body`); bodies over
 ``max_body_bytes`` get 413; an overloaded Composer gives 503 with ``Retry-After`` instead of queueing without bound.
 
-The FastAPI app is built inside the replica (``__serve_build_asgi_app__``) because gradio apps cannot be pickled;
+The FastAPI app is built inside the replica (``__serve_build_asgi_app__``) over the replica's handles;
 :func:`build_api` takes any backend, so the routes are tested without Ray too.
 """
 
@@ -286,7 +286,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """HTTP ingress: builds the FastAPI app (+ gradio UI) inside the replica over handles to Composer and Renderer."""
+    """HTTP ingress: builds the FastAPI app (+ web UI) inside the replica over handles to Composer and Renderer."""
 
     def __init__(self, composer: DeploymentHandle, renderer: DeploymentHandle, config: ServeAppConfig):
         self.backend = HandleBackend(composer, renderer)
@@ -295,9 +295,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         app = build_api(self.backend, self.config)
         if self.config.web_ui:
-            import gradio as gr
+            from chatmusician.serve.webui import mount_ui
 
-            from chatmusician.serve.webui import build_ui
-
-            app = gr.mount_gradio_app(app, build_ui(self.backend, self.config), path=self.config.ui_path)
+            mount_ui(app, self.backend, self.config)  # a static page over this API: no session state
         return app

@@ -1,172 +1,211 @@
-"""The gradio web UI (the original demo, on gradio 6): chat with history, the original's example prompts,
-advanced sampling options, and for each answer its score image, an audio player and the ABC as a download.
+"""The web UI: one static page (HTML + JS + abcjs, all served by the app) over the app's own REST API.
 
-It talks to the same backend as the HTTP routes (Composer stream + Renderer), and is mounted on the ingress's
-FastAPI app inside the replica (``gr.mount_gradio_app``).
+Why a plain page and not gradio: the page keeps no server-side session (every call is a plain REST request:
+``/v1/chat/completions`` streaming, ``/v1/render``), so it works behind any number of Ingress replicas without
+sticky sessions; abcjs draws each answer's score as SVG in the browser and plays it with a moving cursor, which
+a gradio chat cannot hold per message; and Stop is an aborted fetch, which Serve turns into a cancelled
+Composer stream (the stream's ``finally`` stops ``generate``).
+
+Routes added under ``ui_path``: the page (``/``), its files (``/static``), ``POST /api/analyze`` (an answer's
+text -> every ABC tune in it and its validation issues with line/column), and ``/soundfont/<instrument>-mp3/
+<note>.mp3``: the note samples abcjs's synth fetches, cut from the Renderer's own soundfont (fluidsynth) one
+octave per render, so playback in the browser sounds like the server's MP3 and needs no CDN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import tempfile
+import io
+import json
+import re
+import wave
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from chatmusician.prompts import EXAMPLE_PROMPTS
+from chatmusician.serve import openai_api as api
 from chatmusician.serve.composer import analyze_abc
 from chatmusician.serve.config import ServeAppConfig
 
+STATIC_DIR = Path(__file__).parent / "static"
+GM_INSTRUMENTS: list[str] = json.loads((STATIC_DIR / "gm-instruments.json").read_text())[:128]
+"""abcjs's names of the 128 General MIDI programs (from abcjs's instrument-index-to-name.js)."""
 
-def message_text(content: Any) -> str:
-    """Text of a gradio chat message's content (a string, or a list of parts in gradio 6)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or "")
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return ""
+CPU_MAX_NEW_TOKENS = 384
+"""The page's default answer length when the Composer has no GPU: one short tune, seconds on a CPU."""
 
-
-def history_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Gradio ``messages`` -> closed (question, answer) turns; an unanswered question is dropped."""
-    pairs, question = [], None
-    for message in messages:
-        text = message_text(message.get("content"))
-        if message.get("role") == "user":
-            question = text if question is None else f"{question}\n{text}"
-        elif question is not None:
-            pairs.append((question, text))
-            question = None
-    return pairs
+SLOT_EIGHTHS = 3  # each sample: a quarter note then an eighth rest at 120 eighths/min (1 s + 0.5 s release)
+SLOT_S = SLOT_EIGHTHS * 0.5
+_NOTE = re.compile(r"^([A-G])(b?)(-?\d)$")
+_PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_ABC_NAMES = ["C", "^C", "D", "^D", "E", "F", "^F", "G", "^G", "A", "^A", "B"]
 
 
-def save_renders(render: dict[str, Any], abc: str, out_dir: Path) -> dict[str, str]:
-    """Decode the renderer's base64 outputs (and the ABC) into files the UI components can serve."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"abc": out_dir / "tune.abc"}
-    paths["abc"].write_text(abc, encoding="utf-8")
-    for fmt, data in (render or {}).get("outputs", {}).items():
-        suffix = "mid" if fmt == "midi" else fmt
-        paths[fmt] = out_dir / f"tune.{suffix}"
-        paths[fmt].write_bytes(base64.b64decode(data))
-    return {fmt: str(path) for fmt, path in paths.items()}
+# ------------------------------------------------------------------------------------------- pure helpers
 
 
-def report(abc: dict[str, Any], render: dict[str, Any] | None) -> str:
-    """Markdown under the answer: validation findings and render errors, one line each."""
-    if not abc["abc"]:
-        return (
-            f"No ABC tune in the answer ({abc['message']})."
-            if abc.get("message")
-            else "No ABC tune in the answer."
-        )
-    lines = [
-        f"- {i.get('severity', 'issue')} `{i.get('code')}` line {i.get('line')}: {i.get('message')}"
-        for i in abc["validation"]
-    ]
-    lines += [
-        f"- render error `{e.get('code')}`: {e.get('message')}" for e in (render or {}).get("errors", [])
-    ]
-    return "\n".join(["**Tune found.**" + ("" if lines else " No issues.")] + lines)
+def note_to_midi(name: str) -> int | None:
+    """abcjs's sample name (``C4``, ``Db4``, ``Bb0``) -> MIDI pitch (middle C = 60), None if not a note name."""
+    m = _NOTE.match(name)
+    if not m:
+        return None
+    pitch = 12 * (int(m.group(3)) + 1) + _PITCH_CLASS[m.group(1)] - (1 if m.group(2) else 0)
+    return pitch if 0 <= pitch <= 127 else None
 
 
-def build_ui(backend, config: ServeAppConfig) -> gr.Blocks:
-    """The Blocks app over ``backend`` (``stream`` and ``render``, as in :class:`~chatmusician.serve.ingress.Backend`)."""
-    defaults = config.generation
-    image_format = next((f for f in config.ui_formats if f in ("png", "svg")), None)
-    audio_format = next((f for f in config.ui_formats if f in ("mp3", "wav")), None)
+def midi_to_abc(pitch: int) -> str:
+    """MIDI pitch -> ABC note (60 -> ``C``, 72 -> ``c``, 48 -> ``C,``, 85 -> ``^c'``)."""
+    octave, name = pitch // 12 - 1, _ABC_NAMES[pitch % 12]
+    if octave >= 5:
+        return name.lower() + "'" * (octave - 5)
+    return name + "," * (4 - octave)
 
-    async def respond(message, chat, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
-        chat = list(chat or [])
-        if not (message or "").strip():
-            yield chat, message, None, None, None, "Type a request first."
-            return
-        history = history_pairs(chat)
-        chat += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        yield chat, "", None, None, None, "Composing…"
-        params = {
-            "temperature": float(temperature),
-            "top_p": float(top_p),
-            "top_k": int(top_k),
-            "repetition_penalty": float(repetition_penalty),
-            "max_new_tokens": int(max_new_tokens),
+
+def octave_block(pitch: int) -> range:
+    """The 12 pitches rendered together with ``pitch`` (one render per octave of one instrument)."""
+    return range(12 * (pitch // 12), 12 * (pitch // 12) + 12)
+
+
+def samples_abc(program: int, pitches: range) -> str:
+    """A tune playing each pitch for 1 s, then 0.5 s of rest for its release, on a General MIDI program."""
+    body = "|".join(f"{midi_to_abc(p)}2z" for p in pitches)
+    return f"X:1\nT:samples\nM:3/8\nL:1/8\nQ:1/8=120\nK:C\n%%MIDI program {program}\n{body}|\n"
+
+
+def cut_samples(wav: bytes, count: int) -> list[bytes]:
+    """A WAV of ``count`` consecutive 1.5 s slots -> one WAV per slot (browsers decode WAV at any URL)."""
+    with wave.open(io.BytesIO(wav)) as src:
+        params, frames = src.getparams(), src.readframes(src.getnframes())
+    frame_bytes = params.sampwidth * params.nchannels
+    per_slot = int(round(SLOT_S * params.framerate))
+    out = []
+    for i in range(count):
+        chunk = frames[i * per_slot * frame_bytes : (i + 1) * per_slot * frame_bytes]
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as dst:
+            dst.setnchannels(params.nchannels)
+            dst.setsampwidth(params.sampwidth)
+            dst.setframerate(params.framerate)
+            dst.writeframes(chunk)
+        out.append(buf.getvalue())
+    return out
+
+
+def tune_reports(text: str) -> dict[str, Any]:
+    """Every ABC tune in an answer (or pasted text), each with its validation issues (1-based line/column)."""
+    from chatmusician.abc import validate_tune
+
+    found = analyze_abc(text)
+    tunes = [
+        {
+            "abc": tune,
+            "issues": [i.to_dict() if hasattr(i, "to_dict") else dict(i) for i in validate_tune(tune)],
         }
-        answer = ""
-        try:
-            async for event in backend.stream({"prompt": message, "history": history, "params": params}):
-                if "error" in event:
-                    yield chat, "", None, None, None, f"Refused: {event['error']['message']}"
-                    return
-                if "delta" in event:
-                    answer += event["delta"]
-                    chat[-1] = {"role": "assistant", "content": answer}
-                    yield chat, "", None, None, None, "Composing…"
-        except Exception as exc:  # overload or a dead replica: say so instead of breaking the page
-            yield (
-                chat,
-                "",
-                None,
-                None,
-                None,
-                f"The server could not answer ({type(exc).__name__}); try again.",
-            )
-            return
-        abc = analyze_abc(answer)
-        if not abc["abc"]:
-            yield chat, "", None, None, None, report(abc, None)
-            return
-        formats = [f for f in (image_format, audio_format) if f]
-        try:
-            render = await backend.render({"abc": abc["abc"], "formats": formats, "tune_index": 0})
-        except Exception as exc:
-            render = {"outputs": {}, "errors": [{"code": "renderer_failed", "message": type(exc).__name__}]}
-        files = save_renders(render, abc["abc"], Path(tempfile.mkdtemp(prefix="chatmusician-ui-")))
-        yield chat, "", files.get(image_format), files.get(audio_format), files["abc"], report(abc, render)
+        for tune in found["tunes"]
+    ]
+    return {"tunes": tunes, "message": found["message"], "extraction_issues": found["issues"]}
 
-    with gr.Blocks(title="ChatMusician") as ui:
-        gr.Markdown(
-            "# ChatMusician\nAsk for music in ABC notation; every answer's tune is engraved and played."
-        )
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat")
-                prompt = gr.Textbox(
-                    label="Your request", placeholder="Compose a jig in G major…", lines=3, elem_id="prompt"
-                )
-                with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
-                    clear = gr.Button("Clear")
-                gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Examples")
-                with gr.Accordion("Advanced options", open=False):
-                    temperature = gr.Slider(
-                        0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature"
-                    )
-                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p")
-                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top k")
-                    repetition_penalty = gr.Slider(
-                        1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
-                    )
-                    max_new_tokens = gr.Slider(
-                        1,
-                        config.max_new_tokens_cap,
-                        value=min(defaults.max_new_tokens, config.max_new_tokens_cap),
-                        step=1,
-                        label="Max new tokens",
-                    )
-            with gr.Column(scale=2):
-                score = gr.Image(label="Score", type="filepath", elem_id="score", interactive=False)
-                audio = gr.Audio(label="Audio", type="filepath", elem_id="audio", interactive=False)
-                abc_file = gr.File(label="ABC", elem_id="abc-file", interactive=False)
-                status = gr.Markdown(elem_id="status")
-        inputs = [prompt, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens]
-        outputs = [chatbot, prompt, score, audio, abc_file, status]
-        send.click(respond, inputs, outputs)
-        prompt.submit(respond, inputs, outputs)
-        clear.click(lambda: ([], None, None, None, ""), None, [chatbot, score, audio, abc_file, status])
-    # gradio runs one event at a time by default; let several users' requests reach the batching Composer.
-    return ui.queue(
-        default_concurrency_limit=2 * config.max_batch_size, max_size=config.ingress.max_queued_requests
-    )
+
+def page_settings(config: ServeAppConfig) -> dict[str, Any]:
+    """What the page needs to know: model name, sampling defaults and caps, which request fields exist."""
+    defaults = config.generation
+    on_gpu = config.composer.num_gpus > 0 or config.device == "cuda"
+    default_tokens = defaults.max_new_tokens if on_gpu else min(defaults.max_new_tokens, CPU_MAX_NEW_TOKENS)
+    fields = api.ChatCompletionRequest.model_fields
+    return {
+        "model": config.served_model_name,
+        "examples": list(EXAMPLE_PROMPTS),
+        "defaults": {
+            "temperature": defaults.temperature,
+            "top_p": defaults.top_p,
+            "top_k": defaults.top_k,
+            "repetition_penalty": defaults.repetition_penalty,
+            "max_new_tokens": min(default_tokens, config.max_new_tokens_cap),
+        },
+        "max_new_tokens_cap": config.max_new_tokens_cap,
+        # The constrained-decoding switch appears once the API has the field (issue 15); on by default.
+        "constrained": "constrained" in fields,
+        "seed": "seed" in fields,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- routes
+
+
+class AnalyzeBody(BaseModel):
+    text: str = Field(min_length=1, description="An answer or pasted ABC: every tune in it is returned.")
+
+
+class SampleBank:
+    """Note samples per (program, octave), rendered once per Ingress replica through the Renderer."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.blocks: dict[tuple[int, int], asyncio.Task] = {}
+
+    async def _render(self, program: int, block: range) -> dict[int, bytes]:
+        pitches = range(max(block.start, 21), min(block.stop, 109))  # the piano's range, as abcjs asks
+        result = await self.backend.render({"abc": samples_abc(program, pitches), "formats": ["wav"]})
+        wav = (result or {}).get("outputs", {}).get("wav")
+        if not wav:
+            raise RuntimeError(f"the renderer gave no audio: {(result or {}).get('errors')}")
+        return dict(zip(pitches, cut_samples(base64.b64decode(wav), len(pitches)), strict=True))
+
+    async def sample(self, program: int, pitch: int) -> bytes | None:
+        block = octave_block(pitch)
+        key = (program, block.start)
+        task = self.blocks.get(key)
+        if task is None or (task.done() and task.exception() is not None):
+            task = self.blocks[key] = asyncio.ensure_future(self._render(program, block))
+        return (await task).get(pitch)
+
+
+def mount_ui(app: FastAPI, backend, config: ServeAppConfig) -> FastAPI:
+    """Add the page and its routes under ``config.ui_path`` to the API app (``backend`` as in the ingress)."""
+    base = "/" + config.ui_path.strip("/")
+    settings = page_settings(config)
+    template = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    bank = SampleBank(backend)
+
+    @app.get(base, include_in_schema=False)
+    async def ui_redirect(request: Request):
+        return RedirectResponse(request.scope.get("root_path", "") + base + "/")
+
+    @app.get(base + "/", include_in_schema=False)
+    async def ui_page(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        page = {**settings, "api": root, "ui": root + base}
+        # "</" cannot end the script element early once escaped; the page reads it with JSON.parse.
+        blob = json.dumps(page).replace("</", "<\\/")
+        return HTMLResponse(template.replace("{{SETTINGS}}", blob).replace("{{UI}}", root + base))
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return JSONResponse(api.error_body(code, message, kind), status_code=status)
+
+    @app.post(base + "/api/analyze", tags=["music"])
+    async def ui_analyze(body: AnalyzeBody) -> Any:
+        """Every ABC tune in a text with its validation issues (the page's per-answer score cards)."""
+        if len(body.text) > config.max_prompt_chars:
+            return error(413, "input_too_long", f"the text is over {config.max_prompt_chars} characters")
+        return await asyncio.to_thread(tune_reports, body.text)
+
+    @app.get(base + "/soundfont/{instrument}-mp3/{note}.mp3", include_in_schema=False)
+    async def ui_sample(instrument: str, note: str) -> Response:
+        pitch = note_to_midi(note)
+        if instrument not in GM_INSTRUMENTS or pitch is None or not 21 <= pitch <= 108:
+            return error(404, "not_found", f"no sample {instrument}/{note}")
+        try:
+            data = await bank.sample(GM_INSTRUMENTS.index(instrument), pitch)
+        except Exception as exc:  # abcjs then names the note it could not load; the server's MP3 still plays
+            return error(503, "sample_failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+        return Response(data, media_type="audio/wav", headers={"Cache-Control": "public, max-age=86400"})
+
+    app.mount(base + "/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+    return app
