@@ -18,12 +18,11 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from chatmusician.abc import extract_tunes, has_errors, parse_key, parse_meter, parse_tune, validate_tune
-from chatmusician.abc.validate import bar_durations
+from chatmusician.abc import extract_tunes, has_errors, parse_key, parse_tune, validate_tune
+from chatmusician.abc.validate import split_voices, tokenize
 from chatmusician.eval.config import FIXTURES
 from chatmusician.prompts import Task, build_task_prompt
 
@@ -58,8 +57,14 @@ def _same_key(a: str, b: str) -> bool:
     return (ka.tonic, ka.mode) == (kb.tonic, kb.mode)
 
 
+def _meter_text(value: str) -> str:
+    text = re.sub(r"\s+", "", value)
+    return {"C": "4/4", "C|": "2/2"}.get(text, text)
+
+
 def _same_meter(a: str, b: str) -> bool:
-    return parse_meter(a) == parse_meter(b)
+    """Same time signature as written (6/8 is not 3/4, though both bars last three quarters); C = 4/4."""
+    return _meter_text(a) == _meter_text(b)
 
 
 def body_bars(body: str) -> list[str]:
@@ -81,18 +86,22 @@ def structure(bars: list[str]) -> dict[str, float]:
     }
 
 
-def bar_consistency(tune_text: str, meter: Fraction | None) -> float | None:
-    """Share of inner bars (all voices) whose duration equals the meter; None with no meter or < 3 bars."""
-    if meter is None:
-        return None
+def bar_consistency(tune) -> float | None:
+    """Share of inner bars (all voices; first and last left out) lasting what the meter in force says; None
+    with no meter or fewer than three bars. Inline meter changes are followed."""
     try:
-        voices = bar_durations(tune_text)
+        voices = split_voices(tune, tokenize(tune), [])
     except Exception:  # noqa: BLE001 - the tokenizer is third-party; a bad tune is just inconsistent
         return 0.0
-    inner = [d for bars in voices.values() for d in bars[1:-1]]
+    inner = [
+        bar
+        for bars in voices.values()
+        for bar in [b for b in bars if b.first is not None][1:-1]
+        if bar.meter is not None and not bar.whole_bar_rest
+    ]
     if not inner:
         return None
-    return sum(d == meter for d in inner) / len(inner)
+    return sum(bar.duration == bar.meter for bar in inner) / len(inner)
 
 
 def tune_metrics(
@@ -117,7 +126,7 @@ def tune_metrics(
         "key_present": bool(key and key.strip()),
         "meter_present": bool(meter and meter.strip()),
         "has_repeats": bool(_REPEAT.search(tune.body)),
-        "bar_consistency": bar_consistency(tune_text, tune.meter),
+        "bar_consistency": bar_consistency(tune),
         **structure(body_bars(tune.body)),
     }
     if "key" in request:

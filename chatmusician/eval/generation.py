@@ -7,7 +7,7 @@ constrained decoding is one switch: ``constrained=True`` hands the same prompts 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chatmusician.prompts import build_chat_prompt
@@ -78,12 +78,13 @@ def generate_counted(
     prompts: Sequence[str],
     *,
     constrained: bool = False,
+    constraints: Sequence[Mapping[str, Any] | None] | None = None,
     seed: int | None = None,
     **kwargs: Any,
 ) -> list[tuple[str, int]]:
-    """(answer text up to EOS, generated token count) for already-templated ``prompts``; ``kwargs`` are
-    ``generate``'s sampling arguments (see :func:`sampling_kwargs`). ``constrained`` routes through the ABC
-    grammar (its API returns texts; their tokens are counted by encoding them again)."""
+    """(answer text up to EOS, generated token count, EOS included) for already-templated ``prompts``;
+    ``kwargs`` are ``generate``'s sampling arguments (see :func:`sampling_kwargs`). ``constrained`` routes
+    through the ABC grammar, row i also held to ``constraints[i]`` (``{key, meter, ...}``: what it asked for)."""
     import torch
 
     if not prompts:
@@ -91,10 +92,12 @@ def generate_counted(
     if seed is not None:
         torch.manual_seed(seed)
     if constrained:
-        from chatmusician.model import constrained as grammar  # issue 15's module
+        from chatmusician.abc.grammar import AbcConstraints
+        from chatmusician.model import constrained as grammar
 
-        texts = grammar.generate(model, tokenizer, list(prompts), None, **kwargs)
-        return [(t, len(tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
+        wanted = [AbcConstraints.from_mapping(dict(c or {})) for c in constraints or [None] * len(prompts)]
+        outs = grammar.generate_outputs(model, tokenizer, list(prompts), wanted, **kwargs)
+        return [(g.text, len(g.ids) + (g.finish_reason == "stop")) for g in outs]
     return _plain_generate(model, tokenizer, prompts, **kwargs)
 
 

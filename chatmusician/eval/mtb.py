@@ -34,6 +34,7 @@ HINT = (
     "Choose the best option."
 )
 ABC_SENTENCE = "Use the example below to answer the question that follows."
+ANSWER_CUE = "\nAnswer: "
 FIELDS = ("id", "instruction", "stem", "options", "subject", "answer", "abc_score", "analysis")
 
 
@@ -110,7 +111,7 @@ def load_questions(
 
 def question_block(q: Mapping[str, Any]) -> str:
     """``{input}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer: `` (the candidate letter follows)."""
-    return f"{q['input']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}\nAnswer: "
+    return f"{q['input']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}{ANSWER_CUE}"
 
 
 def shots_text(shots: Sequence[Mapping[str, Any]]) -> str:
@@ -145,8 +146,9 @@ def candidate_texts(
 
 
 def chat_question(q: Mapping[str, Any]) -> str:
-    """The user message of generation mode: the hint and the question with its options."""
-    return f"{HINT}\n{question_block(q).rstrip()}"
+    """The user message of generation mode: the hint and the question with its options (the assistant's turn
+    gives the answer, so no ``Answer:`` cue)."""
+    return f"{HINT}\n{question_block(q).removesuffix(ANSWER_CUE)}"
 
 
 def chat_history(shots: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

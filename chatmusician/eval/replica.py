@@ -75,6 +75,7 @@ def _abc(model, tokenizer, payloads: Sequence[Mapping[str, Any]], cfg: EvalConfi
         tokenizer,
         chat_prompts([p["prompt"] for p in payloads]),
         constrained=q.constrained,
+        constraints=[p.get("request") for p in payloads],
         seed=int(payloads[0]["seed"]),
         **kwargs,
     )

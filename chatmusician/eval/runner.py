@@ -64,7 +64,7 @@ def abc_items(prompts: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[d
         {
             "key": json.dumps(["abc", p["name"], k]),
             "kind": "abc",
-            "payload": json.dumps({"prompt": p["prompt"], "seed": seed + k}),
+            "payload": json.dumps({"prompt": p["prompt"], "seed": seed + k, "request": p["request"]}),
         }  # fmt: skip
         for p in prompts
         for k in range(n)

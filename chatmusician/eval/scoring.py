@@ -60,7 +60,8 @@ def _logits(model, ids, mask):
     import torch
 
     with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return logits if logits.dtype == torch.float64 else logits.float()  # OpenCompass: .float()
 
 
 def sequence_scores(model, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[float]:
