@@ -49,6 +49,46 @@ def test_deployment_options_carry_the_autoscaling_bounds():
     )
     deployment = build_renderer(config)._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == 7
+    assert options["max_queued_requests"] == ServeRenderConfig().max_queued_requests > 0
+
+
+def test_a_full_queue_refuses_with_backpressure_which_the_ingress_answers_503(renderer):
+    """Bounded like the Composer: one replica, one request at a time, one waiting; the rest are refused."""
+    import asyncio
+
+    from ray import serve
+    from ray.serve.exceptions import BackPressureError
+
+    from chatmusician.render.deployment import build_renderer
+    from chatmusician.serve.ingress import HandleBackend
+
+    serve_cfg = ServeRenderConfig(
+        num_cpus=0.1, min_replicas=1, max_replicas=1, max_ongoing_requests=1, max_queued_requests=1
+    )
+    slow = {"abc": TUNE, "formats": ["midi", "wav", "mp3", "svg", "png"]}
+    handle = serve.run(
+        build_renderer(RenderConfig(serve=serve_cfg)), name="renderer-queue", route_prefix=None
+    )
+    try:
+        responses = [handle.render.remote(slow) for _ in range(6)]
+        outcomes = []
+        for response in responses:
+            try:
+                outcomes.append(response.result(timeout_s=120)["ok"])
+            except BackPressureError:
+                outcomes.append("refused")
+        assert outcomes.count(True) >= 2 and "refused" in outcomes, outcomes
+        assert set(outcomes) <= {True, "refused"}, outcomes
+
+        async def through_ingress():
+            backend = HandleBackend(None, handle)
+            results = await asyncio.gather(*(backend.render(slow) for _ in range(6)), return_exceptions=True)
+            return [type(r).__name__ if isinstance(r, Exception) else r["ok"] for r in results]
+
+        kinds = asyncio.run(through_ingress())
+        assert "Overloaded" in kinds and set(kinds) <= {True, "Overloaded"}, kinds
+    finally:
+        serve.delete("renderer-queue")
 
 
 def test_handle_renders_midi_and_svg(renderer):

@@ -84,6 +84,21 @@ def test_healthz_models_and_openapi(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_docs_work_offline_with_assets_served_by_the_app(client):
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)
+        assert assets and not [a for a in assets if "://" in a], assets  # no CDN
+        for asset in assets:
+            response = client.get(asset)
+            assert response.status_code == 200 and len(response.content) > 1000, asset
+    docs_assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", client.get("/docs").text)
+    bundle = client.get(next(a for a in docs_assets if a.endswith("swagger-ui-bundle.js")))
+    assert b"SwaggerUIBundle" in bundle.content
+
+
 def test_compose_returns_text_abc_validation_and_requested_renders(client, backend):
     body = client.post(
         "/v1/compose", json={"prompt": f"Here:\n{TUNE}\nEnjoy", "formats": ["png", "mp3"]}

@@ -47,6 +47,10 @@ class ServeRenderConfig:
     """Autoscaling target of in-flight requests per replica."""
     max_ongoing_requests: int = 4
     """Requests a replica accepts at once (each renders in its own thread)."""
+    max_queued_requests: int = 16
+    """Requests waiting at each caller beyond that; more are refused (503 + Retry-After) instead of queueing without bound."""
+    retry_after_s: int = 1
+    """Retry-After seconds of that 503 when the Renderer serves HTTP on its own."""
     route_prefix: str = "/render"
     """HTTP route prefix when the Renderer runs as its own application."""
 

@@ -66,11 +66,14 @@ class Renderer:
 
 
 def deployment_options(config: RenderConfig) -> dict[str, Any]:
-    """CPU replicas with the autoscaling bounds of ``config.serve``."""
+    """CPU replicas with the autoscaling bounds and the queue limit of ``config.serve``."""
     s = config.serve
     return {
         "ray_actor_options": {"num_cpus": s.num_cpus},
         "max_ongoing_requests": s.max_ongoing_requests,
+        # a bounded queue like the Composer's: callers get BackPressureError (the Ingress answers 503)
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,

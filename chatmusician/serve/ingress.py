@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -136,7 +137,8 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
     """The FastAPI app of every route above over ``backend`` (the web UI is mounted by the caller)."""
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with the Swagger UI and ReDoc assets served from the package, not a CDN
+    app = FastAPIOffline(
         title="ChatMusician",
         version="0.1.0",
         description="Compose music in ABC notation, render it to score and audio; OpenAI-compatible chat API.",
