@@ -37,20 +37,27 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(name_or_path: str | None) -> dict[str, Any]:
-    """Which model this was: per-file hashes of a local folder, or the hub id and its resolved revision."""
+def model_fingerprint(name_or_path: str | None, repo_type: str = "model") -> dict[str, Any]:
+    """Which model (or data set) this was: per-file hashes of a local folder or file, or the hub id and its
+    resolved revision."""
     if not name_or_path:
         return {}
     path = Path(name_or_path).expanduser()
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [path] if path.is_file() else [
+            p for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]  # fmt: skip
+        path = path if path.is_dir() else path.parent
         hashes = {str(p.relative_to(path)): file_fingerprint(p) for p in files}
         combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
         return {"path": str(path.absolute()), "sha256": combined, "files": hashes}
     try:
         from huggingface_hub import HfApi
 
-        return {"hub_id": name_or_path, "revision": HfApi().model_info(name_or_path).sha}
+        api = HfApi()
+        info = api.dataset_info(name_or_path) if repo_type == "dataset" else api.model_info(name_or_path)
+        return {"hub_id": name_or_path, "revision": info.sha}
     except Exception as err:  # noqa: BLE001 - offline: record what is known
         return {"hub_id": name_or_path, "revision": None, "note": f"revision not resolved: {err}"}
 
@@ -145,8 +152,8 @@ def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
         "tokenizer": model_fingerprint(cfg.tokenizer) if cfg.tokenizer else None,
         "adapter": model_fingerprint(cfg.adapter) if cfg.adapter else None,
         "data": {
-            "mtb": model_fingerprint(cfg.mtb.path) if cfg.mtb.enabled else None,
-            "mmlu": model_fingerprint(cfg.mmlu.path) if cfg.mmlu.enabled else None,
+            "mtb": model_fingerprint(cfg.mtb.path, "dataset") if cfg.mtb.enabled else None,
+            "mmlu": model_fingerprint(cfg.mmlu.path, "dataset") if cfg.mmlu.enabled else None,
         },  # fmt: skip
         "environment": environment(),
     }
