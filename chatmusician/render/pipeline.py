@@ -5,8 +5,10 @@ What it supports: any subset of the five formats; one tune picked from a multi-t
 length checked before synthesis; long tunes rendered page by page. The audio branch and the score branch run
 in two threads (their tools are subprocesses, so the GIL is no bottleneck).
 
-A tool succeeds when it exits as it should, reports no error it cannot recover from, and writes a sound output
-file. Every failure is a structured error (``code``, ``message``, ``line``/``column`` within the rendered tune
+A stage succeeds when its output is usable, judged from the output itself (:mod:`chatmusician.render.judge`: the
+MIDI parses, plays notes and lasts about what the tune's bars say; the SVG parses and draws staves), whatever
+the tool printed or exited with; the tool's messages come back as warnings with line/column. A timeout or a
+crash fails the stage. Every failure is a structured error (``code``, ``message``, ``line``/``column`` within the rendered tune
 where the tool gave them, ``stage``); recovered errors and warnings come back beside a successful render.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from chatmusician.abc.config import AbcLimits
-from chatmusician.render import tools
+from chatmusician.render import judge, tools
 from chatmusician.render.config import FORMATS, RenderConfig
 from chatmusician.render.sandbox import ToolRun, run_tool, sandbox_available
 from chatmusician.render.svg import SvgError, join_pages, sanitize_svg, svg_size
@@ -188,15 +190,28 @@ def _tool_failure(run: ToolRun, stage: str, tool: str) -> dict | None:
 def _messages_to_issues(
     messages: list[tools.ToolMessage], stage: str, tool: str, output_ok: bool
 ) -> tuple[list[dict], list[dict]]:
-    """Split a tool's messages into errors and warnings; recovered errors are warnings when the output is good."""
+    """A tool's messages as (errors, warnings), each with its line/column: when the output is usable every
+    message is a warning (an error the tool reported is ``<tool>_recovered_error``); otherwise its errors
+    explain why the stage failed."""
     errors, warnings = [], []
     for m in messages:
-        if m.severity == "warning" or (m.recoverable and output_ok):
-            code = f"{tool}_warning" if m.severity == "warning" else f"{tool}_recovered_error"
-            warnings.append(issue(code, m.message, stage, m.line, m.column))
+        if m.severity == "warning":
+            warnings.append(issue(f"{tool}_warning", m.message, stage, m.line, m.column))
+        elif output_ok:
+            warnings.append(issue(f"{tool}_recovered_error", m.message, stage, m.line, m.column))
         else:
             errors.append(issue(f"{tool}_error", m.message, stage, m.line, m.column))
     return errors, warnings
+
+
+def _no_output(tool: str, what: str, run: ToolRun, errors: list[dict], stage: str) -> list[dict]:
+    """The errors of a stage whose tool wrote nothing usable: the tool's own errors when it gave any (with
+    their positions), else what it printed last, with its exit status."""
+    if errors:
+        return errors
+    printed = [line for line in (run.stdout + run.stderr).strip().splitlines() if line.strip()]
+    said = f"; it printed: {printed[-1].strip()[:300]}" if printed else "; it printed nothing"
+    return [issue(f"{tool}_error", f"{tool} wrote no {what} (exit status {run.returncode}){said}", stage)]
 
 
 def _read_output(path: Path, min_bytes: int = 1) -> bytes | None:
@@ -228,25 +243,28 @@ def render_audio(job: Path, wanted: set[str], config: RenderConfig, deadline: _D
     run = run_tool(tools.abc2midi_argv("tune.abc", "tune.mid"), job, config.sandbox, deadline.left())
     midi = _read_output(job / "tune.mid", 14)  # a MIDI header chunk alone is 14 bytes
     out.timings["midi"] = time.perf_counter() - start
-    failure = _tool_failure(run, "midi", "abc2midi")
-    errors, warnings = _messages_to_issues(
-        tools.parse_abc2midi(run.stdout), "midi", "abc2midi", midi is not None
-    )
+    if failure := _tool_failure(run, "midi", "abc2midi"):
+        out.errors.append(failure)
+        out.fail_all(synth, "no_midi", "no audio: the MIDI stage failed")
+        return out
+    messages = tools.parse_abc2midi(run.stdout)
+    problem = None
+    if midi is not None:  # judged by the file itself, whatever abc2midi said or exited with
+        try:
+            length_s, notes = judge.midi_facts(job / "tune.mid")
+            problem = judge.midi_problem(length_s, notes, (job / "tune.abc").read_text(encoding="utf-8"))
+        except Exception as exc:  # mido raises many kinds on a malformed file
+            problem = f"abc2midi wrote an unreadable MIDI: {exc}"
+    errors, warnings = _messages_to_issues(messages, "midi", "abc2midi", midi is not None and not problem)
     out.warnings += warnings
-    if failure or errors or midi is None or run.returncode != 0:
-        out.errors += [failure] if failure else errors
-        if not out.errors:
-            detail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["no message"]
-            message = f"abc2midi failed (exit status {run.returncode}, MIDI {'written' if midi else 'missing'}): {detail[0]}"
-            out.errors.append(issue("abc2midi_error", message, "midi"))
+    if midi is None or problem:
+        out.errors += _no_output("abc2midi", "MIDI", run, errors, "midi") if midi is None else []
+        if problem:
+            out.errors.append(issue("bad_midi", problem, "midi"))
+            out.errors += errors  # the tool's own errors, as the likely why
         out.fail_all(synth, "no_midi", "no audio: the MIDI stage failed")
         return out
-    try:
-        out.duration_s = midi_length_s(job / "tune.mid")
-    except Exception as exc:  # mido raises many kinds on a malformed file
-        out.errors.append(issue("bad_midi", f"abc2midi wrote an unreadable MIDI: {exc}", "midi"))
-        out.fail_all(synth, "no_midi", "no audio: the MIDI stage failed")
-        return out
+    out.duration_s = length_s
     if "midi" in wanted:
         out.outputs["midi"] = midi
     if not synth:
@@ -340,33 +358,35 @@ def render_score(job: Path, wanted: set[str], config: RenderConfig, deadline: _D
     ):
         run, files = _abcm2ps(job, config, deadline, pages=True)  # too long for one SVG: one per page
     out.timings["svg"] = time.perf_counter() - start
-    failure = _tool_failure(run, "svg", "abcm2ps")
-    messages = tools.parse_abcm2ps(run.stderr)
-    # abcm2ps exits 1 after errors it recovered from, still writing the SVG.
-    errors, warnings = _messages_to_issues(
-        messages, "svg", "abcm2ps", bool(files) and run.returncode in (0, 1)
-    )
-    out.warnings += warnings
     wanted_score = [f for f in SCORE_FORMATS if f in wanted]
-    if failure or errors or not files or run.returncode not in (0, 1):
-        out.errors += [failure] if failure else errors
-        if not out.errors:
-            detail = run.stderr.strip().splitlines()[-1:] or ["no message"]
-            message = f"abcm2ps failed (exit status {run.returncode}, {len(files)} SVG file(s)): {detail[0]}"
-            out.errors.append(issue("abcm2ps_error", message, "svg"))
+    if failure := _tool_failure(run, "svg", "abcm2ps"):
+        out.errors.append(failure)
         if "png" in wanted:
             out.errors.append(issue("no_svg", "no PNG: the score stage failed", "png"))
         return out
+    messages = tools.parse_abcm2ps(run.stderr)
+    clean, problem = None, None
     if len(files) > config.max_svg_pages:
-        out.fail_all(
-            wanted_score, "too_long", f"the score has {len(files)} pages, over {config.max_svg_pages}"
-        )
-        return out
-    try:
+        problem = ("too_long", f"the score has {len(files)} pages, over {config.max_svg_pages}")
+    elif files:  # judged by the SVG itself: abcm2ps exits 1 after errors it recovered from
         pages = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-        clean = sanitize_svg(pages[0]) if len(pages) == 1 else join_pages(pages)
-    except SvgError as exc:
-        out.fail_all(wanted_score, "bad_svg", str(exc))
+        if not sum(judge.count_staves(page) for page in pages):
+            problem = ("bad_svg", "abcm2ps wrote an SVG with no staves")
+        else:
+            try:
+                clean = sanitize_svg(pages[0]) if len(pages) == 1 else join_pages(pages)
+            except SvgError as exc:
+                problem = ("bad_svg", str(exc))
+    errors, warnings = _messages_to_issues(messages, "svg", "abcm2ps", clean is not None)
+    out.warnings += warnings
+    if clean is None:
+        if problem:
+            out.fail_all(wanted_score, *problem)
+            out.errors += errors  # the tool's own errors, as the likely why
+        else:
+            out.errors += _no_output("abcm2ps", "SVG", run, errors, "svg")
+            if "png" in wanted:
+                out.errors.append(issue("no_svg", "no PNG: the score stage failed", "png"))
         return out
     if clean.removed:
         removed = ", ".join(sorted(set(clean.removed)))

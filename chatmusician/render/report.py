@@ -1,7 +1,9 @@
 """Render a whole corpus concurrently and report success per format, with every failure and its reasons.
 
 ``python -m chatmusician.render.report`` writes ``reports/render_nottingham.{md,json}`` for the 1,034
-Nottingham tunes (MIDI + SVG); the corpus test does the same and checks the rates.
+Nottingham tunes (MIDI + SVG); ``python scripts/render_music21.py`` writes ``reports/render_music21.{md,json}``
+for every ABC collection in music21's corpus. The corpus tests do the same (music21: a deterministic subset)
+and check the rates.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +112,68 @@ def write_report(summary: dict, out_dir: str | Path, name: str) -> tuple[Path, P
     md.write_text(to_markdown(summary))
     js.write_text(json.dumps(summary, indent=2))
     return md, js
+
+
+def music21_collections() -> dict[str, list[str]]:
+    """Every ABC collection in music21's corpus (Essen included: it is only read here, never trained on or
+    shipped) -> its tunes, files sorted, tunes in file order."""
+    import music21
+
+    from chatmusician.corpora import music21_abc_files, read_tunes
+
+    corpus = Path(music21.__file__).parent / "corpus"
+    names = sorted({p.relative_to(corpus).parts[0] for p in corpus.rglob("*.abc")})
+    return {name: read_tunes(music21_abc_files((name,))) for name in names}
+
+
+def corpus_report(
+    collections: dict[str, list[str]], formats: list[str], every: int = 1, workers: int = 4
+) -> dict:
+    """Render every ``every``-th tune of each collection; one summary per collection plus the totals."""
+    summaries, seconds = {}, {}
+    for name, tunes in collections.items():
+        start = time.perf_counter()
+        picked = tunes[::every]
+        outcomes = render_corpus(picked, formats, workers=workers)
+        for o in outcomes:
+            o.index *= every  # the tune's position in its collection
+        summaries[name] = summarize(outcomes, formats, name)
+        seconds[name] = time.perf_counter() - start
+    total = sum(s["tunes"] for s in summaries.values())
+    totals = {
+        fmt: {
+            "rendered": (ok := sum(s["formats"][fmt]["rendered"] for s in summaries.values())),
+            "failed": total - ok,
+            "rate": ok / total if total else 0.0,
+        }
+        for fmt in formats
+    }
+    return {"tunes": total, "every": every, "formats": totals, "collections": summaries, "seconds": seconds}
+
+
+def corpus_markdown(report: dict, title: str, command: str) -> str:
+    lines = [
+        f"# Render report: {title}",
+        "",
+        f"{report['tunes']} tunes"
+        + (f" (every {report['every']}th)" if report["every"] > 1 else " (all)")
+        + f"; made by `{command}`. Success is judged from the output (the MIDI parses, plays notes and lasts "
+        "about what the bars say; the SVG parses and has staves); tool messages are warnings.",
+        "",
+        "| collection | tunes | "
+        + " | ".join(f"{f} rendered | {f} success" for f in report["formats"])
+        + " | s |",
+        "|---|---:|" + "---:|---:|" * len(report["formats"]) + "---:|",
+    ]
+    for name, s in report["collections"].items():
+        cells = " | ".join(f"{v['rendered']} | {100 * v['rate']:.2f} %" for v in s["formats"].values())
+        lines.append(f"| {name} | {s['tunes']} | {cells} | {report['seconds'][name]:.0f} |")
+    cells = " | ".join(f"{v['rendered']} | **{100 * v['rate']:.2f} %**" for v in report["formats"].values())
+    lines += [f"| **all** | {report['tunes']} | {cells} | {sum(report['seconds'].values()):.0f} |", ""]
+    for s in report["collections"].values():
+        body = to_markdown(s).split("\n## Warnings", 1)[1]
+        lines += [f"## {s['corpus']}", "", "### Warnings" + body.replace("\n## Failures", "\n### Failures")]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

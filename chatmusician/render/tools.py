@@ -1,8 +1,10 @@
 """Command lines of the render tools and how to read what they say.
 
 Pure functions: which arguments each tool gets, how its messages parse into (severity, line, column, text), and
-which of its error messages it recovers from (the output is still right, so they become warnings) — judged
-against the 1,034 Nottingham tunes. Everything else a tool calls an error fails that format.
+which of its error messages are known to leave the output intact (``recoverable``, seen on the Nottingham
+tunes; a hint for callers such as MIDI ingestion). The renderer does not go by that list: it judges each output
+by the file itself (:mod:`chatmusician.render.judge`) and returns every message as a warning when the file is
+usable.
 """
 
 from __future__ import annotations
