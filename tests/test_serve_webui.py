@@ -380,6 +380,8 @@ def test_editor_renders_without_the_composer_marks_issues_and_transposes(server,
     after = download(browser, card, "midi")
     assert after[:4] == b"MThd" and after != before
     assert browser.execute_script("return window.chatmusician.calls").count("/v1/chat/completions") == 0
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "webui-editor-1280.png"))
 
 
 def _composer_log(app_name: str) -> str:
@@ -400,7 +402,8 @@ def test_stop_cancels_the_generation_on_the_server(slow_ui, browser):
 
     open_page(browser, slow_ui)  # under /slow: the page calls /slow/v1/...
     browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-    for field, value in (("max-new-tokens", "2048"), ("temperature", "1")):
+    # Seed 0 samples 400+ tokens before any EOS from this prompt (seed 2 stops at 321): Stop comes first.
+    for field, value in (("max-new-tokens", "2048"), ("temperature", "1"), ("seed", "0")):
         box = browser.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)

@@ -131,6 +131,7 @@ def page_settings(config: ServeAppConfig) -> dict[str, Any]:
         "max_new_tokens_cap": config.max_new_tokens_cap,
         # The constrained-decoding switch appears once the API has the field (issue 15); on by default.
         "constrained": "constrained" in fields,
+        "constraints": [name for name in ("key", "meter", "unit_length") if name in fields],
         "seed": "seed" in fields,
     }
 

@@ -219,6 +219,10 @@
     };
     if (S.seed && num("#seed") !== null) body.seed = num("#seed");
     if (S.constrained) body.constrained = $("#constrained").checked;
+    for (const name of S.constraints || []) {
+      const v = $(`#c-${name}`).value.trim();
+      if (v && body.constrained) body[name] = v;
+    }
     return body;
   }
 
@@ -418,6 +422,12 @@
   $("#repetition-penalty").value = d.repetition_penalty;
   $("#max-new-tokens").value = d.max_new_tokens; $("#max-new-tokens").max = S.max_new_tokens_cap;
   if (!S.constrained) { $("#constrained").disabled = true; $("#constrained-note").hidden = false; }
+  const LABELS = { key: ["Key", "D, Gm, Ador…"], meter: ["Meter", "6/8"], unit_length: ["Unit length", "1/8"] };
+  for (const name of S.constraints || []) { // the header values constrained decoding fixes, when the API has them
+    const at = $("#constrained-note");
+    at.before(el("label", { for: `c-${name}`, text: LABELS[name][0] }),
+      el("input", { type: "text", id: `c-${name}`, placeholder: LABELS[name][1] }));
+  }
   if (!S.seed) $("#seed").disabled = true;
   for (const example of S.examples) {
     $("#examples").append(el("li", {}, el("button", { type: "button", class: "example", text: example,
