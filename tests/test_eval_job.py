@@ -1,0 +1,212 @@
+"""The evaluation as Ray Data batch inference (replica pool == single-process loop), its output files, MMLU and
+the MTB twin through lm-evaluation-harness, and ``ray job submit`` of ``ray_jobs.evaluate`` on ``ray start``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+
+from chatmusician.config import load_config
+from chatmusician.eval import mtb, runner
+from chatmusician.eval.config import MMLU_FIXTURE, MTB_FIXTURE, EvalConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(model: str, out: Path, **pool) -> EvalConfig:
+    cfg = EvalConfig(model=model, output_dir=str(out), device="cpu")
+    cfg.mtb.modes, cfg.mtb.limit, cfg.mtb.shuffles, cfg.mtb.bootstrap = (
+        ["ppl_zero_shot", "gen_zero_shot"],
+        4,
+        2,
+        200,
+    )
+    cfg.mtb.gen_max_new_tokens = 4
+    cfg.abc_quality.enabled, cfg.abc_quality.n_per_prompt, cfg.abc_quality.max_new_tokens = True, 1, 12
+    cfg.abc_quality.prompts = str(out.parent / "prompts.json")
+    (out.parent / "prompts.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": "jig",
+                    "family": "text_to_music",
+                    "fields": {"description": {"M": "6/8", "K": "G"}},
+                    "request": {"key": "G", "meter": "6/8"},
+                }
+            ]
+        )  # fmt: skip
+    )
+    cfg.abc_quality.check_midi = False
+    for k, v in pool.items():
+        setattr(cfg.pool, k, v)
+    return cfg
+
+
+def test_config_mistakes_are_reported_before_any_work():
+    cfg = EvalConfig(model="x")
+    cfg.mtb.modes = ["ppl_one_shot"]
+    with pytest.raises(ValueError, match="unknown \\['ppl_one_shot'\\]"):
+        runner.check_config(cfg)
+    cfg = EvalConfig(model="x")
+    cfg.pool.replicas = 0
+    with pytest.raises(ValueError, match="replicas"):
+        runner.check_config(cfg)
+
+
+@pytest.mark.integration
+def test_ray_data_replica_pool_gives_the_single_process_answers(ray_cluster, tiny_model_path, tmp_path):
+    local_cfg = small_config(tiny_model_path, tmp_path / "local", use_ray=False, batch_size=4)
+    pool_cfg = small_config(tiny_model_path, tmp_path / "pool", replicas=2, num_cpus=0.5, batch_size=4)
+    local = runner.evaluate(local_cfg)
+    pooled = runner.evaluate(pool_cfg)
+    for mode in ("ppl_zero_shot", "gen_zero_shot"):
+        a, b = local["mtb"][mode], pooled["mtb"][mode]
+        assert a["questions"] == 4 and a["answers"] == 8  # 4 questions x 2 shuffles
+        assert [r["pred"] for r in a["answers_detail"]] == [r["pred"] for r in b["answers_detail"]]
+        assert a["accuracy"] == b["accuracy"] and a["ci"] == b["ci"]
+    for ra, rb in zip(local["mtb"]["ppl_zero_shot"]["answers_detail"], pooled["mtb"]["ppl_zero_shot"]["answers_detail"], strict=True):  # fmt: skip
+        assert ra["scores"] == pytest.approx(rb["scores"], abs=1e-5)
+    assert pooled["abc_quality"]["all"]["tunes"] == 1
+    assert 0 < pooled["abc_quality"]["tunes_detail"][0]["tokens"] <= 12
+    # the files a result is reproduced from
+    out = tmp_path / "pool"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["mtb"]["ppl_zero_shot"]["accuracy"] == pooled["mtb"]["ppl_zero_shot"]["accuracy"]
+    assert "| ppl_zero_shot |" in (out / "results.md").read_text()
+    for mode in ("ppl_zero_shot", "gen_zero_shot"):
+        assert (out / f"mtb_{mode}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(EvalConfig, out / "config.yaml") == pool_cfg
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    again = json.loads((tmp_path / "local" / "fingerprint.json").read_text())
+    assert fingerprint["model"]["sha256"] == again["model"]["sha256"]
+    assert "model.safetensors" in fingerprint["model"]["files"] and fingerprint["environment"]["torch"]
+
+
+@pytest.mark.integration
+def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
+    from chatmusician.eval import mmlu, scoring
+    from chatmusician.model.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
+    cfg = EvalConfig(model=tiny_model_path)
+    cfg.mmlu.path, cfg.mmlu.lm_eval_mtb, cfg.mtb.path = MMLU_FIXTURE, True, MTB_FIXTURE
+    cfg.mmlu.limit = 4  # per task: all of MMLU's fixture, the first 4 MTB questions
+    summary, raw = mmlu.evaluate_model(model, tokenizer, cfg, log_samples=True)
+    assert summary["sizes"] == {"high_school_mathematics": 4, "world_religions": 2}
+    subj = summary["subjects"]
+    assert summary["weighted"] == pytest.approx(
+        (4 * subj["high_school_mathematics"] + 2 * subj["world_religions"]) / 6
+    )
+    assert summary["unweighted"] == pytest.approx(sum(subj.values()) / 2)
+    # MMLU 5-shot with lm-eval's own template: five dev shots before the question
+    context, continuation = raw["mmlu"]["samples"]["cm_mmlu_world_religions"][0]["arguments"][0]
+    assert context.startswith(
+        "The following are multiple choice questions (with answers) about world religions."
+    )
+    assert context.count("\nAnswer:") == 6 and continuation == " A"
+    # the lm-eval MTB tasks see exactly the OpenCompass sequences ...
+    dev, test = mtb.load_questions(MTB_FIXTURE, limit=4)
+    for task, shots in (("musictheorybench_zero_shot", []), ("musictheorybench_few_shot", dev)):
+        samples = sorted(raw["mtb"]["samples"][task], key=lambda s: s["doc_id"])
+        for sample, q in zip(samples, test, strict=True):
+            for (ctx, cont), letter in zip(sample["arguments"], "ABCD", strict=True):
+                assert ctx + cont == mtb.candidate_text(q, letter, shots)
+        # ... and, with one shared prefix, single-token letters and no BOS, rank like the whole-sequence PPL
+        cands = [mtb.candidate_texts(q, shots) for q in test]
+        ours = [s.pred for s in scoring.one_pass(model, tokenizer, cands)]
+        accuracy = sum(mtb.LETTERS[p] == q["target"] for p, q in zip(ours, test, strict=True)) / len(test)
+        assert summary["mtb_lm_eval"][task] == pytest.approx(accuracy)
+
+
+def _ray_head(temp_dir: str, env: dict) -> tuple[subprocess.Popen, str]:
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         *[f"{k}={v}" for k, v in ports.items()]],
+        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return head, f"http://127.0.0.1:{dashboard}"
+
+
+@pytest.mark.integration
+def test_eval_job_submitted_to_ray_start_head(tiny_model_path, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_model_path,
+                "precision": "fp32",
+                "device": "cpu",
+                "output_dir": str(out),
+                "mtb": {
+                    "path": MTB_FIXTURE,
+                    "modes": ["ppl_zero_shot", "ppl_few_shot"],
+                    "limit": 3,
+                    "bootstrap": 100,
+                },
+                "pool": {"replicas": 1, "num_cpus": 1, "batch_size": 4},
+            }
+        )
+    )
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="cmeval-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head, address = _ray_head(temp_dir, env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # wait for the job API
+            probe = subprocess.run(
+                [ray_bin, "job", "list", "--address", address], env=env, capture_output=True
+            )
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "ray_jobs.evaluate",
+             "--config", str(config)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=480,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout and "| ppl_few_shot |" in submit.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["mtb"]) == {"ppl_zero_shot", "ppl_few_shot"}
+    assert all(r["questions"] == 3 and r["one_pass_share"] == 1.0 for r in results["mtb"].values())
