@@ -30,3 +30,21 @@ def test_nottingham_renders_at_least_99_percent_with_failures_reported():
     for failure in failures:
         assert failure["errors"] and all(e["code"] and e["message"] for e in failure["errors"])
         assert f"tune {failure['index']} " in md.read_text()
+
+
+def test_every_music21_abc_collection_renders_at_least_99_percent_on_a_deterministic_subset(tmp_path):
+    """Collections nobody here wrote (Ryan's Mammoth, O'Neill's, Aird's, Essen, Josquin…): every 25th tune of
+    each. The full run (all 12,978 tunes) is scripts/render_music21.py -> reports/render_music21.md."""
+    from chatmusician.render.report import corpus_markdown, corpus_report, music21_collections
+
+    collections = music21_collections()
+    assert {"ryansMammoth", "oneills1850", "airdsAirs", "essenFolksong", "josquin"} <= set(collections)
+    report = corpus_report(collections, FORMATS, every=25)
+    md = corpus_markdown(report, "music21 subset", "pytest")
+    assert report["tunes"] >= 500
+    for fmt in FORMATS:
+        assert report["formats"][fmt]["rate"] >= 0.99, md
+    for summary in report["collections"].values():
+        for failure in summary["failures"]:  # each failure listed with a structured reason
+            assert failure["errors"] and all(e["code"] and e["message"] for e in failure["errors"])
+            assert f"tune {failure['index']} " in md
