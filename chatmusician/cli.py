@@ -39,6 +39,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.data.pipeline:run",
         "Tokenize corpora (pt|sft) into parquet shards + manifest (Ray Data).",
     ),
+    "ingest-midi": (
+        "chatmusician.ingest.config:IngestConfig",
+        "chatmusician.ingest.pipeline:run",
+        "MIDI -> cleaned, round-trip-checked ABC rows (pt + sft) + manifest (Ray Data, midi2abc sandboxed).",
+    ),
     "pretrain": (
         "chatmusician.train.config:PretrainConfig",
         "chatmusician.train.recipe:run",
