@@ -55,6 +55,15 @@ def pt_config(corpus, tiny_model_path, out, **kw):
     return load_config(TokenizeConfig, None, **{**base, **kw})
 
 
+def _text(line: str) -> str | None:
+    """The text of a jsonl row that the reader accepts (a non-empty string), else None."""
+    try:
+        value = json.loads(line).get("text")
+    except ValueError:
+        return None
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("part-*.parquet"))}
 
@@ -96,8 +105,17 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     assert schema.field("input_ids").type == pa.list_(pa.int32()) and schema.field("labels").type == pa.list_(
         pa.int32()
     )
-    # every document ends with EOS, every document start has no loss: count EOS == written documents
-    assert sum(int((r["input_ids"] == 2).sum()) for r in shards) >= rows["written"]
+    # every document gets exactly one EOS appended: the shards hold the EOS already in the texts (the chat
+    # rows' "</s>") plus one per written document
+    from chatmusician.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_path)
+    texts = pq.read_table(corpus / "abc.parquet")["text"].to_pylist()
+    texts += [t for line in (corpus / "prose.jsonl").read_text().splitlines() if (t := _text(line))]
+    assert len(texts) == rows["written"]
+    in_texts = sum(tok(t, add_special_tokens=False).input_ids.count(tok.eos_token_id) for t in texts)
+    assert in_texts == 2 * 60  # the control: the texts alone already hold EOS tokens
+    assert sum(int((r["input_ids"] == tok.eos_token_id).sum()) for r in shards) == in_texts + rows["written"]
 
     # The stream handed to training equals the shards, in order.
     streamed = build_dataset(cfg).take_all()

@@ -146,8 +146,16 @@ def test_pad_is_never_sampled_and_generation_stops_at_eos(biased_engine):
     prepared = engine.prepare("Compose a jig.")
     with torch.no_grad():
         head[engine.pad_id] = head[engine.pad_id] * 0 + 5.0  # pad dominates every step
+    ids = torch.tensor([prepared.ids])
+    for p in (params(temperature=0, max_new_tokens=8), params(max_new_tokens=8)):
+        kwargs = generation_kwargs(p, engine.eos_id, engine.pad_id)
+        with torch.no_grad():
+            new = engine.model.generate(input_ids=ids, **kwargs)[0, ids.shape[1] :].tolist()
+            kwargs.pop("suppress_tokens")  # the control: without the rule, pad is what comes out
+            control = engine.model.generate(input_ids=ids, **kwargs)[0, ids.shape[1] :].tolist()
+        assert len(new) == 8 and engine.pad_id not in new, new
+        assert engine.pad_id in control, control
     out = engine.generate([(prepared, params(temperature=0, max_new_tokens=8))])[0]
-    # Had pad been sampled the answer would decode to "" (pad is a special token, skipped when decoding).
     assert out.finish_reason == "length" and out.completion_tokens == 8 and out.text.strip()
     with torch.no_grad():
         head[engine.eos_id] = head[engine.eos_id] * 0 + 10.0  # now EOS dominates: stop at once
@@ -155,11 +163,19 @@ def test_pad_is_never_sampled_and_generation_stops_at_eos(biased_engine):
     assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
 
 
-def test_stream_stops_when_the_consumer_leaves(engine):
-    prepared = engine.prepare("Compose a jig.")
-    pieces = engine.stream(prepared, params(temperature=0, max_new_tokens=1000))
+def test_stream_stops_when_the_consumer_leaves(biased_engine, monkeypatch):
+    import torch
+
+    engine, head = biased_engine
+    with torch.no_grad():
+        head[engine.eos_id] = head[engine.eos_id] * 0 - 100.0  # EOS never comes: only cancelling can stop it
+    steps = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **kw: steps.append(1) or forward(*a, **kw))
+    pieces = engine.stream(engine.prepare("Compose a jig."), params(temperature=0, max_new_tokens=1000))
     next(pieces)
-    pieces.close()  # joins the generate thread: it must stop long before 1000 tokens
+    pieces.close()  # joins the generate thread
+    assert 1 <= len(steps) < 200, len(steps)  # stopped long before its 1000 tokens
 
 
 def test_adapters_are_merged_in_order(engine, tiny_model_path, tmp_path):

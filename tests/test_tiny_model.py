@@ -47,7 +47,14 @@ def test_tiny_sizes_and_generation(tiny_model_path):
     inputs = tok("Human: hi </s> Assistant: ", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 5) or tok.eos_token_id in out[0].tolist()
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    # five new tokens, or fewer ending at the first EOS (generation stops there)
+    assert 1 <= len(new) <= 5 and tok.eos_token_id not in new[:-1]
+    assert len(new) == 5 or new[-1] == tok.eos_token_id
+    assert tok.pad_token_id not in new
+    with torch.no_grad():  # greedy decoding is deterministic
+        again = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert again[0].tolist() == out[0].tolist()
 
 
 def test_hub_id_and_local_path_take_the_same_code_path(tiny_model_path, tmp_path, monkeypatch):
