@@ -1,0 +1,137 @@
+"""The ABC tune grammar that constrained decoding enforces, and the request constraints that specialise it.
+
+``grammar.lark`` (beside this file) is the one grammar, in llguidance's Lark dialect. :func:`tune_grammar`
+returns it as it is, or with the header's key / meter / unit length fixed and the bar count bounded
+(:class:`AbcConstraints`). Pure text work: the decoding library is only imported by ``chatmusician.model``.
+The grammar guarantees syntax only; bar durations are still the validator's (``validate_tune``) to report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from chatmusician.abc.fields import parse_key, parse_meter, parse_unit_length
+
+GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
+MAX_BARS_LIMIT = 1000
+# Characters a fixed header value may hold (it is spliced into the grammar as a string literal).
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9#^_=+\-/|() ]{1,40}")
+
+
+class ConstraintError(ValueError):
+    """A constraint the grammar cannot take, with the request field it came from (a 400, not a 500)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+@dataclass(frozen=True)
+class AbcConstraints:
+    """What a request asks of the tune besides valid syntax (all optional; hashable)."""
+
+    key: str | None = None
+    """The K: value the header must carry, e.g. "G", "Ador", "Bb minor"."""
+    meter: str | None = None
+    """The M: value the header must carry, e.g. "6/8", "C|"."""
+    unit_length: str | None = None
+    """The L: value the header must carry, e.g. "1/8"."""
+    max_bars: int | None = None
+    """At most this many bar lines in the body (a volta bracket ``[2`` is not one)."""
+
+    def __post_init__(self) -> None:
+        checks = {"key": parse_key, "meter": parse_meter, "unit_length": parse_unit_length}
+        for name, parse in checks.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not _SAFE_VALUE.fullmatch(value.strip()):
+                raise ConstraintError(name, f"{name} must be a short ABC value like 'G', '6/8' or '1/8'")
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ConstraintError(name, f"{name}: {exc}") from None
+            object.__setattr__(self, name, value.strip())
+        bars = self.max_bars
+        if bars is not None and (
+            isinstance(bars, bool) or not isinstance(bars, int) or not 1 <= bars <= MAX_BARS_LIMIT
+        ):
+            raise ConstraintError("max_bars", f"max_bars must be an integer from 1 to {MAX_BARS_LIMIT}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> AbcConstraints:
+        """From a request's fields (unknown names -> ConstraintError); None values are left out."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConstraintError(unknown[0], f"unknown constraint {unknown[0]!r}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@lru_cache(maxsize=1)
+def base_grammar() -> str:
+    """The grammar file's text."""
+    return GRAMMAR_PATH.read_text(encoding="utf-8")
+
+
+def _literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _replace_marked(grammar: str, marker: str, line: str) -> str:
+    pattern = re.compile(rf"^.*#\s*@{marker}\s*$", re.MULTILINE)
+    if len(pattern.findall(grammar)) != 1:
+        raise RuntimeError(f"grammar.lark must have exactly one line marked @{marker}")
+    return pattern.sub(lambda _: line, grammar)
+
+
+def _header_rules(c: AbcConstraints) -> str:
+    """header: the free fields in any order, each fixed field exactly once (fixed M: and L: in either order)."""
+    fixed = {}
+    free = ["TEXT_LINE", "TEMPO_LINE", "COMMENT"]
+    if c.meter is not None:
+        fixed["fixed_meter"] = f"fixed_meter: {_literal('M:' + c.meter)} NL"
+    else:
+        free.append("METER_LINE")
+    if c.unit_length is not None:
+        fixed["fixed_length"] = f"fixed_length: {_literal('L:' + c.unit_length)} NL"
+    else:
+        free.append("LENGTH_LINE")
+    other = f"header_other: ({' | '.join(free)}) NL"
+    if not fixed:
+        return "header: header_field{0,24}"
+    names = list(fixed)
+    orders = [names] if len(names) == 1 else [names, names[::-1]]
+    body = " | ".join(" header_other{0,12} ".join(order) for order in orders)
+    return "\n".join([f"header: header_other{{0,12}} ({body}) header_other{{0,12}}", other, *fixed.values()])
+
+
+def tune_grammar(constraints: AbcConstraints | None = None, renderable: bool = True) -> str:
+    """The grammar text for one request: the base grammar, specialised by ``constraints`` when given.
+
+    ``renderable`` drops the one standard construct the renderers reject (the invisible bar ``[|]``, an
+    error to abc2midi): generation uses it; ``renderable=False`` is all the ABC the grammar knows (coverage).
+    """
+    grammar = base_grammar()
+    if renderable:
+        grammar = _replace_marked(grammar, "invisible", 'INVISIBLE_BAR: "[|"')
+    c = constraints or AbcConstraints()
+    if c == AbcConstraints():
+        return grammar
+    grammar = _replace_marked(grammar, "header", _header_rules(c))
+    if c.key is not None:
+        grammar = _replace_marked(grammar, "key", f"key_line: {_literal('K:' + c.key)} NL")
+    if c.max_bars is not None:
+        n = c.max_bars
+        grammar = _replace_marked(
+            grammar, "music", f"music: head_end | head (BAR seg){{0,{n - 1}}} BAR seg_end"
+        )
+    return grammar
