@@ -2,7 +2,7 @@
 training data's style.
 
 midi2abc's quantisation comes from the file's PPQN and ``-aul`` (its ``-b`` is "bars wanted"; ``-gu`` guesses
-the unit and hurt badly on the round trip; ``-nb`` avoids spurious broken rhythm: docs/TOOLS.md). It writes
+the unit and hurt badly on the round trip; ``-nb`` avoids spurious broken rhythm; the report compares them). It writes
 the key signature in force at the end of the file into K:, so the first key is passed with ``-k``. It labels
 the tune ``T: from x.mid``, breaks every bar with a ``\\`` continuation, and adds ``%%MIDI program`` and
 comment lines; :func:`normalise` turns that into ``X:`` first, ``K:`` last, a few bars per line.
