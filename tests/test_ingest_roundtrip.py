@@ -11,6 +11,7 @@ from chatmusician.abc import validate_tune
 from chatmusician.corpora import nottingham_tunes
 from chatmusician.ingest.config import IngestConfig
 from chatmusician.ingest.report import THRESHOLDS, measure_file, package_midi_files, run_corpus, summarize
+from chatmusician.render import RenderConfig, RenderRequest, render
 
 pytestmark = pytest.mark.integration
 SUBSET = 40  # every 40th tune: 26 tunes of every file and rhythm (the report runs all 1,034)
@@ -29,9 +30,10 @@ def test_nottingham_subset_meets_the_goals(subset):
     assert s["onset_f1"] >= THRESHOLDS["onset_f1"], s
     assert s["meter_accepted"] == THRESHOLDS["meter"] and s["meter"] >= 0.95, s
     assert s["bar_agreement"] >= 0.99, s
-    for f in figures:
+    for f in figures:  # every accepted tune passes the validator and renders
         if not f.reason:
             assert not [i for i in validate_tune(f.abc) if i.severity == "error"], f.title
+            assert render(RenderRequest(f.abc, ["midi", "svg"]), RenderConfig()).ok, f.title
 
 
 def test_nottingham_subset_played_like_a_performance(subset):
