@@ -3,6 +3,10 @@
 Template (exactly the original's, no BOS): ``Human: {prompt} </s> Assistant: ``; earlier turns are joined as
 ``Human: {q} </s> Assistant: {a} </s> ``. ``</s>`` is written as text and the LLaMA tokenizer maps it to EOS.
 The task phrasings follow the original's demo and MusicPile-sft instructions.
+
+Training and inference agree: an sft row is trained as source ``Human: {prompt} </s> `` (masked) and target
+``Assistant: {answer} </s> `` (MusicPile-sft's own form, see :func:`sft_source_target`), and Serve, ``chat`` and
+eval prompt with :func:`build_chat_prompt`, i.e. that source followed by the target's ``Assistant: ``.
 """
 
 from __future__ import annotations

@@ -79,3 +79,20 @@ def test_render_command_fails_with_structured_errors(tmp_path: Path):
     assert "flac" in summary["errors"][0]["message"]
     record = json.loads((tmp_path / "bad.render.json").read_text())
     assert record["errors"] == summary["errors"]
+
+
+@pytest.mark.integration
+def test_render_reads_standard_input_as_a_positional_dash_and_prints_its_warnings(
+    tmp_path, monkeypatch, capsys
+):
+    import io
+
+    tie_to_nothing = "X:1\nT:Tie\nM:4/4\nL:1/4\nK:C\nC- z D E|G4|]\n"  # abc2midi and abcm2ps both warn
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tie_to_nothing.encode())))
+    assert main(["render", "-", "--out", str(tmp_path), "--formats", "midi,svg"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] and sorted(summary["files"]) == ["midi", "svg"]
+    assert summary["warnings"] and all(
+        {"code", "message", "line", "column"} <= w.keys() for w in summary["warnings"]
+    )
+    assert {w["line"] for w in summary["warnings"] if w["stage"] == "midi"} == {6}
