@@ -268,6 +268,16 @@ def download(driver, card, fmt: str) -> bytes:
     return base64.b64decode(data)
 
 
+def scores(driver, root: str = "#chat") -> list[str | None]:
+    """The text of each card's drawn score under ``root`` (None before it is drawn), read in one script: cards
+    and their SVGs are replaced on every render, so element handles kept between calls can go stale."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0] + ' .card')]"
+        ".map(c => { const s = c.querySelector('.score svg'); return s ? s.textContent : null; });",
+        root,
+    )
+
+
 def svg_text(card) -> str:
     return card.find_element("css selector", ".score svg").get_attribute("textContent")
 
@@ -284,7 +294,7 @@ def test_each_answer_keeps_its_scores_playback_and_downloads(server, browser):
 
     message = "Here is my reel:\n" + TUNE
     send(browser, message)
-    wait(browser, lambda d: len(cards(d)) == 1 and cards(d)[0].find_elements(By.CSS_SELECTOR, ".score svg"))
+    wait(browser, lambda d: len(scores(d)) == 1 and scores(d)[0])
     answer = browser.find_element(By.CSS_SELECTOR, "#chat pre.answer")
     # Verbatim in a monospaced block: no markdown ate _B, ^c or the bars.
     assert answer.get_attribute("textContent") == message
@@ -321,9 +331,7 @@ def test_each_answer_keeps_its_scores_playback_and_downloads(server, browser):
     send(browser, f"Two more:\n{JIG}\n\n{WALTZ}")
     wait(
         browser,
-        lambda d: (
-            len(cards(d)) == 3 and all(c.find_elements(By.CSS_SELECTOR, ".score svg") for c in cards(d))
-        ),
+        lambda d: len(scores(d)) == 3 and all(scores(d)),
     )
     assert [svg_text(c).split("Reel")[0] for c in cards(browser)][0].endswith("Echo ")
     assert "Second Jig" in svg_text(cards(browser)[1]) and "Third Waltz" in svg_text(cards(browser)[2])
@@ -352,15 +360,13 @@ def test_editor_renders_without_the_composer_marks_issues_and_transposes(server,
     assert browser.switch_to.active_element == editor  # "Render my ABC" leads to the editor, keyboard ready
     browser.execute_script("arguments[0].value = arguments[1];", editor, TUNE)
     browser.find_element(By.ID, "render-abc").click()
-    wait(browser, lambda d: cards(d, "#editor-card") and "Echo Reel" in svg_text(cards(d, "#editor-card")[0]))
+    wait(browser, lambda d: "Echo Reel" in ((scores(d, "#editor-card") or [""])[0] or ""))
     assert browser.find_element(By.ID, "editor-status").text == "No issues."
 
     edited = TUNE.replace("T:Echo Reel", "T:Edited Reel").replace('|"A"cAeA', '|"A"cA|"A"cAeA')  # a short bar
     browser.execute_script("arguments[0].value = arguments[1];", editor, "My tune:\n" + edited)
     browser.find_element(By.ID, "render-abc").click()
-    wait(
-        browser, lambda d: cards(d, "#editor-card") and "Edited Reel" in svg_text(cards(d, "#editor-card")[0])
-    )
+    wait(browser, lambda d: "Edited Reel" in ((scores(d, "#editor-card") or [""])[0] or ""))
     # The bar cut short is listed and marked at its line of the editor (line 7: after "My tune:").
     issue = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#abc-issues li"))[0]
     assert "bar_duration" in issue.text and "line 7" in issue.text
