@@ -80,3 +80,31 @@ def test_a_bad_prompt_file_names_the_problem(tmp_path):
 def test_midi_check_runs_abc2midi_in_the_sandbox():
     assert q.midi_check("Tune:\n" + JIG)
     assert not q.midi_check("no music here")
+
+
+def test_constrained_generation_goes_through_the_grammar_with_each_prompts_request(monkeypatch):
+    from chatmusician.abc.grammar import AbcConstraints
+    from chatmusician.eval import replica
+    from chatmusician.eval.config import EvalConfig
+    from chatmusician.eval.runner import abc_items, abc_results
+    from chatmusician.model import constrained
+
+    calls = []
+
+    def fake_outputs(model, tokenizer, prompts, constraints, **kwargs):
+        calls.append((list(prompts), list(constraints), kwargs))
+        return [constrained.Generated(JIG, [7] * 30, "stop"), constrained.Generated("", [], "length")]
+
+    monkeypatch.setattr(constrained, "generate_outputs", fake_outputs)
+    prompts = [p for p in q.load_prompts() if p["name"] in ("jig-G", "form-AABB")]
+    cfg = EvalConfig(model="unused")
+    cfg.abc_quality.constrained, cfg.abc_quality.check_midi, cfg.abc_quality.max_new_tokens = True, False, 64
+    out = abc_results(cfg, prompts, replica.process(None, None, abc_items(prompts, 1, seed=3), cfg))
+    ((sent, constraints, kwargs),) = calls
+    assert sent[0] == "Human: " + prompts[0]["prompt"] + " </s> Assistant: "
+    assert constraints == [AbcConstraints(key="G", meter="6/8"), AbcConstraints()]  # form asks for no key
+    assert kwargs["max_new_tokens"] == 64 and kwargs["do_sample"] and kwargs["temperature"] == 0.2
+    rows = {r["name"]: r for r in out["tunes_detail"]}
+    assert rows["jig-G"]["tokens"] == 31 and rows["jig-G"]["key_as_requested"]  # 30 ids + EOS
+    assert rows["form-AABB"]["tokens"] == 0 and not rows["form-AABB"]["found"]
+    assert out["constrained"] and out["all"]["found"] == 0.5
