@@ -195,6 +195,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     the summary table, and shut down only what it started."""
     from chatmusician.eval import report
 
+    check_config(cfg)  # before Ray starts
     started = False
     if cfg.pool.use_ray:
         import ray
