@@ -9,6 +9,7 @@ Runs in-process (no Ray): the same engines and validation as the Composer deploy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -16,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from chatmusician.prompts import EXAMPLE_PROMPTS, Task, build_task_prompt
-from chatmusician.serve.composer import Completion, ComposeError, analyze_abc, load_engine, resolve_params
+from chatmusician.serve.composer import (
+    Completion,
+    ComposeError,
+    analyze_abc,
+    load_engine,
+    resolve_constraints,
+    resolve_params,
+)
 from chatmusician.serve.config import ChatConfig
 
 
@@ -82,11 +90,12 @@ def prediction(
 def predict(engine, config: ChatConfig, prompts: Sequence[str]) -> list[dict[str, Any]]:
     """Answer each prompt on its own (no history), ``batch_size`` at a time; a refused prompt gets an error entry."""
     params = resolve_params({"seed": config.seed}, config.generation, config.max_new_tokens_cap)
+    constraints = chat_constraints(engine, config)
     results: list[dict[str, Any] | None] = [None] * len(prompts)
     ready = []
     for i, prompt in enumerate(prompts):
         try:
-            ready.append((i, engine.prepare(prompt)))
+            ready.append((i, dataclasses.replace(engine.prepare(prompt), constraints=constraints)))
         except ComposeError as error:
             results[i] = prediction(prompt, None, error)
     for start in range(0, len(ready), max(1, config.batch_size)):
@@ -94,6 +103,15 @@ def predict(engine, config: ChatConfig, prompts: Sequence[str]) -> list[dict[str
         for (i, _), completion in zip(chunk, engine.generate([(p, params) for _, p in chunk]), strict=True):
             results[i] = prediction(prompts[i], completion)
     return results  # type: ignore[return-value]
+
+
+def chat_constraints(engine, config: ChatConfig):
+    """``--constrained`` (+ ``--key/--meter/--unit_length``) -> AbcConstraints | None; a bad value exits clearly."""
+    fields = {"key": config.key, "meter": config.meter, "unit_length": config.unit_length}
+    try:
+        return resolve_constraints(engine, config.constrained or None, fields)
+    except ComposeError as error:
+        raise SystemExit(f"chatmusician chat: {error.message}") from None
 
 
 def _print(text: str) -> None:
@@ -106,6 +124,7 @@ def repl(
 ) -> list[tuple[str, str]]:
     """The interactive loop; returns the conversation's (question, answer) turns when the user quits."""
     params = resolve_params({"seed": config.seed}, config.generation, config.max_new_tokens_cap)
+    constraints = chat_constraints(engine, config)
     history: list[tuple[str, str]] = []
     write("ChatMusician: ask for music in ABC notation. /examples, /example N, /reset, /quit.\n")
     while True:
@@ -133,7 +152,7 @@ def repl(
             line = EXAMPLE_PROMPTS[int(arg) - 1]
             write(f"{line}\n")
         try:
-            prepared = engine.prepare(line, history)
+            prepared = dataclasses.replace(engine.prepare(line, history), constraints=constraints)
         except ComposeError as error:
             hint = " (/reset clears the history)" if error.code == "prompt_too_long" and history else ""
             write(f"(refused: {error.message}{hint})\n")

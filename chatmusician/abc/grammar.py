@@ -19,6 +19,8 @@ from chatmusician.abc.fields import parse_key, parse_meter, parse_unit_length
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_BARS_LIMIT = 1000
+GENERATION_TEXT_CHARS = 48
+GENERATION_HEADER_FIELDS = 8
 # Characters a fixed header value may hold (it is spliced into the grammar as a string literal).
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9#^_=+\-/|() ]{1,40}")
 
@@ -90,7 +92,8 @@ def _replace_marked(grammar: str, marker: str, line: str) -> str:
     pattern = re.compile(rf"^.*#\s*@{marker}\s*$", re.MULTILINE)
     if len(pattern.findall(grammar)) != 1:
         raise RuntimeError(f"grammar.lark must have exactly one line marked @{marker}")
-    return pattern.sub(lambda _: line, grammar)
+    first, *rest = line.split("\n")  # the marker stays on the first line: a later step may replace it again
+    return pattern.sub(lambda _: "\n".join([f"{first}    # @{marker}", *rest]), grammar)
 
 
 def _header_rules(c: AbcConstraints) -> str:
@@ -107,22 +110,27 @@ def _header_rules(c: AbcConstraints) -> str:
         free.append("LENGTH_LINE")
     other = f"header_other: ({' | '.join(free)}) NL"
     if not fixed:
-        return "header: header_field{0,24}"
+        return f"header: header_field{{0,{GENERATION_HEADER_FIELDS}}}"
     names = list(fixed)
     orders = [names] if len(names) == 1 else [names, names[::-1]]
-    body = " | ".join(" header_other{0,12} ".join(order) for order in orders)
+    body = " | ".join(" header_other{0,3} ".join(order) for order in orders)
     return "\n".join([f"header: header_other{{0,12}} ({body}) header_other{{0,12}}", other, *fixed.values()])
 
 
 def tune_grammar(constraints: AbcConstraints | None = None, renderable: bool = True) -> str:
     """The grammar text for one request: the base grammar, specialised by ``constraints`` when given.
 
-    ``renderable`` drops the one standard construct the renderers reject (the invisible bar ``[|]``, an
-    error to abc2midi): generation uses it; ``renderable=False`` is all the ABC the grammar knows (coverage).
+    ``renderable`` (generation) drops the one standard construct the renderers reject (the invisible bar
+    ``[|]``, an error to abc2midi) and bounds free text tighter (a weak model rambles in titles until
+    max_new_tokens runs out); ``renderable=False`` is all the ABC the grammar knows (the coverage test).
     """
     grammar = base_grammar()
     if renderable:
         grammar = _replace_marked(grammar, "invisible", 'INVISIBLE_BAR: "[|"')
+        grammar = _replace_marked(
+            grammar, "text", f"TEXT: /[^\\x00-\\x1f\\x7f]/{{1,{GENERATION_TEXT_CHARS}}}"
+        )
+        grammar = _replace_marked(grammar, "header", f"header: header_field{{0,{GENERATION_HEADER_FIELDS}}}")
     c = constraints or AbcConstraints()
     if c == AbcConstraints():
         return grammar

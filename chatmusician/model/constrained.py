@@ -7,7 +7,8 @@ on this grammar; xgrammar took 20-90 ms a token inside the tune body (``benchmar
 Supports: one matcher per row, and rows without one (unconstrained rows are never touched, so their greedy
 output does not change); different constraints per row in one ``generate``; EOS only where the tune is complete
 (the grammar accepts after a complete body line); ``max_new_tokens`` running out -> the answer cut back to the
-last point the grammar accepted; streaming that only ever emits text up to such a point. Batch users::
+last point the grammar accepted, and in the last 16 tokens of the budget a row ends its line and its
+tune (EOS or newline forced where allowed) so that even a weak model ends with a whole tune; streaming that only ever emits text up to such a point. Batch users::
 
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.model.constrained import generate
@@ -29,7 +30,10 @@ from typing import Any
 from chatmusician.abc.grammar import AbcConstraints, ConstraintError, tune_grammar
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+# In the last tokens of the budget a constrained row ends its line, then its tune.
+WRAP_UP_TOKENS = 16
 
 
 def ll_tokenizer(tokenizer):
@@ -106,7 +110,15 @@ class AbcLogitsProcessor:
     ``mask_seconds`` / ``steps`` add up the time spent computing masks (the benchmark reads them).
     """
 
-    def __init__(self, rows: Sequence[RowState | None], vocab_size: int, eos_id: int):
+    def __init__(
+        self,
+        rows: Sequence[RowState | None],
+        vocab_size: int,
+        eos_id: int,
+        max_new_tokens: int | None = None,
+        newline_ids: Sequence[int] = (),
+        wrap_up_tokens: int = WRAP_UP_TOKENS,
+    ):
         import torch
 
         self.rows = list(rows)
@@ -117,6 +129,24 @@ class AbcLogitsProcessor:
         self.bits = torch.arange(32, dtype=torch.int32)
         self.prompt_width: int | None = None
         self.mask_seconds, self.steps = 0.0, 0
+        self.max_new_tokens, self.wrap_up_tokens = max_new_tokens, wrap_up_tokens
+        self.newline_ids = list(newline_ids)
+
+    def _wrapping_up(self) -> bool:
+        return self.max_new_tokens is not None and self.max_new_tokens - self.steps <= self.wrap_up_tokens
+
+    def _allows(self, i: int, token: int) -> bool:
+        return bool((int(self.bitmask[i, token // 32]) >> (token % 32)) & 1)
+
+    def _wrap_up(self, i: int) -> None:
+        """Near the end of the budget: EOS where the tune may end, else a newline where one may come (a
+        complete body line is an accepting point), so a weak model still ends with a whole tune."""
+        for choice in [[self.eos_id], [t for t in self.newline_ids if self._allows(i, t)]]:
+            if choice and all(self._allows(i, t) for t in choice):
+                self.bitmask[i].zero_()
+                for t in choice:
+                    self.bitmask[i, t // 32] |= 1 << (t % 32)
+                return
 
     def __call__(self, input_ids, scores):
         import llguidance.torch as llt
@@ -138,6 +168,8 @@ class AbcLogitsProcessor:
                 self.bitmask[i, self.eos_id // 32] = 1 << (self.eos_id % 32)
             else:
                 llt.fill_next_token_bitmask(row.matcher, self.bitmask, i)
+                if self._wrapping_up():
+                    self._wrap_up(i)
         rows = torch.tensor(self.active)
         # [R, words] int32 -> [R, words*32] bool: bit b of word w allows token 32*w + b.
         allowed = ((self.bitmask[rows].unsqueeze(-1) >> self.bits) & 1).bool().flatten(1)
@@ -152,16 +184,30 @@ class AbcLogitsProcessor:
         return scores
 
 
+def newline_ids(tokenizer) -> tuple[int, ...]:
+    """Tokens that are exactly a newline (LLaMA: the byte-fallback token <0x0A>)."""
+    with _LOCK:
+        if tokenizer not in _NEWLINES:
+            vocab = tokenizer.get_vocab()
+            _NEWLINES[tokenizer] = tuple(
+                i for t, i in vocab.items() if t in ("<0x0A>", "\n", "Ċ") and tokenizer.decode([i]) == "\n"
+            )
+        return _NEWLINES[tokenizer]
+
+
 def logits_processor(
-    tokenizer, constraints: Sequence[AbcConstraints | None]
+    tokenizer, constraints: Sequence[AbcConstraints | None], max_new_tokens: int | None = None
 ) -> tuple[AbcLogitsProcessor | None, list[RowState | None]]:
     """The processor for a batch whose row i obeys ``constraints[i]`` (None: unconstrained), and its row states.
-    No processor at all when no row is constrained."""
+    No processor at all when no row is constrained. With ``max_new_tokens`` the rows wrap up in time."""
     eos_id = tokenizer.eos_token_id
     rows = [None if c is None else RowState(new_matcher(tokenizer, c), eos_id) for c in constraints]
     if all(r is None for r in rows):
         return None, rows
-    return AbcLogitsProcessor(rows, len(tokenizer), eos_id), rows
+    processor = AbcLogitsProcessor(
+        rows, len(tokenizer), eos_id, max_new_tokens=max_new_tokens, newline_ids=newline_ids(tokenizer)
+    )
+    return processor, rows
 
 
 def finish(row: RowState | None, new_ids: Sequence[int], eos_id: int) -> tuple[list[int], str]:
@@ -203,7 +249,11 @@ def generate_outputs(
     for i, row in enumerate(encoded):  # left padding: decoder-only models continue from the right end
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
-    processor, rows = logits_processor(tokenizer, constraints)
+    budget = generate_kwargs.get("max_new_tokens")
+    config = generate_kwargs.get("generation_config")
+    if budget is None and config is not None:
+        budget = config.max_new_tokens
+    processor, rows = logits_processor(tokenizer, constraints, budget)
     kwargs = {"eos_token_id": eos_id, "pad_token_id": pad_id, **generate_kwargs}
     if processor is not None:
         kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), processor]

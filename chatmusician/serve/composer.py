@@ -5,7 +5,10 @@ Supports: a merged model or a base model plus LoRA adapters merged in order (hub
 parameters validated against caps (``max_new_tokens``, prompt length) before any work; stop at EOS with the
 pad token never sampled; dynamic batching of concurrent requests (``@serve.batch``, requests with equal
 parameters share one ``generate``); token streaming (one ``generate`` per stream, cancelled when the client
-goes away). The ``echo`` engine answers with the user's message, a deterministic stand-in for UI tests.
+goes away); grammar-constrained ABC (``constrained: true`` with optional key / meter / unit length / bar
+bound): constrained and unconstrained requests share one batch, each row obeying its own grammar
+(:mod:`chatmusician.model.constrained`). The ``echo`` engine answers with the user's message, a
+deterministic stand-in for UI tests (it ignores constraints).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from ray import serve
 
+from chatmusician.abc.grammar import AbcConstraints, ConstraintError
 from chatmusician.prompts import build_chat_prompt
 from chatmusician.serve.config import EngineConfig, GenerationDefaults, ServeAppConfig
 
@@ -166,10 +170,12 @@ def analyze_abc(text: str) -> dict[str, Any]:
 
 @dataclass
 class Prepared:
-    """A request ready to generate: the user's message and the templated prompt's token ids."""
+    """A request ready to generate: the user's message, the templated prompt's token ids, its ABC constraints."""
 
     prompt: str
     ids: list[int]
+    constraints: AbcConstraints | None = None
+    """None: unconstrained; AbcConstraints(): the tune grammar only."""
 
 
 @dataclass
@@ -226,27 +232,46 @@ class TransformersEngine:
             mask[i, width - len(row) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _completion(self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams) -> Completion:
-        ids, reason = split_at_eos(new_ids, self.eos_id, params.max_new_tokens)
+    def check_constraints(self, constraints: AbcConstraints) -> None:
+        from chatmusician.model.constrained import check_constraints
+
+        check_constraints(self.tokenizer, constraints)
+
+    def _completion(
+        self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None
+    ) -> Completion:
+        if row is None:
+            ids, reason = split_at_eos(new_ids, self.eos_id, params.max_new_tokens)
+        else:  # constrained: cut back to the last complete line when the budget ran out
+            ids, reason = row.finish(new_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Completion(text, reason, len(prepared.ids), len(ids) + (self.eos_id in new_ids))  # EOS counts
+        return Completion(text, reason, len(prepared.ids), len(ids) + (reason == "stop"))  # EOS counts
 
     def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
-        """Answer a batch: one ``generate`` per group of equal parameters."""
+        """Answer a batch: one ``generate`` per group of equal parameters (constrained or not)."""
         import torch
+
+        from chatmusician.model.constrained import logits_processor
 
         results: list[Completion | None] = [None] * len(items)
         for group in group_by_params([p for _, p in items]):
             params = items[group[0]][1]
             ids, mask = self._inputs([items[i][0].ids for i in group])
+            processor, rows = logits_processor(
+                self.tokenizer, [items[i][0].constraints for i in group], params.max_new_tokens
+            )
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             with torch.inference_mode():
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=self._generation_config(params)
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=self._generation_config(params),
+                    logits_processor=[processor] if processor is not None else None,
                 )
             for row, i in enumerate(group):
-                results[i] = self._completion(items[i][0], out[row, ids.shape[1] :].tolist(), params)
+                new_ids = out[row, ids.shape[1] :].tolist()
+                results[i] = self._completion(items[i][0], new_ids, params, rows[row])
         return results  # type: ignore[return-value]
 
     def stream(
@@ -264,7 +289,13 @@ class TransformersEngine:
                     (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
                 )
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        from chatmusician.model.constrained import logits_processor, streamer_class
+
+        if prepared.constraints is None:
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        else:  # emits text only up to the grammar's last accepting point (what the answer keeps)
+            streamer = streamer_class()(self.tokenizer, prepared.constraints)
+        processor, _ = logits_processor(self.tokenizer, [prepared.constraints], params.max_new_tokens)
         ids, mask = self._inputs([prepared.ids])
         result: dict[str, Any] = {}
 
@@ -279,6 +310,7 @@ class TransformersEngine:
                         generation_config=self._generation_config(params),
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                        logits_processor=[processor] if processor is not None else None,
                     )
             except BaseException as error:  # surfaced to the consumer below
                 result["error"] = error
@@ -295,7 +327,8 @@ class TransformersEngine:
             thread.join()
         if "error" in result:
             raise result["error"]
-        yield self._completion(prepared, result["out"][0, ids.shape[1] :].tolist(), params)
+        row = getattr(streamer, "row", None)
+        yield self._completion(prepared, result["out"][0, ids.shape[1] :].tolist(), params, row)
 
 
 class EchoEngine:
@@ -303,6 +336,9 @@ class EchoEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+
+    def check_constraints(self, constraints: AbcConstraints) -> None:
+        """Constraints are validated (a bad one is still a 400) but the echo answer ignores them."""
 
     def prepare(self, prompt: str, history: Sequence[Sequence[str]] = ()) -> Prepared:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -341,9 +377,30 @@ def load_engine(config: EngineConfig) -> TransformersEngine | EchoEngine:
 def prepare_request(
     engine, config: EngineConfig, request: Mapping[str, Any]
 ) -> tuple[Prepared, GenerationParams]:
-    """A composer request ``{"prompt", "history", "params"}`` -> validated inputs, else ComposeError."""
+    """A composer request ``{"prompt", "history", "params", "constrained", "constraints": {key, meter,
+    unit_length, max_bars}}`` -> validated inputs, else ComposeError."""
     params = resolve_params(request.get("params"), config.generation, config.max_new_tokens_cap)
-    return engine.prepare(request.get("prompt"), request.get("history") or ()), params
+    constraints = resolve_constraints(engine, request.get("constrained"), request.get("constraints"))
+    prepared = engine.prepare(request.get("prompt"), request.get("history") or ())
+    return dataclasses.replace(prepared, constraints=constraints), params
+
+
+def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | None) -> AbcConstraints | None:
+    """``constrained`` + constraint fields -> AbcConstraints (compiled once to check) | None, else ComposeError."""
+    given = {k: v for k, v in (values or {}).items() if v is not None}
+    if constrained is None or constrained is False:
+        if given:
+            name = sorted(given)[0]
+            raise ComposeError("invalid_constraint", f"{name} needs constrained: true", name)
+        return None
+    if constrained is not True:
+        raise ComposeError("invalid_constraint", "constrained must be true or false", "constrained")
+    try:
+        constraints = AbcConstraints.from_mapping(given)
+        engine.check_constraints(constraints)
+    except ConstraintError as error:
+        raise ComposeError("invalid_constraint", error.message, error.param) from None
+    return constraints
 
 
 # ---------------------------------------------------------------------------------------------- deployment

@@ -120,3 +120,11 @@ class ChatConfig(EngineConfig):
     """Batch mode: prompts generated together."""
     seed: int | None = None
     """Sampling seed (reproducible answers)."""
+    constrained: bool = False
+    """Grammar-constrained ABC: every answer is a complete tune that parses."""
+    key: str | None = None
+    """With constrained: the K: value every tune must have (e.g. G, Ador)."""
+    meter: str | None = None
+    """With constrained: the M: value (e.g. 6/8)."""
+    unit_length: str | None = None
+    """With constrained: the L: value (e.g. 1/8)."""

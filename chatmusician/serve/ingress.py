@@ -207,7 +207,12 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
             return error_response(400, "invalid_messages", str(exc), param="messages")
         if error := too_long(prompt + "".join(q + a for q, a in history), "the conversation"):
             return error
-        request = {"prompt": prompt, "history": history, "params": body.sampling()}
+        request = {
+            "prompt": prompt,
+            "history": history,
+            "params": body.sampling(),
+            **body.constraint_request(),
+        }
         if not body.stream:
             result = await backend.generate(request)
             return composer_error(result["error"]) if "error" in result else api.chat_completion(name, result)
@@ -256,7 +261,8 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
         if error := too_long(prompt + "".join(q + a for q, a in body.history), "the prompt"):
             return error
         params = body.params.model_dump()
-        result = await backend.generate({"prompt": prompt, "history": body.history, "params": params})
+        request = {"prompt": prompt, "history": body.history, "params": params, **body.constraint_request()}
+        result = await backend.generate(request)
         if "error" in result:
             return composer_error(result["error"])
         abc = analyze_abc(result["text"])

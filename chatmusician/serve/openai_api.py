@@ -33,6 +33,29 @@ class SamplingParams(StrictModel):
     seed: int | None = Field(None, ge=0)
 
 
+class AbcConstraintFields(BaseModel):
+    """Grammar-constrained ABC (an extension of the OpenAI API: pass through ``extra_body``)."""
+
+    constrained: bool | None = Field(
+        None,
+        description="Only a complete, syntactically valid ABC tune can be generated (grammar-constrained).",
+    )
+    key: str | None = Field(None, description="With constrained: the K: value the tune must have, e.g. 'G'.")
+    meter: str | None = Field(None, description="With constrained: the M: value, e.g. '6/8'.")
+    unit_length: str | None = Field(None, description="With constrained: the L: value, e.g. '1/8'.")
+    max_bars: int | None = Field(None, description="With constrained: at most this many bar lines.")
+
+    def constraint_request(self) -> dict[str, Any]:
+        """The composer request's ``constrained`` and ``constraints`` entries."""
+        fields = {
+            "key": self.key,
+            "meter": self.meter,
+            "unit_length": self.unit_length,
+            "max_bars": self.max_bars,
+        }
+        return {"constrained": self.constrained, "constraints": fields}
+
+
 # ------------------------------------------------------------------------------------------------- OpenAI
 
 
@@ -51,7 +74,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(StrictModel):
+class ChatCompletionRequest(AbcConstraintFields, StrictModel):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -179,7 +202,7 @@ class TaskSpec(StrictModel):
     )
 
 
-class ComposeRequest(StrictModel):
+class ComposeRequest(AbcConstraintFields, StrictModel):
     """Either a free ``prompt`` or a ``task``; the answer's first ABC tune is validated and rendered."""
 
     prompt: str | None = None

@@ -1,0 +1,73 @@
+"""The ABC tune grammar: what it accepts token by token with the real tokenizer, and the request constraints."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatmusician.abc.grammar import AbcConstraints, ConstraintError, tune_grammar
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from chatmusician.model.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)
+
+
+def accepts(tokenizer, grammar: str, text: str) -> bool:
+    """The whole text is accepted token by token and the grammar is in an accepting state at its end."""
+    import llguidance
+
+    from chatmusician.model.constrained import ll_tokenizer
+
+    spec = llguidance.LLMatcher.grammar_from_lark(grammar)
+    matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer), spec, log_level=0)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return matcher.validate_tokens(ids) == len(ids) and matcher.consume_tokens(ids) and matcher.is_accepting()
+
+
+TUNE = 'X:1\nT:Test\nM:6/8\nL:1/8\nK:G\n|:"G"GAB d2e|[1 c3 B3:|[2 {c}B2A G3|]\nw:la la\n'
+
+
+def test_tune_shapes(tokenizer):
+    g = tune_grammar()
+    assert accepts(tokenizer, g, " " + TUNE)  # the leading space of the model's first token "▁X"
+    assert not accepts(tokenizer, g, TUNE.replace("K:G\n", ""))  # no K: line
+    assert not accepts(tokenizer, g, "T:Test\n" + TUNE)  # X: must come first
+    assert not accepts(tokenizer, g, TUNE.replace("|]\n", "|]\n\nabc|\n"))  # a blank line ends a tune
+    assert not accepts(tokenizer, g, TUNE.rstrip("\n"))  # not complete before the line's newline
+    assert not accepts(tokenizer, g, TUNE.replace("M:6/8", "M:six"))  # typed header values
+    assert not accepts(tokenizer, g, TUNE.replace("K:G", "K:H"))
+    assert not accepts(tokenizer, g, TUNE.replace("T:Test", "%%abc-include /etc/passwd"))  # directives
+    assert not accepts(tokenizer, g, TUNE.replace("T:Test", "T:" + "x" * 200))  # bounded free text
+    assert accepts(tokenizer, tune_grammar(renderable=False), TUNE.replace("GAB", "G[|]AB"))
+    assert not accepts(tokenizer, g, TUNE.replace("GAB", "G[|]AB"))  # abc2midi errors on the invisible bar
+
+
+def test_constraints_fix_header_values_and_bound_bars(tokenizer):
+    c = AbcConstraints(key="G", meter="6/8", unit_length="1/8")
+    assert accepts(tokenizer, tune_grammar(c), TUNE)
+    assert accepts(tokenizer, tune_grammar(c), TUNE.replace("M:6/8\nL:1/8", "L:1/8\nM:6/8"))  # either order
+    assert not accepts(tokenizer, tune_grammar(c), TUNE.replace("K:G", "K:D"))
+    assert not accepts(tokenizer, tune_grammar(c), TUNE.replace("M:6/8", "M:3/4"))
+    assert not accepts(tokenizer, tune_grammar(c), TUNE.replace("L:1/8\n", ""))  # a fixed field must be there
+    # TUNE's body has 4 bar lines (|: :| [2 is a volta, not a bar line |]): 4 fit, 3 do not.
+    assert accepts(tokenizer, tune_grammar(AbcConstraints(max_bars=4)), TUNE)
+    assert not accepts(tokenizer, tune_grammar(AbcConstraints(max_bars=3)), TUNE)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"key": "H#"}, "key"),
+        ({"meter": "7/0"}, "meter"),
+        ({"unit_length": '1/8"]'}, "unit_length"),
+        ({"max_bars": 0}, "max_bars"),
+        ({"max_bars": True}, "max_bars"),
+        ({"tempo": "120"}, "tempo"),
+    ],
+)
+def test_bad_constraints_are_refused_with_the_field(fields, param):
+    with pytest.raises(ConstraintError) as info:
+        AbcConstraints.from_mapping(fields)
+    assert info.value.param == param and info.value.message

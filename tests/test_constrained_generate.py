@@ -1,0 +1,133 @@
+"""Constrained decoding inside the Composer's batched generate and its stream, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatmusician.abc.grammar import AbcConstraints, tune_grammar
+from chatmusician.serve.composer import ComposeError, GenerationParams, prepare_request
+from chatmusician.serve.config import EngineConfig
+
+GREEDY = GenerationParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=48)
+SAMPLED = GenerationParams(
+    temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=48, seed=3
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    from chatmusician.serve.composer import TransformersEngine
+
+    return TransformersEngine(EngineConfig(model=tiny_model_path, device="cpu", torch_threads=1))
+
+
+def complete_tune(engine, text: str, constraints: AbcConstraints) -> bool:
+    import llguidance
+
+    from chatmusician.model.constrained import ll_tokenizer
+
+    spec = llguidance.LLMatcher.grammar_from_lark(tune_grammar(constraints))
+    matcher = llguidance.LLMatcher(ll_tokenizer(engine.tokenizer), spec, log_level=0)
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return matcher.consume_tokens(ids) and matcher.is_accepting()
+
+
+def with_constraints(prepared, constraints):
+    import dataclasses
+
+    return dataclasses.replace(prepared, constraints=constraints)
+
+
+def test_mixed_batch_rows_obey_their_own_grammar_and_unconstrained_rows_do_not_change(engine):
+    p = engine.prepare("Write a jig in D")
+    fixed = AbcConstraints(key="D", meter="6/8")
+    plain = engine.generate([(p, GREEDY), (p, GREEDY), (p, GREEDY)])
+    mixed = engine.generate(
+        [(p, GREEDY), (with_constraints(p, AbcConstraints()), GREEDY), (with_constraints(p, fixed), GREEDY)]
+    )
+    assert mixed[0] == plain[0]  # greedy output of the unconstrained row is identical
+    for completion, constraints in zip(mixed[1:], [AbcConstraints(), fixed], strict=True):
+        # Either a complete tune or, if the budget never reached one, nothing (never a broken tune).
+        assert completion.text == "" or complete_tune(engine, completion.text, constraints)
+    assert mixed[1].text != plain[1].text or plain[1].text == ""
+
+
+def test_sampled_constrained_answers_are_complete_tunes_with_the_asked_header(engine):
+    p = engine.prepare("Compose a tune")
+    fixed = AbcConstraints(key="G", meter="3/4", unit_length="1/8")
+    params = GenerationParams(**{**SAMPLED.__dict__, "max_new_tokens": 400})
+    outputs = engine.generate([(with_constraints(p, fixed), params)])
+    text = outputs[0].text
+    if text:  # the budget's wrap-up makes this the usual case even for a random model
+        assert complete_tune(engine, text, fixed)
+        lines = text.strip().split("\n")
+        assert lines[0].startswith("X:") and "M:3/4" in lines and "L:1/8" in lines
+        assert next(line for line in lines if line.startswith("K:")) == "K:G"
+
+
+def test_cut_back_to_the_last_complete_line_and_eos_only_when_complete(engine):
+    from chatmusician.model.constrained import AbcLogitsProcessor, RowState, new_matcher
+
+    tok = engine.tokenizer
+    head = "X:1\nM:4/4\nK:C\nCDEF GABc|\n"
+    ids = tok(head + "cBAG", add_special_tokens=False)["input_ids"]
+    row = RowState(new_matcher(tok, AbcConstraints()), tok.eos_token_id)
+    answer, reason = row.finish(ids)  # no EOS: the budget ran out mid-line
+    assert reason == "length" and tok.decode(answer) == head
+
+    import torch
+
+    processor = AbcLogitsProcessor(
+        [RowState(new_matcher(tok, AbcConstraints()), tok.eos_token_id)], len(tok), 2
+    )
+    header = tok("X:1\nK:C\n", add_special_tokens=False)["input_ids"]
+    prompt = torch.tensor([[5, 6]])
+    scores = processor(prompt, torch.zeros((1, len(tok))))
+    for token in header:  # teacher-force the header
+        assert scores[0, token] == 0
+        prompt = torch.cat([prompt, torch.tensor([[token]])], dim=1)
+        scores = processor(prompt, torch.zeros((1, len(tok))))
+    assert scores[0, tok.eos_token_id] == float("-inf")  # no EOS before a body line
+    for token in tok("CDEF|\n", add_special_tokens=False)["input_ids"]:
+        prompt = torch.cat([prompt, torch.tensor([[token]])], dim=1)
+        scores = processor(prompt, torch.zeros((1, len(tok))))
+    assert scores[0, tok.eos_token_id] == 0  # a complete line: the tune may end
+
+
+def test_stream_shows_only_what_the_answer_keeps(engine):
+    p = with_constraints(engine.prepare("Write a reel"), AbcConstraints(max_bars=8))
+    params = GenerationParams(**{**SAMPLED.__dict__, "max_new_tokens": 300})
+    pieces = list(engine.stream(p, params))
+    completion = pieces[-1]
+    assert "".join(pieces[:-1]) == completion.text
+    assert completion.text == "" or complete_tune(engine, completion.text, AbcConstraints(max_bars=8))
+
+
+@pytest.mark.parametrize(
+    "request_fields, code_param",
+    [
+        ({"constrained": True, "constraints": {"key": "Q"}}, "key"),
+        ({"constrained": True, "constraints": {"meter": "x/8"}}, "meter"),
+        ({"constrained": True, "constraints": {"max_bars": 0}}, "max_bars"),
+        ({"constrained": False, "constraints": {"key": "G"}}, "key"),
+        ({"constrained": "yes"}, "constrained"),
+    ],
+)
+def test_bad_constraints_are_a_400(engine, request_fields, code_param):
+    with pytest.raises(ComposeError) as info:
+        prepare_request(engine, engine.config, {"prompt": "a jig", **request_fields})
+    assert (info.value.code, info.value.param, info.value.status) == ("invalid_constraint", code_param, 400)
+
+
+def test_request_fields_reach_the_composer():
+    from chatmusician.serve.openai_api import ChatCompletionRequest, ComposeRequest
+
+    body = ComposeRequest(prompt="a jig", constrained=True, key="D", meter="6/8", unit_length="1/8")
+    assert body.constraint_request() == {
+        "constrained": True,
+        "constraints": {"key": "D", "meter": "6/8", "unit_length": "1/8", "max_bars": None},
+    }
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], constrained=True)
+    assert chat.constraint_request()["constrained"] is True
+    with pytest.raises(ValueError):
+        ComposeRequest(prompt="a jig", constrained=True, tempo="120")  # still strict: unknown fields refused
