@@ -1,7 +1,9 @@
 """The training recipe end to end on the shared local Ray: 2 CPU workers, the tiny LLaMA, real ABC tunes.
 
-One run per ZeRO stage x train type (a few steps each), then the fault-tolerance runs reuse the ZeRO-2 LoRA run as
-the uninterrupted reference. The first run pays DeepSpeed's one-off comm-op build (~60 s on a cold cache).
+One run per ZeRO stage x train type (a few steps each, shards read in order so that the live stream, which has
+no shuffle, can follow the same curve), then a shuffled ZeRO-2 LoRA run is the uninterrupted reference of the
+fault-tolerance runs: relaunch, a lost worker, and two nodes (a cluster of its own, in a subprocess). The first
+run pays DeepSpeed's one-off comm-op build (~60 s on a cold cache).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import pytest
 from chatmusician import corpora
 from chatmusician.data.config import SourceConfig, TokenizeConfig
 from chatmusician.train.config import DataConfig, LoraConfig, TrainConfig
+from chatmusician.train.schedule import lr_at
 
 pytestmark = pytest.mark.integration
 
 STEPS = 6
+WARMUP = 0.3  # ceil(0.3 * 6) = 2 warmup steps: visible in the logged learning rates
 COMBOS = [(0, "lora"), (2, "lora"), (3, "lora"), (0, "full"), (2, "full"), (3, "full")]
 LOSS_TOLERANCE = 1e-4  # fp32 on CPU; ZeRO's partitioned reductions only reorder sums
 
@@ -33,6 +37,7 @@ def _tokenize_config(tiny_model_path: str, output_dir: str | None = None) -> Tok
         tokenizer=tiny_model_path,
         max_len=64,
         packing="greedy",
+        val_fraction=0.1,  # a held-out split: data stage -> output_dir/val -> evaluated by the recipe
         output_dir=output_dir,
         shard_rows=48,  # several shards: the row order must hold across files
         num_tokenizers=1,
@@ -49,6 +54,7 @@ def abc_shards(ray_cluster, tiny_model_path, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("abc_shards")
     manifest = write_shards(_tokenize_config(tiny_model_path, str(out)))
     assert manifest["sequences"] >= 2 * 8 * STEPS  # enough rows for every run without a second epoch
+    assert manifest["val"]["sequences"] >= 4 and (out / "val" / "manifest.json").is_file()
     return str(out)
 
 
@@ -64,7 +70,7 @@ def base_config(tiny_model_path, abc_shards, storage) -> TrainConfig:
         storage_path=str(storage),
         model=tiny_model_path,
         lora=LoraConfig(r=8, alpha=16),
-        data=DataConfig(shards=abc_shards),
+        data=DataConfig(shards=abc_shards, shuffle=False),
         profile="cpu",
         zero_stage=2,
         num_workers=2,
@@ -73,6 +79,8 @@ def base_config(tiny_model_path, abc_shards, storage) -> TrainConfig:
         max_length=64,
         max_steps=STEPS,
         lr=2e-3,
+        warmup_ratio=WARMUP,
+        eval_every=3,
         checkpoint_every=2,
         keep_last=2,
         max_failures=0,
@@ -94,7 +102,7 @@ def checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def combo_run(base_config, tiny_model_path):
+def combo_run(base_config, tiny_model_path, abc_shards):
     """Runs (and caches) one ZeRO stage x train type; ZeRO-3 LoRA reads the live Ray Data stream, not shards."""
     from chatmusician.train.recipe import train
 
@@ -105,13 +113,31 @@ def combo_run(base_config, tiny_model_path):
             cfg = replace(
                 base_config, run_name=f"zero{stage}_{train_type}", zero_stage=stage, train_type=train_type
             )
-            if (stage, train_type) == (3, "lora"):
-                cfg = replace(cfg, data=DataConfig(stream=_tokenize_config(tiny_model_path)))
+            if (stage, train_type) == (3, "lora"):  # the stream's training rows; validation from the shards
+                stream = DataConfig(stream=_tokenize_config(tiny_model_path), val_shards=f"{abc_shards}/val")
+                cfg = replace(cfg, data=stream)
             result = train(cfg)
             done[stage, train_type] = (Path(cfg.storage_path) / cfg.run_name, result)
         return done[stage, train_type]
 
     return run
+
+
+def _val_loss(model, val_shards: str) -> float:
+    """A plain single-process evaluation: mean next-token loss over every target token of the split."""
+    import pyarrow.parquet as pq
+    import torch
+
+    total, count = 0.0, 0
+    for path in sorted(Path(val_shards).glob("part-*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            ids = torch.tensor([row["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids, position_ids=torch.tensor([row["position_ids"]])).logits
+            labels = torch.tensor(row["labels"][1:])
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
 
 
 def _eval_loss(model, shards: str) -> float:
@@ -139,11 +165,15 @@ def test_zero_stage_trains_on_two_cpu_workers(combo_run, stage, train_type, tiny
     assert losses[STEPS] < losses[1] - 0.5, losses  # it learns the ABC tunes
     logged = metrics(run_dir)
     assert all(m["tokens_per_s"] > 0 and m["grad_norm"] > 0 for m in logged)
-    assert [round(m["lr"], 10) for m in logged][:2] == [
-        2e-3,
-        2e-3,
-    ]  # ceil(5% of 6) = 1 warmup step, then cosine
+    # 2 linear warmup steps (half the peak, then the peak), then cosine down to min_lr 0 on the last step.
+    lrs = [m["lr"] for m in logged]
+    assert lrs == pytest.approx([lr_at(s, STEPS, 2e-3, WARMUP) for s in range(STEPS)], rel=1e-9)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(0.0)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Validation at steps 3 and 6 (eval_every 3, and the end), nowhere else.
+    assert [m["step"] for m in logged if "val_loss" in m] == [3, 6]
+    final = logged[-1]
+    assert final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
 
     # Every 2 steps + keep-last-2 -> only 4 and 6 remain; the last holds the exact-resume position.
     assert checkpoints(run_dir) == ["checkpoint_0000004", "checkpoint_0000006"]
@@ -164,30 +194,95 @@ def test_zero_stage_trains_on_two_cpu_workers(combo_run, stage, train_type, tiny
 
         trained = AutoModelForCausalLM.from_pretrained(last / "model").eval()
     assert _eval_loss(trained, abc_shards) < _eval_loss(base, abc_shards) - 0.5
+    # The reported validation loss is the checkpoint's loss on the held-out rows, as one process computes it.
+    # Full training: exact. LoRA: the exported adapter reloaded onto a fresh base scores ~0.1 % off the model
+    # the workers evaluated (measured: 7.1368 vs 7.1301, the same at ZeRO-0 and 2), an export/reload gap of the
+    # LoRA checkpoint, not of the evaluation (which full training pins down).
+    tolerance = 1e-5 if train_type == "full" else 2e-3
+    assert final["val_loss"] == pytest.approx(_val_loss(trained, f"{abc_shards}/val"), rel=tolerance)
+    assert result.metrics["val_loss"] == final["val_loss"]
 
     # Same data, same init, same seeds: every ZeRO stage (and the live stream) follows ZeRO-0's loss curve.
     reference = losses_by_step(combo_run(0, train_type)[0])
     assert losses == pytest.approx(reference, abs=LOSS_TOLERANCE)
 
 
-def test_relaunch_and_lost_worker_both_resume_from_the_last_checkpoint(combo_run, base_config):
-    """Launch 1 dies at step 3 (max_failures=0). Launch 2, same run name, resumes from checkpoint 2; a worker is
-    killed at step 5 and Ray Train restarts the group from checkpoint 4. The losses equal the uninterrupted run's."""
+@pytest.fixture(scope="module")
+def shuffled(base_config):
+    """The uninterrupted reference of the fault tests: ZeRO-2 LoRA with the seeded shuffle on."""
+    from chatmusician.train.recipe import train
+
+    cfg = replace(base_config, run_name="shuffled", data=replace(base_config.data, shuffle=True))
+    train(cfg)
+    return cfg, losses_by_step(Path(cfg.storage_path) / cfg.run_name)
+
+
+def test_shuffled_order_trains_on_other_rows_than_the_written_order(shuffled, combo_run):
+    _, losses = shuffled
+    in_order = losses_by_step(combo_run(2, "lora")[0])
+    assert losses[STEPS] < losses[1] - 0.5
+    assert all(abs(losses[s] - in_order[s]) > 1e-3 for s in range(1, STEPS + 1))  # other micro batches
+
+
+def test_relaunch_and_lost_worker_both_resume_from_the_last_checkpoint(shuffled):
+    """Launch 1 dies as step 3 starts (max_failures=0). Launch 2, same run name, resumes from checkpoint 2; a worker
+    dies as step 5 starts and Ray Train restarts the group from checkpoint 4. The losses equal the uninterrupted
+    run's. The fault hook fires before any collective of its step, so no rank can log that step: the log is
+    exact, whatever the order of teardown."""
     import ray.train
 
     from chatmusician.train.recipe import train
 
-    reference = losses_by_step(combo_run(2, "lora")[0])
-    cfg = replace(base_config, run_name="interrupted", fail_at_step=3, max_failures=0)
+    reference_cfg, reference = shuffled
+    cfg = replace(reference_cfg, run_name="interrupted", fail_at_step=3, max_failures=0)
     run_dir = Path(cfg.storage_path) / cfg.run_name
     with pytest.raises(ray.train.TrainingFailedError):
         train(cfg)
     assert checkpoints(run_dir) == ["checkpoint_0000002"]
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
 
     result = train(replace(cfg, fail_at_step=5, max_failures=1))
     assert (run_dir / ".failed_at_step_3").exists() and (run_dir / ".failed_at_step_5").exists()
-    # Relaunch: steps 1-2 never run again; worker loss at 5: only step 5 runs twice. Exactly STEPS steps in the end.
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 3, 4, 5, 5, 6]
+    # Relaunch: steps 1-2 never run again; worker loss at 5: the group restarts at checkpoint 4. Every step once.
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert Path(result.checkpoint.path).name == "checkpoint_0000006"
     assert result.metrics["step"] == STEPS
+    assert losses_by_step(run_dir) == pytest.approx(reference, abs=LOSS_TOLERANCE)
+
+
+def test_two_nodes_one_worker_each_resume_to_the_single_node_losses(shuffled, tmp_path):
+    """A local two-node cluster (ray.cluster_utils.Cluster, loopback, a Ray temp dir of its own), one train worker
+    per node: a worker dies at step 5 and the group restarts, wherever Ray places the ranks this time. Which rows
+    a rank reads depends only on (seed, epoch, rank), so the losses equal the single-node uninterrupted run's."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    reference_cfg, reference = shuffled
+    cfg = replace(
+        reference_cfg,
+        run_name="two_nodes",
+        storage_path=str(tmp_path / "runs"),
+        fail_at_step=5,
+        max_failures=1,
+        resources_per_worker={"trainer_slot": 1},  # each node has one slot: one worker per node
+    )
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    with tempfile.TemporaryDirectory(prefix="cm2n-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "two_node_train.py"), str(tmp_path / "cfg.pkl")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cluster = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cluster["trainer_slots_per_node"] == [1, 1], cluster  # so the two ranks ran on two nodes
+    run_dir = tmp_path / "runs" / "two_nodes"
+    assert (run_dir / ".failed_at_step_5").exists()
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert losses_by_step(run_dir) == pytest.approx(reference, abs=LOSS_TOLERANCE)

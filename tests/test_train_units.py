@@ -224,8 +224,10 @@ def test_mfu_estimate():
     assert peak_flops_for("NVIDIA A800-SXM4-80GB", "bf16") == 312e12
     assert peak_flops_for("Tesla V100-SXM2-32GB", "fp16") == 125e12
     assert peak_flops_for("Some CPU", "fp32") is None
-    # 7e9 params at 3000 tokens/s/GPU on 8 A800s: 6 * 7e9 * 24000 / (8 * 312e12) = 0.404
+    # 7e9 params at 3000 tokens/s/GPU on 8 A800s, full training: 6 * 7e9 * 24000 / (8 * 312e12) = 0.404
     assert mfu(7_000_000_000, 24_000, 312e12, 8) == pytest.approx(0.4038, abs=1e-3)
+    # LoRA with 1.6e8 trainable: (4 * 7e9 + 2 * 1.6e8) * 24000 / (8 * 312e12) = 0.272
+    assert mfu(7_000_000_000, 24_000, 312e12, 8, 160_000_000) == pytest.approx(0.2723, abs=1e-3)
     assert mfu(10, 1.0, None, 1) is None
 
 
@@ -287,3 +289,113 @@ def test_activation_checkpointing_recomputes_without_changing_loss_or_gradients(
     for name, grad in grads_off.items():
         assert torch.allclose(grads_on[name], grad, atol=1e-6), name
     assert saved_on < saved_off / 2, (saved_on, saved_off)  # the layers' activations are recomputed, not kept
+
+
+# ---------------------------------------------------------------- fp16 skipped steps, MFU, storage, eval pieces
+
+
+def test_a_step_deepspeed_skips_on_overflow_neither_counts_nor_moves_the_schedule():
+    """The recipe counts only applied steps and DeepSpeed steps the schedule only then: with overflows the
+    run takes more iterations, and the schedule still walks warmup -> cosine -> min_lr over the counted steps."""
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from chatmusician.train.checkpointing import TrainState
+    from chatmusician.train.recipe import advance
+
+    total, peak, floor = 10, 1e-3, 1e-5
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = LambdaLR(opt, lr_multiplier(total, peak, 0.2, floor))
+    state, used = TrainState(), []
+    overflow_at = {0, 1, 5}  # iterations whose gradients overflow (the first ones, as a too-high scale does)
+    iteration = 0
+    while state.step < total:
+        lr = sched.get_last_lr()[0]
+        applied = iteration not in overflow_at
+        if applied:  # DeepSpeed: optimizer + scheduler step only when no overflow
+            opt.step()
+            sched.step()
+            used.append(lr)
+        advance(state, applied)
+        iteration += 1
+    assert (state.step, state.skipped_steps, iteration) == (10, 3, 13)
+    assert used == pytest.approx([lr_at(s, total, peak, 0.2, floor) for s in range(total)])
+    assert used[-1] == pytest.approx(floor)
+
+
+def test_mfu_counts_what_lora_computes(tiny_model_path):
+    from chatmusician.train.profiles import compute_parameters, train_flops_per_token
+    from chatmusician.train.recipe import _build_model
+
+    assert train_flops_per_token(100) == 600  # full training: 6N
+    assert train_flops_per_token(100, 10) == 420  # LoRA: 4N + 2N_trainable
+    full = _build_model(TrainConfig(model=tiny_model_path, train_type="full"), "fp32")
+    n_full = sum(p.numel() for p in full.parameters())
+    assert compute_parameters(full.named_parameters()) == n_full
+    lora = _build_model(TrainConfig(model=tiny_model_path), "fp32")  # modules_to_save embed_tokens + lm_head
+    every = sum(p.numel() for p in lora.parameters())
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    used = compute_parameters(lora.named_parameters())
+    # The frozen originals behind the trained copies are not computed with: counted once, not twice.
+    assert used == n_full + adapters < every
+    assert mfu(used, 1000.0, 1e12, 1, trainable) == pytest.approx((4 * used + 2 * trainable) * 1000 / 1e12)
+    assert mfu(used, 1000.0, 1e12, 1, trainable) < mfu(used, 1000.0, 1e12, 1)
+
+
+def test_storage_location_of_local_folders_file_uris_and_other_filesystems(tmp_path):
+    import pyarrow.fs as pafs
+
+    from chatmusician.train.recipe import local_run_dir, storage_location
+
+    fs, root = storage_location(TrainConfig(storage_path=f"file://{tmp_path}/runs", run_name="r"))
+    assert isinstance(fs, pafs.LocalFileSystem) and root == f"{tmp_path}/runs"
+    assert (
+        local_run_dir(TrainConfig(storage_path=f"file://{tmp_path}/runs", run_name="r"))
+        == tmp_path / "runs" / "r"
+    )
+    fs, root = storage_location(TrainConfig(storage_path="relative/runs"))
+    assert Path(root).is_absolute() and root.endswith("relative/runs")
+    assert local_run_dir(TrainConfig(storage_path="s3://bucket/runs")) is None
+    stand_in = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    assert storage_location(TrainConfig(storage_path="bucket/runs"), stand_in) == (stand_in, "bucket/runs")
+
+
+def test_token_loss_sum_is_what_the_model_averages(tiny_model_path):
+    import torch
+
+    from chatmusician.model.loading import load_model
+    from chatmusician.train.recipe import token_loss_sum
+
+    model = load_model(tiny_model_path).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3], [8, 9, 10, 11, 12, 13]])
+    labels = ids.clone()
+    labels[0, :3] = -100  # a masked source
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    total, count = token_loss_sum(out.logits, labels)
+    assert count == 3 + 5 and total / count == pytest.approx(float(out.loss), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"eval_every": 0}, "eval_every"),
+        ({"eval_hook": "no_colon"}, "eval_hook"),
+        ({"eval_hook": "nope.nothing:fn"}, "cannot be imported"),
+    ],
+)
+def test_bad_eval_settings_are_config_errors(override, message):
+    from chatmusician.train.recipe import resolve_hook
+
+    cfg = TrainConfig(**{"profile": "cpu", "num_workers": 2, **override})
+    with pytest.raises(TrainConfigError, match=message):
+        validate(cfg)
+        resolve_hook(cfg.eval_hook)
+
+
+def test_eval_steps_are_every_n_and_the_last():
+    from chatmusician.train.recipe import is_eval_step
+
+    assert [s for s in range(1, 11) if is_eval_step(s, 10, 4)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if is_eval_step(s, 10, None)] == [10]

@@ -4,7 +4,7 @@ Layout of one checkpoint (Ray merges the workers' folders into ``<storage>/<run>
 
     deepspeed/state/...        DeepSpeed's sharded model + optimizer + scheduler state (every rank its shard)
     deepspeed/latest           tag file DeepSpeed writes
-    train_state.json           step and data position (micro batches consumed per worker)
+    train_state.json           step, data position (micro batches consumed per worker), fp16 steps skipped
     adapter/                   rank 0: PEFT adapter in safetensors (train_type lora) - PeftModel.from_pretrained
     model/                     rank 0: full HF model in safetensors (train_type full)
 """
@@ -27,6 +27,8 @@ class TrainState:
     """Optimizer steps done."""
     micro_batches: int = 0
     """Micro batches each worker has consumed (the data position: resume skips this many)."""
+    skipped_steps: int = 0
+    """fp16: optimizer steps DeepSpeed skipped on a gradient overflow (they do not count as steps)."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -52,7 +54,11 @@ def load(engine, ckpt_dir: str | Path) -> TrainState:
     load_path, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     if load_path is None:
         raise RuntimeError(f"no DeepSpeed state found in {ckpt_dir}")
-    return TrainState(step=int(client_state["step"]), micro_batches=int(client_state["micro_batches"]))
+    return TrainState(
+        step=int(client_state["step"]),
+        micro_batches=int(client_state["micro_batches"]),
+        skipped_steps=int(client_state.get("skipped_steps", 0)),
+    )
 
 
 def read_train_state(ckpt_dir: str | Path) -> TrainState:

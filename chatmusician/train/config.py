@@ -36,7 +36,13 @@ class DataConfig:
     shards: str | None = None
     """Folder of parquet shards + manifest.json written by the data stage (``read_shards``)."""
     stream: TokenizeConfig | None = None
-    """Tokenize on the fly with the data stage's ``build_dataset`` (used when shards is not set)."""
+    """Tokenize on the fly with the data stage's ``build_dataset`` (used when shards is not set; read in the stream's order, no shuffle)."""
+    shuffle: bool = True
+    """Shards: a seeded shuffle, different every epoch (chunk order + windows; chatmusician.train.data_order)."""
+    shuffle_window: int = 1024
+    """Shards: rows each worker shuffles together (one window is held in memory)."""
+    val_shards: str | None = None
+    """Validation shards (a folder with manifest.json); default: ``<shards>/val`` when the data stage wrote one (TokenizeConfig.val_fraction)."""
 
 
 @dataclass
@@ -63,6 +69,8 @@ class TrainConfig:
     """Number of Ray Train workers (one per GPU)."""
     cpus_per_worker: float | None = None
     """CPUs each worker requests; default: the profile's."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker requests (custom node resources, e.g. {"trainer_slot": 1})."""
     accelerator_type: str | None = None
     """Ray accelerator type the workers request (A800, V100, ...); default: the profile's; empty string: any."""
     global_batch_size: int = 8
@@ -90,7 +98,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     seed: int = 42
-    """Seed of weight init (LoRA) and of dropout; the data order is the shards' order."""
+    """Seed of weight init (LoRA), of dropout and of the data shuffle."""
     checkpoint_every: int = 500
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
     keep_last: int = 3
@@ -99,8 +107,12 @@ class TrainConfig:
     """How many worker failures the run survives by restarting from the last checkpoint."""
     log_every: int = 10
     """Report metrics to Ray Train every this many steps (TensorBoard and metrics.jsonl get every step)."""
+    eval_every: int | None = None
+    """Evaluate the validation split every this many optimizer steps (and always at the end); None: at the end only."""
+    eval_hook: str | None = None
+    """Dotted path ``module:function`` called on rank 0 at each eval step as ``fn(model, tokenizer, step) -> dict[str, float]``; the metrics are merged into the report, TensorBoard and metrics.jsonl (model: the trained peft/HF module in eval mode, weights gathered under ZeRO-3; tokenizer: the base model's)."""
     fail_at_step: int | None = None
-    """Testing hook: rank 1 (or 0 alone) kills its process at this step, once per run (a marker file in storage)."""
+    """Testing hook: the last rank kills its process as step N starts (before any collective of it), once per run (a marker file)."""
 
 
 @dataclass

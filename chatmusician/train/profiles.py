@@ -79,10 +79,31 @@ def peak_flops_for(device_name: str, precision: str) -> float | None:
     return None
 
 
+def train_flops_per_token(params: int, trainable_params: int | None = None) -> float:
+    """FLOPs per token of one training step, counting what is computed (attention scores ignored):
+    forward 2·N, backward through the activations 2·N, weight gradients 2·N_trainable. Full training gives
+    PaLM's 6·N; LoRA, whose frozen weights get no weight gradients, ~4·N + 2·N_trainable. ``params`` = the
+    weights the forward pass uses (a peft ``modules_to_save`` copy once: see :func:`compute_parameters`)."""
+    trainable = params if trainable_params is None else trainable_params
+    return 4 * params + 2 * trainable
+
+
+def compute_parameters(named_parameters) -> int:
+    """Parameters the forward pass multiplies by: peft's frozen ``original_module`` behind a
+    ``modules_to_save`` copy is not used, so it is not counted (it would count embeddings/lm_head twice)."""
+    return sum(p.numel() for name, p in named_parameters if ".original_module." not in name)
+
+
 def mfu(
-    params: int, tokens_per_s: float, peak_flops_per_device: float | None, n_devices: int
+    params: int,
+    tokens_per_s: float,
+    peak_flops_per_device: float | None,
+    n_devices: int,
+    trainable_params: int | None = None,
 ) -> float | None:
-    """Model FLOPs utilisation (PaLM's 6·N FLOPs per token for forward + backward; attention ignored)."""
+    """Model FLOPs utilisation: :func:`train_flops_per_token` x tokens/s over the devices' dense peak."""
     if not peak_flops_per_device:
         return None
-    return 6 * params * tokens_per_s / (peak_flops_per_device * n_devices)
+    return (
+        train_flops_per_token(params, trainable_params) * tokens_per_s / (peak_flops_per_device * n_devices)
+    )

@@ -3,8 +3,12 @@
 Supports: base model by hub id or path in the hardware profile's precision (fp32 / bf16 / fp16 with dynamic
 loss scaling); ``train_type`` lora (peft, modules_to_save embed_tokens + lm_head) or full; DeepSpeed ZeRO 0-3;
 torch AdamW (fused on CUDA); 5 % linear warmup + cosine; gradient clipping; gradient accumulation up to the
-global batch; optional activation checkpointing; data from materialized shards or the live Ray Data stream;
-metrics (loss, lr, grad norm, tokens/s, MFU on GPUs) to TensorBoard + metrics.jsonl (rank 0) and
+global batch; optional activation checkpointing; data from materialized shards (a seeded shuffle, different
+every epoch, that each worker reads itself: which rows a rank gets never depends on where Ray placed anything,
+see chatmusician.train.data_order) or the live Ray Data stream; a held-out validation split evaluated every
+``eval_every`` steps and at the end on all ranks (mean token loss, perplexity) plus an optional ``eval_hook``;
+metrics (loss, lr, grad norm, tokens/s, MFU on GPUs, fp16 loss scale and skipped steps) to TensorBoard +
+metrics.jsonl (rank 0, under the run's storage: a local folder, ``file://`` or a URI such as ``s3://``) and
 ``ray.train.report``; checkpoints every N steps and at the end (DeepSpeed state for exact resume + a rank-0
 safetensors export), keep-last-K, automatic restart from the last checkpoint on worker failure, and resume
 when the same run name is launched again.
@@ -54,6 +58,12 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError("checkpoint_every and keep_last must be positive")
     if cfg.max_length <= 1:
         raise TrainConfigError(f"max_length must be at least 2, got {cfg.max_length}")
+    if cfg.data.shuffle_window < 1:
+        raise TrainConfigError(f"data.shuffle_window must be positive, got {cfg.data.shuffle_window}")
+    if cfg.eval_every is not None and cfg.eval_every <= 0:
+        raise TrainConfigError(
+            f"eval_every must be positive (or null: at the end only), got {cfg.eval_every}"
+        )
 
 
 def total_steps_for(rows: int, cfg: TrainConfig) -> int:
@@ -107,11 +117,53 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + rank) % (2**31)
 
 
+def storage_location(cfg: TrainConfig, filesystem=None) -> tuple[Any, str]:
+    """(pyarrow filesystem, root path) of ``cfg.storage_path``: a local folder or ``file://`` path (made
+    absolute), a URI such as ``s3://bucket/prefix`` (its filesystem), or, with ``filesystem`` given, a path
+    inside that filesystem (how tests stand in for s3 with a local one)."""
+    import pyarrow.fs as pafs
+
+    if filesystem is not None:
+        return filesystem, cfg.storage_path
+    run_dir = local_run_dir(cfg)
+    if run_dir is not None:
+        return pafs.LocalFileSystem(), str(run_dir.parent)
+    return pafs.FileSystem.from_uri(cfg.storage_path)
+
+
 def local_run_dir(cfg: TrainConfig) -> Path | None:
     """``<storage>/<run>`` when storage is a local (or NFS-mounted) folder; None for URIs such as s3://."""
     if "://" in cfg.storage_path and not cfg.storage_path.startswith("file://"):
         return None
-    return Path(cfg.storage_path.removeprefix("file://")).absolute() / cfg.run_name
+    return Path(cfg.storage_path.removeprefix("file://")).expanduser().absolute() / cfg.run_name
+
+
+def is_eval_step(step: int, total_steps: int, eval_every: int | None) -> bool:
+    return step == total_steps or bool(eval_every and step % eval_every == 0)
+
+
+def token_loss_sum(logits, labels) -> tuple[float, int]:
+    """(sum of next-token cross entropies, number of target tokens) of one batch, in float64: the pieces of
+    a mean token loss that sums exactly over batches and ranks (labels -100 = no loss; HF's shift)."""
+    import torch.nn.functional as F
+
+    shifted = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss.double()), int((shifted != IGNORE_INDEX).sum())
+
+
+def resolve_hook(dotted: str):
+    """``package.module:function`` -> the function (imported by name, so train/ imports no upper layer)."""
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    if not module or not attr:
+        raise TrainConfigError(f"eval_hook must look like 'package.module:function', got {dotted!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise TrainConfigError(f"eval_hook {dotted!r} cannot be imported: {err}") from None
 
 
 # ---------------------------------------------------------------- the worker
@@ -146,8 +198,8 @@ def _optimizer(model, cfg: TrainConfig, fused: bool):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
-def _batches(shard, cfg: TrainConfig, skip: int):
-    """Endless micro batches of this worker's shard, epoch after epoch, skipping the first ``skip`` (resume)."""
+def _stream_batches(shard, cfg: TrainConfig, skip: int):
+    """Endless micro batches of a Ray Data shard (the live stream), epoch after epoch, skipping ``skip``."""
     seen = 0
     while True:
         yielded = False
@@ -162,6 +214,111 @@ def _batches(shard, cfg: TrainConfig, skip: int):
             raise RuntimeError("this worker's data shard holds less than one micro batch")
 
 
+def _shard_batches(plan: dict[str, Any], cfg: TrainConfig, rank: int, world: int, skip: int):
+    from chatmusician.train.data_order import ShardRowReader
+
+    reader = ShardRowReader(
+        plan["files"],
+        plan["filesystem"],
+        plan["chunks"],
+        rank=rank,
+        world=world,
+        micro_batch_size=cfg.micro_batch_size,
+        seed=cfg.seed,
+        window=cfg.data.shuffle_window,
+        shuffle=cfg.data.shuffle,
+    )
+    for batch in reader.batches(skip):
+        yield collate(batch, cfg.max_length)
+
+
+def evaluate(
+    engine, plan: dict[str, Any], cfg: TrainConfig, rank: int, world: int, device
+) -> dict[str, float]:
+    """Mean token loss (and perplexity) of the whole validation split, every rank a contiguous part of it.
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively): a rank whose
+    part is shorter runs its last batch again with no target tokens."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    from chatmusician.train.data_order import ShardRowReader, eval_pieces
+
+    reader = ShardRowReader(
+        plan["files"],
+        plan["filesystem"],
+        plan["chunks"],
+        rank=0,
+        world=1,
+        micro_batch_size=1,
+        seed=0,
+        window=1,
+        shuffle=False,
+        check_rows=False,
+    )
+    batch_rows = cfg.micro_batch_size
+    mine, most = eval_pieces(plan["chunks"], rank, world)
+    table = reader.read(mine) if mine else None
+    sums = torch.zeros(2, dtype=torch.float64)
+    was_training = engine.training
+    engine.eval()
+    last = None
+    with torch.no_grad():
+        for begin in range(0, most, batch_rows):
+            rows = table.slice(begin, batch_rows) if table is not None and begin < table.num_rows else None
+            if rows is not None and rows.num_rows:
+                batch, real = collate(_as_numpy(rows), cfg.max_length), True
+                last = batch
+            else:
+                batch, real = last, False
+                if batch is None:  # this rank holds no row at all: the split's first row, no targets
+                    first = reader.read(eval_pieces(plan["chunks"], 0, 1)[0][:1]).slice(0, 1)
+                    batch = last = collate(_as_numpy(first), cfg.max_length)
+            batch = dict(batch)
+            batch.pop("num_tokens")
+            labels = batch.pop("labels")
+            logits = engine(**{k: v.to(device) for k, v in batch.items()}).logits
+            if real:
+                loss_sum, tokens = token_loss_sum(logits.cpu(), labels)
+                sums += torch.tensor([loss_sum, tokens], dtype=torch.float64)
+    if was_training:
+        engine.train()
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    loss = float(sums[0] / sums[1]) if float(sums[1]) else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1])}
+
+
+def _as_numpy(table) -> dict[str, np.ndarray]:
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def _run_eval_hook(hook, engine, tokenizer, step: int, rank: int) -> dict[str, Any]:
+    """Call ``hook(model, tokenizer, step)`` on rank 0 (weights gathered first under ZeRO-3, a collective)."""
+    import contextlib
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    gathered = (
+        deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    out: dict[str, Any] = {}
+    was_training = engine.training
+    engine.eval()
+    with gathered, torch.no_grad():
+        if rank == 0:
+            out = dict(hook(engine.module, tokenizer, step) or {})
+    if was_training:
+        engine.train()
+    dist.barrier()
+    return out
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: setup, resume if a checkpoint exists, train to ``total_steps``, checkpoint."""
     import deepspeed
@@ -172,7 +329,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray.train import CheckpointConsistencyMode
     from torch.optim.lr_scheduler import LambdaLR
 
-    from chatmusician.model.loading import count_parameters
+    from chatmusician.train.profiles import compute_parameters
     from chatmusician.train.schedule import lr_multiplier
 
     cfg: TrainConfig = loop_config["cfg"]
@@ -191,7 +348,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # ---- setup: model, optimizer, schedule, DeepSpeed engine
     model = _build_model(cfg, profile.precision)
-    trainable, total_params = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    used_params = compute_parameters(model.named_parameters())
     optimizer = _optimizer(model, cfg, fused=profile.fused_optimizer and profile.use_gpu)
     scheduler = LambdaLR(optimizer, lr_multiplier(total_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr))
     engine, _, _, _ = deepspeed.initialize(
@@ -205,18 +363,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = checkpointing.load(engine, ckpt_dir)
 
-    run_dir = local_run_dir(cfg)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        log_dir = (
-            run_dir / "tensorboard" if run_dir else Path(tempfile.gettempdir()) / cfg.run_name / "tensorboard"
-        )
-        writer = SummaryWriter(str(log_dir))
+    logs = RunLogs(loop_config["storage"], cfg.run_name) if rank == 0 else None
     peak = None  # MFU only where a GPU's peak is known
     if profile.use_gpu:
         peak = peak_flops_for(torch.cuda.get_device_name(), profile.precision) or profile.peak_flops
+    val_plan = loop_config.get("val_plan")
+    hook = resolve_hook(cfg.eval_hook) if cfg.eval_hook else None
+    tokenizer = None
+    if hook is not None and rank == 0:
+        from chatmusician.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -231,10 +388,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     # ---- train
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg, skip=state.micro_batches)
+    if loop_config.get("train_plan") is not None:
+        batches = _shard_batches(loop_config["train_plan"], cfg, rank, world, skip=state.micro_batches)
+    else:
+        batches = _stream_batches(ray.train.get_dataset_shard("train"), cfg, skip=state.micro_batches)
     engine.train()
     while state.step < total_steps:
-        torch.manual_seed(step_seed(cfg.seed, state.step, rank))
+        if cfg.fail_at_step is not None and state.step + 1 == cfg.fail_at_step and rank == world - 1:
+            # Before any collective of the step: no rank can log it, so what the log holds never races teardown.
+            checkpointing.fail_once(loop_config["marker_dir"] + f"/.failed_at_step_{cfg.fail_at_step}")
+        torch.manual_seed(step_seed(cfg.seed, state.step + state.skipped_steps, rank))
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -255,7 +418,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stats = torch.stack([loss_sum / accumulation, tokens]).to(device)
         dist.all_reduce(stats)  # over workers: summed loss means, summed tokens
         elapsed = time.perf_counter() - started
-        state.step += 1
+        # fp16: on a gradient overflow DeepSpeed skips the update and does not step the schedule; such a step
+        # is not counted either, so the schedule still reaches min_lr on the last counted step.
+        applied = advance(state, engine.was_step_applied())
         tokens_per_s = float(stats[1]) / elapsed
         metrics = {
             "step": state.step,
@@ -263,31 +428,94 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": lr,
             "grad_norm": _as_float(engine.get_global_grad_norm()) or fallback_norm,
             "tokens_per_s": tokens_per_s,
-            "mfu": mfu(total_params, tokens_per_s, peak, world),
+            "mfu": mfu(used_params, tokens_per_s, peak, world, trainable),
             "loss_scale": _loss_scale(engine),
+            "skipped_steps": state.skipped_steps,
             "trainable_params": trainable,
         }
-        if writer is not None:
-            for key, value in metrics.items():
-                if value is not None and key != "step":
-                    writer.add_scalar(f"train/{key}", value, state.step)
-            if run_dir is not None:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-        if rank == 0 and (state.step % cfg.log_every == 0 or state.step in (1, total_steps)):
+        if not applied:
+            metrics["skipped"] = True
+        evaluating = (
+            applied and val_plan is not None and is_eval_step(state.step, total_steps, cfg.eval_every)
+        )
+        if evaluating:
+            metrics |= evaluate(engine, val_plan, cfg, rank, world, device)
+        if applied and hook is not None and is_eval_step(state.step, total_steps, cfg.eval_every):
+            metrics |= _run_eval_hook(hook, engine, tokenizer, state.step, rank)
+        if logs is not None:
+            logs.write(metrics)
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step in (1, total_steps) or evaluating):
+            val = f" val_loss {metrics['val_loss']:.4f}" if evaluating else ""
             print(  # progress in the job's log (ray job logs / the driver's console)
-                f"[{cfg.run_name}] step {state.step}/{total_steps} loss {metrics['loss']:.4f} "
-                f"lr {lr:.2e} tokens/s {tokens_per_s:,.0f}",
+                f"[{cfg.run_name}] step {state.step}/{total_steps} loss {metrics['loss']:.4f}{val} "
+                f"lr {lr:.2e} tokens/s {tokens_per_s:,.0f}"
+                + (" (skipped: fp16 overflow)" if not applied else ""),
                 flush=True,
             )
-        if cfg.fail_at_step is not None and state.step == cfg.fail_at_step and rank == world - 1 and run_dir:
-            checkpointing.fail_once(run_dir / f".failed_at_step_{cfg.fail_at_step}")
+        if not applied:
+            continue
         if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+            if logs is not None:
+                logs.sync()
             save_checkpoint(metrics)
-        elif state.step % cfg.log_every == 0:
+        elif state.step % cfg.log_every == 0 or evaluating:
             ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
+    if logs is not None:
+        logs.close()
+
+
+def advance(state: TrainState, applied: bool) -> bool:
+    """Count one optimizer step, or one skipped by DeepSpeed (fp16 overflow): only applied steps advance the
+    step count that the schedule, checkpoints and the run's length are measured in."""
+    if applied:
+        state.step += 1
+    else:
+        state.skipped_steps += 1
+    return applied
+
+
+class RunLogs:
+    """Rank 0's TensorBoard events and metrics.jsonl, under ``<storage>/<run>/``: written in place on a local
+    folder; on a remote filesystem (s3://...) written to a local folder first (fetched back on resume) and
+    copied up at each checkpoint and at the end."""
+
+    def __init__(self, storage: tuple[Any, str], run_name: str):
+        import pyarrow.fs as pafs
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.fs, root = storage
+        self.remote = f"{root.rstrip('/')}/{run_name}"
+        self.local_fs = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.local_fs:
+            self.dir = Path(self.remote)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{run_name}-logs-"))
+            if self.fs.get_file_info(self.remote).type != pafs.FileType.NotFound:
+                for name in ("metrics.jsonl", "tensorboard"):
+                    info = self.fs.get_file_info(f"{self.remote}/{name}")
+                    if info.type != pafs.FileType.NotFound:
+                        pafs.copy_files(info.path, str(self.dir / name), source_filesystem=self.fs)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if not self.local_fs:
+            import pyarrow.fs as pafs
+
+            self.fs.create_dir(self.remote, recursive=True)
+            pafs.copy_files(str(self.dir), self.remote, destination_filesystem=self.fs)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()
 
 
 def _unreported_grad_norm(engine) -> float | None:
@@ -317,12 +545,36 @@ def _loss_scale(engine) -> float | None:
 # ---------------------------------------------------------------- the driver
 
 
-def load_datasets(cfg: TrainConfig) -> dict[str, Any]:
-    """``{"train": ray.data.Dataset}`` from the data stage: materialized shards, else the live stream."""
-    if cfg.data.shards:
-        from chatmusician.data.pipeline import read_shards
+def shard_plan(path: str) -> dict[str, Any]:
+    """What workers need to read a shards folder themselves: its files, filesystem and row groups."""
+    from chatmusician.data.pipeline import MANIFEST, output_filesystem, read_manifest
+    from chatmusician.train.data_order import plan_chunks
 
-        return {"train": read_shards(cfg.data.shards)}
+    fs, root = output_filesystem(path)
+    if not fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+        raise TrainConfigError(
+            f"{path}: no {MANIFEST}; not a finished `chatmusician tokenize` output (re-run it, or fix data.shards)"
+        )
+    files = [f"{root}/{s['file']}" for s in read_manifest(path)["shards"]]
+    chunks = plan_chunks(files, fs)
+    return {"files": files, "filesystem": fs, "chunks": chunks, "rows": sum(c.rows for c in chunks)}
+
+
+def val_shards_path(cfg: TrainConfig) -> str | None:
+    """The validation shards: ``data.val_shards``, else ``<shards>/val`` when the data stage wrote it."""
+    if cfg.data.val_shards:
+        return cfg.data.val_shards
+    if cfg.data.shards:
+        from chatmusician.data.pipeline import MANIFEST, output_filesystem
+
+        fs, root = output_filesystem(cfg.data.shards)
+        if fs.get_file_info(f"{root}/val/{MANIFEST}").is_file:
+            return f"{cfg.data.shards.rstrip('/')}/val"
+    return None
+
+
+def load_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """``{"train": ray.data.Dataset}`` of the live stream (shards are read by the workers themselves)."""
     if cfg.data.stream is not None:
         from chatmusician.data.pipeline import build_dataset
 
@@ -341,45 +593,75 @@ def scaling_config(cfg: TrainConfig):
     return ScalingConfig(
         num_workers=cfg.num_workers,
         use_gpu=profile.use_gpu,
-        resources_per_worker={"CPU": cpus, **({"GPU": 1} if profile.use_gpu else {})},
+        resources_per_worker={
+            "CPU": cpus,
+            **({"GPU": 1} if profile.use_gpu else {}),
+            **cfg.resources_per_worker,
+        },
         accelerator_type=accelerator,
     )
 
 
-def train(cfg: TrainConfig, datasets: dict[str, Any] | None = None):
-    """Launch (or resume) the run ``cfg.run_name`` under ``cfg.storage_path``; returns the ``ray.train.Result``.
-
-    ``datasets`` overrides ``cfg.data`` with ready Ray Datasets (``{"train": ...}``, rows per the shard contract).
-    """
+def trainer_for(
+    cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_filesystem=None, callbacks=None
+):
+    """The ``TorchTrainer`` of run ``cfg.run_name`` (not started): what :func:`train` fits, and what a Tune
+    trial builds for itself (``callbacks``: Ray Train user callbacks, e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate(cfg)
     profile = get_profile(cfg.profile)
-    if cfg.max_steps is None and datasets is None and not cfg.data.shards:
-        raise TrainConfigError("the live data stream has no row count: set max_steps")
-    datasets = datasets or load_datasets(cfg)
-    total_steps = cfg.max_steps or total_steps_for(datasets["train"].count(), cfg)
+    if cfg.eval_hook:
+        resolve_hook(cfg.eval_hook)  # a bad path is a config error now, not a worker crash later
+    loop_config: dict[str, Any] = {"cfg": cfg}
+    if datasets is None and cfg.data.shards:
+        plan = shard_plan(cfg.data.shards)
+        loop_config["train_plan"] = plan
+        total_steps = cfg.max_steps or total_steps_for(plan["rows"], cfg)
+    else:
+        if cfg.max_steps is None and datasets is None:
+            raise TrainConfigError("the live data stream has no row count: set max_steps")
+        datasets = datasets or load_datasets(cfg)
+        total_steps = cfg.max_steps or total_steps_for(datasets["train"].count(), cfg)
+    val_path = val_shards_path(cfg)
+    if val_path:
+        loop_config["val_plan"] = shard_plan(val_path)
+    loop_config["total_steps"] = total_steps
 
-    storage = cfg.storage_path if local_run_dir(cfg) is None else str(Path(cfg.storage_path).absolute())
-    # Deterministic row order and split: what makes "skip the consumed micro batches" an exact resume.
+    fs, root = storage_location(cfg, storage_filesystem)
+    loop_config["storage"] = (fs, root)
+    # The fault-test marker: on the storage when it is local, else beside the worker (testing only).
+    run_dir = local_run_dir(cfg)
+    loop_config["marker_dir"] = str(run_dir if run_dir else Path(tempfile.gettempdir()) / cfg.run_name)
     ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
-    trainer = TorchTrainer(
+    ingest.preserve_order = True  # the stream: deterministic row order, what makes skipping rows a resume
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "total_steps": total_steps},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend=profile.backend),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=storage,
+            storage_path=root,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+            callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest),
+        datasets=datasets or {},
+        # No locality hints: the stream's split must not follow where blocks were produced.
+        dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
     )
-    return trainer.fit()
+
+
+def train(cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_filesystem=None):
+    """Launch (or resume) the run ``cfg.run_name`` under ``cfg.storage_path``; returns the ``ray.train.Result``.
+
+    ``datasets`` overrides ``cfg.data`` with ready Ray Datasets (``{"train": ...}``, rows per the shard contract).
+    ``storage_filesystem``: a pyarrow filesystem that ``storage_path`` is a path in (instead of a URI's).
+    """
+    return trainer_for(cfg, datasets, storage_filesystem).fit()
 
 
 def run(cfg: TrainConfig):
