@@ -11,7 +11,6 @@ instructions for SFT (the paper's text-to-music task).
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -161,13 +160,13 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
 
     from chatmusician.corpora import nottingham_tunes
     from chatmusician.model.tiny import ensure_tiny
+    from chatmusician.ray_local import init_local
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     out = Path(cfg.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"out_dir": str(out), "timings_s": {}}
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
+    init_local(num_cpus=cfg.num_cpus, log_to_driver=True)
     try:
         t = _stage("1/6 tiny LLaMA + SentencePiece tokenizer (offline stand-in for LLaMA2-7B)")
         base = str(ensure_tiny(cfg.model_size))

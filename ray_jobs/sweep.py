@@ -2,7 +2,7 @@
 
 import sys
 
-from chatmusician.cli import run_command
+from chatmusician.cli import main
 
 if __name__ == "__main__":
-    run_command("sweep", sys.argv[1:])
+    sys.exit(main(["sweep", *sys.argv[1:]]))  # one clear line on a mistake, as the CLI

@@ -7,7 +7,6 @@ A Ray cluster per test costs seconds of start-up on 2 cores, so every integratio
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -20,11 +19,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from chatmusician.ray_local import free_port  # noqa: E402 - test modules import it from here
 
 
 @pytest.fixture(scope="session")
@@ -35,23 +30,6 @@ def tiny_model_path() -> str:
     return str(ensure_tiny("nano"))
 
 
-def own_dashboard_agent_port() -> None:
-    """Ray's dashboard agent listens on 52365 unless told otherwise, and ``ray.init`` cannot tell it: a second
-    cluster on the host then dies at start-up (raylet: "Timed out waiting for file ... metrics_agent_port",
-    the agent: "address already in use"). Make this process's next local cluster take a free port instead."""
-    import inspect
-
-    from ray._private import parameter
-
-    init = parameter.RayParams.__init__
-    names = [
-        p for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty
-    ]
-    defaults = list(init.__defaults__)
-    defaults[[p.name for p in names].index("dashboard_agent_listen_port")] = free_port()
-    init.__defaults__ = tuple(defaults)
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session: 4 logical CPUs so that Data tasks never starve 2 train workers
@@ -59,15 +37,13 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        own_dashboard_agent_port()
-        ray.init(
-            address="local",  # never attach to a cluster another `ray start` left in /tmp/ray
+        from chatmusician.ray_local import init_local
+
+        init_local(  # address "local": never attach to a cluster another `ray start` left in /tmp/ray
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=free_port(),
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
         )
     yield ray
     from contextlib import suppress

@@ -532,22 +532,12 @@ def read_shards(path: str):
 def run(cfg: TokenizeConfig) -> dict[str, Any]:
     """CLI / ``ray job submit`` entry: connect to the cluster (``RAY_ADDRESS``) or start a local Ray, write the
     shards, print a summary, and shut down only what it started."""
-    import ray
+    from chatmusician.ray_local import ray_session
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
     _check(cfg)  # config mistakes fail here, in a second, not after Ray started
     sources.check_local_sources(cfg)
-    started = not ray.is_initialized()
-    if started:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
+    with ray_session():
         manifest = write_shards(cfg)
-    finally:
-        if started:
-            ray.shutdown()
     summary = {
         k: manifest[k]
         for k in ("mode", "packing", "max_len", "rows", "sequences", "tokens", "padding_fraction")

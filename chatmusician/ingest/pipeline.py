@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -382,20 +381,10 @@ def write_rows(cfg: IngestConfig) -> dict[str, Any]:
 def run(cfg: IngestConfig) -> dict[str, Any]:
     """CLI / ``ray job submit`` entry: connect to the cluster (``RAY_ADDRESS``) or start a local Ray, run the
     job, print a summary, and shut down only what it started."""
-    import ray
+    from chatmusician.ray_local import ray_session
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
-    started = not ray.is_initialized()
-    if started:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
+    with ray_session():
         manifest = write_rows(cfg)
-    finally:
-        if started:
-            ray.shutdown()
     summary = {k: v for k, v in manifest["rows"].items() if k != "reject_samples"}
     summary["gate_means"] = manifest["gate_means"]
     summary["output_dir"] = cfg.output_dir

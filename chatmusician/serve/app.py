@@ -54,7 +54,9 @@ def run_serve(config: ServeAppConfig) -> None:
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep listeners on loopback (docs/TOOLS.md)
+    os.environ.setdefault(
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"
+    )  # keep listeners on loopback (docs/TOOLS.md)
     started = not ray.is_initialized()
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), _node_ip_address="127.0.0.1")

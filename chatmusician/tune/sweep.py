@@ -125,9 +125,9 @@ def connect() -> bool:
     is alive; with no address it guesses the cluster from /tmp/ray and the GCS processes on the host, which
     fails with "Found multiple active Ray instances" (or finds another user's cluster) when several run on one
     machine, and the freed resources leak. Returns whether Ray was started here (and must be shut down)."""
-    import socket
-
     import ray
+
+    from chatmusician.ray_local import free_port, init_local
 
     if ray.is_initialized():  # the caller's cluster; its processes' environment is the caller's business
         return False
@@ -145,42 +145,17 @@ def connect() -> bool:
         url = dashboard if "://" in dashboard else f"http://{dashboard}"
         ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: url}})
         return True
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every listener on loopback
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     os.environ[API_SERVER_ENV] = url  # inherited by the processes of the cluster started here
-    _own_dashboard_agent_port()
-    ray.init(
-        address="local",
+    init_local(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
         runtime_env={"env_vars": {API_SERVER_ENV: url}},
     )
     return True
-
-
-def _own_dashboard_agent_port() -> None:
-    """Ray's dashboard agent listens on 52365 unless told otherwise, and ``ray.init`` cannot tell it: a second
-    local cluster on the host then dies at start-up ("address already in use"). Give the next one a free port
-    (the default of Ray's node parameters, the one ``ray.init`` leaves unset)."""
-    import inspect
-    import socket
-
-    from ray._private import parameter
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init = parameter.RayParams.__init__
-    params = inspect.signature(init).parameters.values()
-    names = [p.name for p in params if p.default is not inspect.Parameter.empty]
-    defaults = list(init.__defaults__)
-    defaults[names.index("dashboard_agent_listen_port")] = port
-    init.__defaults__ = tuple(defaults)
 
 
 def _tuner(cfg: SweepConfig, base, root: Path):
