@@ -43,37 +43,12 @@ def scoring_rounds(model, tokenizer, candidates, repeat: int, batch_size: int) -
     return {"four_pass_s": four, "one_pass_s": one, "speedup": four / one, "rounds": times}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_dashboard_agent_port() -> None:
-    """The dashboard agent listens on 52365 unless told otherwise and ``ray.init`` cannot tell it: with another
-    Ray on the host a second local cluster dies at start-up. Give this process's local cluster a free port."""
-    import inspect
-
-    from ray._private import parameter
-
-    init = parameter.RayParams.__init__
-    names = [
-        p.name
-        for p in inspect.signature(init).parameters.values()
-        if p.default is not inspect.Parameter.empty
-    ]
-    defaults = list(init.__defaults__)
-    defaults[names.index("dashboard_agent_listen_port")] = _free_port()
-    init.__defaults__ = tuple(defaults)
-
-
 def pool_vs_loop(model_path: str, questions: int, replicas: int, batch_size: int) -> dict[str, float]:
     import ray
 
     from chatmusician.eval import runner
     from chatmusician.eval.config import EvalConfig
+    from chatmusician.ray_local import free_port, init_local
 
     dev, test = tiled_questions(questions)
     items = runner.mtb_items(dev, test, ["ppl_zero_shot", "ppl_few_shot"], 0, 0)
@@ -86,16 +61,7 @@ def pool_vs_loop(model_path: str, questions: int, replicas: int, batch_size: int
     cfg.pool.use_ray, cfg.pool.replicas = True, replicas
     cfg.pool.num_cpus = cpus / replicas
     cfg.pool.torch_threads = max(1, cpus // replicas)
-    _own_dashboard_agent_port()
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
+    init_local(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     try:
         start = time.perf_counter()
         pooled = runner.run_ray(cfg, items)

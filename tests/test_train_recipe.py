@@ -81,6 +81,7 @@ def base_config(tiny_model_path, abc_shards, storage) -> TrainConfig:
         lr=2e-3,
         warmup_ratio=WARMUP,
         eval_every=3,
+        eval_hook="chatmusician.eval.hook:mtb_accuracy",  # MTB accuracy over time, beside the validation loss
         checkpoint_every=2,
         keep_last=2,
         max_failures=0,
@@ -172,6 +173,9 @@ def test_zero_stage_trains_on_two_cpu_workers(combo_run, stage, train_type, tiny
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # Validation at steps 3 and 6 (eval_every 3, and the end), nowhere else.
     assert [m["step"] for m in logged if "val_loss" in m] == [3, 6]
+    mtb = [m for m in logged if "mtb_accuracy" in m]  # the eval hook's metrics reach metrics.jsonl
+    assert [m["step"] for m in mtb] == [3, 6] and all(0 <= m["mtb_accuracy"] <= 1 for m in mtb)
+    assert all(m["mtb_questions"] == 12 for m in mtb)  # every fixture question scored
     final = logged[-1]
     assert final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
 

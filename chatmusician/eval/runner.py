@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -196,24 +195,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from chatmusician.eval import report
 
     check_config(cfg)  # before Ray starts
-    started = False
-    if cfg.pool.use_ray:
-        import ray
+    from contextlib import nullcontext
 
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
-        started = not ray.is_initialized()
-        if started:
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init()
-            else:
-                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
+    from chatmusician.ray_local import ray_session
+
+    with ray_session() if cfg.pool.use_ray else nullcontext():
         out = evaluate(cfg)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(report.markdown(out))
     print(f"[eval] results in {cfg.output_dir}", file=sys.stderr)
     return out
