@@ -290,7 +290,8 @@ def test_each_answer_keeps_its_scores_playback_and_downloads(server, browser):
     open_page(browser, f"{server}/ui/")
     examples = browser.find_elements(By.CSS_SELECTOR, "#examples button")
     assert [e.text for e in examples][3] == " ".join(EXAMPLE_PROMPTS[3].split())  # the original's examples
-    assert browser.find_element(By.ID, "constrained").is_selected()  # on by default
+    switch = browser.find_element(By.ID, "constrained")
+    assert switch.is_selected() and switch.is_enabled()  # the API has the field (issue 15): on by default
 
     message = "Here is my reel:\n" + TUNE
     send(browser, message)

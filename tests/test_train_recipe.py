@@ -290,3 +290,26 @@ def test_two_nodes_one_worker_each_resume_to_the_single_node_losses(shuffled, tm
     assert (run_dir / ".failed_at_step_5").exists()
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert losses_by_step(run_dir) == pytest.approx(reference, abs=LOSS_TOLERANCE)
+
+
+def test_remote_storage_gets_checkpoints_tensorboard_and_metrics(base_config, tmp_path):
+    """``storage_path`` inside a non-local pyarrow filesystem (a SubTreeFileSystem over a temp folder stands in
+    for s3://): the run's checkpoints, TensorBoard events and metrics.jsonl all end up under the run's storage,
+    through the remote path (logs staged locally, copied up at each checkpoint and at the end)."""
+    import pyarrow.fs as pafs
+
+    from chatmusician.train.recipe import train
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    stand_in = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    cfg = replace(
+        base_config, run_name="remote", storage_path="runs", max_steps=2, checkpoint_every=2, eval_hook=None
+    )
+    result = train(cfg, storage_filesystem=stand_in)
+    run_dir = bucket / "runs" / "remote"
+    assert checkpoints(run_dir) == ["checkpoint_0000002"]
+    assert (run_dir / "checkpoint_0000002" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert result.metrics["step"] == 2
