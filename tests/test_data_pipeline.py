@@ -163,10 +163,14 @@ def test_sft_unpacked_rows_and_verbal_score_ratio(ray_cluster, corpus, tiny_mode
     )
     rows = [{k: np.asarray(v) for k, v in r.items()} for r in read_shards(str(tmp_path / "sft")).take_all()]
     assert "position_ids" not in rows[0] and len(rows) == manifest["rows"]["written"]
-    n_score = sum(1 for r in rows if (r["labels"][r["labels"] != IGNORE_INDEX] != 2).sum() > 10)
+    # A tune target is ~200 tokens; "Assistant: A dance in 6/8. </s> " (the chat form raw rows get) ~15.
+    n_score = sum(1 for r in rows if (r["labels"][r["labels"] != IGNORE_INDEX] != 2).sum() > 50)
     assert 10 <= n_score <= 30 and len(rows) - n_score == 40
     for r in rows:
-        assert len(r["input_ids"]) <= 256 and r["input_ids"][-1] == 2 and r["labels"][0] == IGNORE_INDEX
+        assert len(r["input_ids"]) <= 256 and r["labels"][0] == IGNORE_INDEX
+        # A whole target ends with " </s> " as MusicPile-sft's do: EOS, then the trailing space's token. A target
+        # cut at the budget (max_len - 3 - source) has no EOS, as in the original's data_preprocess.py.
+        assert 2 in r["input_ids"][-2:] or len(r["input_ids"]) >= 256 - 3
 
 
 def test_a_pool_that_would_starve_reads_is_a_clear_error(ray_cluster, corpus, tiny_model_path, tmp_path):

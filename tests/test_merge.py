@@ -58,12 +58,14 @@ def test_merged_model_generates_exactly_what_base_plus_adapter_does(
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_merge_cli_and_bad_adapter_folder(trained_adapter, tmp_path):
+def test_merge_cli_and_bad_adapter_folder(trained_adapter, tmp_path, capsys):
     from chatmusician.cli import main
 
     assert main(["merge", "--adapter", str(trained_adapter), "--out_dir", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
     with pytest.raises(MergeError, match="not a PEFT adapter"):
         merge_adapter(tmp_path / "nothing-here", tmp_path / "out")
-    with pytest.raises(MergeError, match="adapter is required"):
-        main(["merge", "--out_dir", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(["merge", "--out_dir", str(tmp_path / "x")]) == 2  # one line on stderr, no traceback
+    err = capsys.readouterr().err
+    assert "adapter is required" in err and "Traceback" not in err
