@@ -22,6 +22,24 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 from chatmusician.ray_local import free_port  # noqa: E402 - test modules import it from here
 
 
+def head_port_flags(dashboard_port: int) -> list[str]:
+    """``ray start --head`` flags putting every listener of the head on a free port (never a fixed default that
+    another cluster on the host may hold)."""
+    flags = [
+        "--port",
+        "--ray-client-server-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+    ]
+    flags += [
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
+    return [f"--dashboard-port={dashboard_port}", *[f"{flag}={free_port()}" for flag in flags]]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """The cached nano LLaMA + tokenizer (built once, ~10 s)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, head_port_flags
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -43,20 +43,9 @@ def test_tokenize_job_on_a_ray_start_cluster(tiny_model_path, tmp_path):
     dashboard = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="cmtok-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", *[f"{k}={v}" for k, v in ports.items()]],
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", *head_port_flags(dashboard)],
         env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, head_port_flags
 
 from chatmusician.config import load_config
 from chatmusician.eval import mtb, runner
@@ -131,22 +131,11 @@ def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
 
 def _ray_head(temp_dir: str, env: dict) -> tuple[subprocess.Popen, str]:
     dashboard = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         *[f"{k}={v}" for k, v in ports.items()]],
+         *head_port_flags(dashboard)],
         env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     return head, f"http://127.0.0.1:{dashboard}"
