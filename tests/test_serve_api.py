@@ -266,7 +266,7 @@ def test_chat_completions_plain_and_streamed(client):
     assert_error(
         client.post("/v1/chat/completions", json={**request, "model": "gpt-4"}), 404, "model_not_found"
     )
-    assert_error(client.post("/v1/chat/completions", json={**request, "n": 2}), 400, "invalid_request")
+    assert_error(client.post("/v1/chat/completions", json={**request, "n": 9}), 400, "invalid_parameter")
     bad_turns = {**request, "messages": [{"role": "assistant", "content": "hi"}]}
     assert_error(client.post("/v1/chat/completions", json=bad_turns), 400, "invalid_messages")
     over_cap = {**request, "max_tokens": 101, "stream": True}

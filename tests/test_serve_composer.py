@@ -63,12 +63,18 @@ def test_bad_parameters_are_refused_with_a_code(overrides, code, param):
     assert (err.value.code, err.value.param, err.value.status) == (code, param, 400)
 
 
-def test_generation_kwargs_sample_stop_at_eos_and_never_sample_pad():
+def test_generation_kwargs_stop_at_eos_never_sample_pad_and_leave_sampling_to_the_row_sampler():
     kw = generation_kwargs(params(), eos_id=2, pad_id=0)
-    assert kw["do_sample"] and kw["eos_token_id"] == 2 and kw["suppress_tokens"] == [0]
-    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["repetition_penalty"]) == (0.2, 0.9, 40, 1.1)
-    greedy = generation_kwargs(params(temperature=0), eos_id=2, pad_id=0)
-    assert not greedy["do_sample"] and "temperature" not in greedy
+    assert kw["eos_token_id"] == 2 and kw["suppress_tokens"] == [0] and kw["max_new_tokens"] == 1536
+    # generate() only takes the argmax of RowSampler's one-hot scores: no global-RNG sampling, no HF warpers
+    assert not kw["do_sample"] and not {"temperature", "top_p", "top_k", "repetition_penalty"} & set(kw)
+    sampling = params().sampling()
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty) == (
+        0.2,
+        0.9,
+        40,
+        1.1,
+    )
 
 
 def test_split_at_eos_and_finish_reason():
@@ -76,10 +82,16 @@ def test_split_at_eos_and_finish_reason():
     assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
 
 
-def test_requests_share_a_batch_only_with_equal_unseeded_parameters():
-    a, b = params(), params(temperature=0.5)
-    seeded = params(seed=3)
-    assert group_by_params([a, b, a, seeded, seeded, a]) == [[0, 2, 5], [1], [3], [4]]
+def test_requests_share_a_batch_by_adapter_and_budget_and_seeded_sampling_runs_alone():
+    a, b = params(), params(temperature=0.5, top_k=3)  # per-row parameters: one batch
+    seeded, greedy_seeded, short = params(seed=3), params(seed=3, temperature=0), params(max_new_tokens=5)
+    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [
+        [0, 1, 2, 5, 6],
+        [3],
+        [4],
+        [7],
+    ]
+    assert group_by_params([a, a, a], ["sft", None, "sft"]) == [[0, 2], [1]]
 
 
 def test_prompt_is_the_exact_template_with_history_and_no_bos(engine):

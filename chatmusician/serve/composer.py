@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,28 @@ class GenerationParams:
     repetition_penalty: float
     max_new_tokens: int
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    """The answer ends before the first of these strings (not included)."""
+    logprobs: int | None = None
+    """Record each answer token's log-probability and this many most likely alternatives (None = none)."""
+
+    def sampling(self):
+        from chatmusician.model.sampling import RowSampling
+
+        return RowSampling(
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.seed,
+        )
 
 
+MAX_STOPS, MAX_LOGPROBS = 4, 20
 # name -> (type, lowest, highest, lowest allowed inclusive); max_new_tokens' upper bound is the config's cap.
 PARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "temperature": (float, 0.0, 2.0, True),
@@ -61,7 +82,26 @@ PARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "repetition_penalty": (float, 0.0, 10.0, False),
     "max_new_tokens": (int, 1, float("inf"), True),
     "seed": (int, 0, 2**63 - 1, True),
+    "presence_penalty": (float, -2.0, 2.0, True),
+    "frequency_penalty": (float, -2.0, 2.0, True),
+    "logprobs": (int, 0, MAX_LOGPROBS, True),
 }
+
+
+def resolve_stop(value: Any) -> tuple[str, ...]:
+    """OpenAI's ``stop``: null, a string or up to 4 non-empty strings -> tuple, else ComposeError."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, (list, tuple))
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise ComposeError(
+            "invalid_parameter", f"stop must be a non-empty string or up to {MAX_STOPS} of them", "stop"
+        )
+    return tuple(stops)
 
 
 def resolve_params(
@@ -70,6 +110,9 @@ def resolve_params(
     """Request parameters (``None`` = default) checked for type and range -> GenerationParams, else ComposeError."""
     values: dict[str, Any] = {**dataclasses.asdict(defaults), "seed": None}
     for name, value in (overrides or {}).items():
+        if name == "stop":
+            values["stop"] = resolve_stop(value)
+            continue
         if name not in PARAM_RANGES:
             raise ComposeError("unknown_parameter", f"unknown generation parameter {name!r}", name)
         if value is None:
@@ -113,16 +156,15 @@ def encode_prompt(
 
 
 def generation_kwargs(params: GenerationParams, eos_id: int, pad_id: int) -> dict[str, Any]:
-    """Arguments of ``GenerationConfig``: sampling unless temperature is 0; stop at EOS; pad never sampled."""
+    """Arguments of ``GenerationConfig``: greedy argmax over the scores of
+    :class:`~chatmusician.model.sampling.RowSampler` (which does the sampling, per row, with the request's own
+    generator); stop at EOS; the pad token never sampled."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
-        "repetition_penalty": params.repetition_penalty,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
-        "do_sample": params.temperature > 0,
+        "do_sample": False,
     }
-    if params.temperature > 0:
-        kwargs |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     if pad_id != eos_id:
         kwargs["suppress_tokens"] = [pad_id]  # LLaMA pads with <unk>: it must never appear in an answer
     return kwargs
@@ -136,12 +178,17 @@ def split_at_eos(new_ids: Sequence[int], eos_id: int, max_new_tokens: int) -> tu
     return ids, "length" if len(ids) >= max_new_tokens else "stop"
 
 
-def group_by_params(params: Sequence[GenerationParams]) -> list[list[int]]:
-    """Indices of requests that can share one ``generate`` call: equal parameters and no seed (a seeded
-    request runs alone so that its answer does not depend on its batch neighbours)."""
+def group_by_params(
+    params: Sequence[GenerationParams], adapters: Sequence[str | None] | None = None
+) -> list[list[int]]:
+    """Indices of requests that can share one ``generate`` call: the same adapter and token budget (every other
+    parameter is per row). A seeded sampling request runs alone, so that its answer cannot depend on its batch
+    neighbours even through padding's rounding; a greedy one needs no seed and batches freely."""
+    adapters = adapters or [None] * len(params)
     groups: dict[Any, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p if p.seed is None else ("seeded", i), []).append(i)
+    for i, (p, adapter) in enumerate(zip(params, adapters, strict=True)):
+        alone = p.seed is not None and p.temperature > 0
+        groups.setdefault(("seeded", i) if alone else (adapter, p.max_new_tokens), []).append(i)
     return list(groups.values())
 
 
@@ -176,6 +223,12 @@ class Prepared:
     ids: list[int]
     constraints: AbcConstraints | None = None
     """None: unconstrained; AbcConstraints(): the tune grammar only."""
+    adapter: str | None = None
+    """The LoRA adapter (a configured name) generating this answer; None = the model itself."""
+    prompt_logprobs: int | None = None
+    """Also score the prompt (OpenAI ``echo`` + ``logprobs``): each prompt token's logprob and this many top ones."""
+    cancel: threading.Event | None = dataclasses.field(default=None, compare=False, repr=False)
+    """Set when the caller went away: the row stops at its next token."""
 
 
 @dataclass
@@ -184,15 +237,34 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    """The answer's token ids (EOS excluded; up to the token that completed a stop string)."""
+    logprobs: list[dict[str, Any]] | None = None
+    """Per answer token ``{"id", "token", "logprob", "top": [[token, logprob], ...]}`` when asked for."""
+    prompt_logprobs: list[dict[str, Any]] | None = None
+    """Per prompt token, the same (the first token's logprob is None: nothing comes before it)."""
+    first_token_at: float | None = dataclasses.field(default=None, compare=False)
+    """``time.perf_counter()`` when the first answer token was there (time-to-first-token metric)."""
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """A token as text for logprobs: SentencePiece's word marker as a space, byte tokens decoded."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None or (piece.startswith("<0x") and piece.endswith(">")):
+        return tokenizer.decode([int(token_id)])
+    return piece.replace("\u2581", " ")
 
 
 class TransformersEngine:
-    """``model.generate`` on a merged model (base + adapters merged at load time)."""
+    """``model.generate`` on the model (base + ``adapters`` merged at load time), with ``lora_adapters``
+    switched per request (:class:`~chatmusician.model.multi_lora.AdapterSet`) and per-row sampling
+    (:mod:`chatmusician.model.sampling`)."""
 
     def __init__(self, config: EngineConfig):
         import torch
 
         from chatmusician.model.loading import load_model, load_tokenizer
+        from chatmusician.model.multi_lora import AdapterSet
 
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -207,12 +279,42 @@ class TransformersEngine:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        self.model = model.to(self.device).eval()
+        self.adapters = AdapterSet(model.to(self.device).eval(), config.lora_adapters, config.max_loras)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
+    @property
+    def model(self):
+        return self.adapters.model
+
     def prepare(self, prompt: str, history: Sequence[Sequence[str]] = ()) -> Prepared:
         return Prepared(prompt, encode_prompt(self.tokenizer, prompt, history, self.config.max_prompt_tokens))
+
+    def prepare_raw(self, prompt: str | Sequence[int]) -> Prepared:
+        """A completions prompt: text (tokenized without special tokens, no template) or token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            if any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.tokenizer) for i in ids
+            ):
+                raise ComposeError(
+                    "invalid_prompt", f"token ids must be integers in [0, {len(self.tokenizer)})", "prompt"
+                )
+        if not ids:
+            raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise ComposeError(
+                "prompt_too_long",
+                f"the prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
+                "prompt",
+                status=413,
+            )
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        return Prepared(text, ids)
 
     def _generation_config(self, params: GenerationParams):
         from transformers import GenerationConfig
@@ -237,80 +339,155 @@ class TransformersEngine:
 
         check_constraints(self.tokenizer, constraints)
 
+    def check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.config.lora_adapters:
+            raise ComposeError("model_not_found", f"no adapter named {adapter!r}", "model", status=404)
+
+    def _entry(self, token: int, logprob: float | None, top: Sequence[tuple[int, float]]) -> dict[str, Any]:
+        return {
+            "id": int(token),
+            "token": _token_text(self.tokenizer, token),
+            "logprob": logprob,
+            "top": [[_token_text(self.tokenizer, t), float(lp)] for t, lp in top],
+        }
+
+    def score_prompt(self, model, ids: Sequence[int], top: int) -> list[dict[str, Any]]:
+        """One forward pass: each prompt token's logprob given the tokens before it, and its ``top`` alternatives."""
+        import torch
+
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([list(ids)], device=self.device)).logits[0].float()
+        lp = torch.log_softmax(logits[:-1], dim=-1)  # [T-1, V]: position t predicts token t+1
+        chosen = lp.gather(1, torch.tensor(ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+        tops = lp.topk(max(top, 1), dim=-1) if len(ids) > 1 else None
+        entries = [self._entry(ids[0], None, [])]
+        for t in range(1, len(ids)):
+            pairs = zip(tops.indices[t - 1, :top].tolist(), tops.values[t - 1, :top].tolist(), strict=True)
+            entries.append(self._entry(ids[t], chosen[t - 1], list(pairs)))
+        return entries
+
     def _completion(
-        self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None
+        self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None, recorded=None
     ) -> Completion:
+        from chatmusician.model.sampling import cut_at_stop
+
         if row is None:
             ids, reason = split_at_eos(new_ids, self.eos_id, params.max_new_tokens)
         else:  # constrained: cut back to the last complete line when the budget ran out
             ids, reason = row.finish(new_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Completion(text, reason, len(prepared.ids), len(ids) + (reason == "stop"))  # EOS counts
+        text, stopped = cut_at_stop(text, params.stop)
+        if stopped:
+            reason = "stop"
+            while (
+                len(ids) > 1
+                and cut_at_stop(self.tokenizer.decode(ids[:-1], skip_special_tokens=True), params.stop)[1]
+            ):
+                ids = ids[:-1]  # keep the tokens up to the one that completed the stop string
+        logprobs = None
+        if recorded is not None:
+            logprobs = [self._entry(t, lp, top) for t, (lp, top) in zip(ids, recorded, strict=False)]
+        counted = len(ids) + (reason == "stop" and not stopped and self.eos_id in new_ids)  # EOS counts
+        return Completion(text, reason, len(prepared.ids), counted, list(ids), logprobs)
+
+    def _processors(self, constraints, params: GenerationParams, samplings, tops):
+        from chatmusician.model.constrained import logits_processor
+        from chatmusician.model.sampling import LogprobRecorder, RowSampler
+
+        recorder = LogprobRecorder(tops)
+        processor, rows = logits_processor(self.tokenizer, constraints, params.max_new_tokens)
+        chain = [
+            recorder,
+            *([processor] if processor is not None else []),
+            RowSampler(samplings, self.device),
+        ]
+        return chain, recorder, rows
 
     def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
-        """Answer a batch: one ``generate`` per group of equal parameters (constrained or not)."""
+        """Answer a batch: one ``generate`` per group of one adapter and token budget (constrained or not)."""
         import torch
+        from transformers import StoppingCriteriaList
 
-        from chatmusician.model.constrained import logits_processor
+        from chatmusician.model.sampling import RowStops
 
         results: list[Completion | None] = [None] * len(items)
-        for group in group_by_params([p for _, p in items]):
+        for group in group_by_params([p for _, p in items], [pr.adapter for pr, _ in items]):
             params = items[group[0]][1]
             ids, mask = self._inputs([items[i][0].ids for i in group])
-            processor, rows = logits_processor(
-                self.tokenizer, [items[i][0].constraints for i in group], params.max_new_tokens
+            chain, recorder, rows = self._processors(
+                [items[i][0].constraints for i in group],
+                params,
+                [items[i][1].sampling() for i in group],
+                [items[i][1].logprobs for i in group],
             )
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=self._generation_config(params),
-                    logits_processor=[processor] if processor is not None else None,
-                )
+            stops = RowStops(
+                self.tokenizer,
+                [items[i][1].max_new_tokens for i in group],
+                [items[i][1].stop for i in group],
+                [items[i][0].cancel for i in group],
+            )
+            with self.adapters.use(items[group[0]][0].adapter) as model:
+                scored = {
+                    i: self.score_prompt(model, items[i][0].ids, items[i][0].prompt_logprobs)
+                    for i in group
+                    if items[i][0].prompt_logprobs is not None
+                }
+                with torch.inference_mode():
+                    out = model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        generation_config=self._generation_config(params),
+                        logits_processor=chain,
+                        stopping_criteria=StoppingCriteriaList([stops]),
+                    )
             for row, i in enumerate(group):
                 new_ids = out[row, ids.shape[1] :].tolist()
-                results[i] = self._completion(items[i][0], new_ids, params, rows[row])
+                recorded = recorder.row_logprobs(row, new_ids) if items[i][1].logprobs is not None else None
+                completion = self._completion(items[i][0], new_ids, items[i][1], rows[row], recorded)
+                completion.prompt_logprobs = scored.get(i)
+                completion.first_token_at = stops.first_token_at
+                results[i] = completion
         return results  # type: ignore[return-value]
+
+    def probe(self) -> None:
+        """Health check: one forward pass of one token gives finite logits (else RuntimeError)."""
+        import torch
+
+        with self.adapters.use(None) as model, torch.inference_mode():
+            logits = model(input_ids=torch.tensor([[self.eos_id]], device=self.device)).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError("the model's logits are not finite")
 
     def stream(
         self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
     ) -> Iterator[str | Completion]:
         """Text pieces as they are generated, then the Completion. Closing the iterator stops generation."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        from chatmusician.model.constrained import streamer_class
+        from chatmusician.model.sampling import RowStops, StopScanner
 
         cancel = cancel or threading.Event()
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full(
-                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
-                )
-
-        from chatmusician.model.constrained import logits_processor, streamer_class
-
         if prepared.constraints is None:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         else:  # emits text only up to the grammar's last accepting point (what the answer keeps)
             streamer = streamer_class()(self.tokenizer, prepared.constraints)
-        processor, _ = logits_processor(self.tokenizer, [prepared.constraints], params.max_new_tokens)
+        chain, _, _ = self._processors([prepared.constraints], params, [params.sampling()], [None])
+        stops = RowStops(self.tokenizer, [params.max_new_tokens], [params.stop], [cancel])
         ids, mask = self._inputs([prepared.ids])
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                with torch.inference_mode():
-                    result["out"] = self.model.generate(
+                with self.adapters.use(prepared.adapter) as model, torch.inference_mode():
+                    result["out"] = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
                         generation_config=self._generation_config(params),
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                        logits_processor=[processor] if processor is not None else None,
+                        stopping_criteria=StoppingCriteriaList([stops]),
+                        logits_processor=chain,
                     )
             except BaseException as error:  # surfaced to the consumer below
                 result["error"] = error
@@ -318,17 +495,22 @@ class TransformersEngine:
 
         thread = threading.Thread(target=work, name="composer-stream", daemon=True)
         thread.start()
+        scanner = StopScanner(params.stop)
         try:
             for piece in streamer:
-                if piece:
-                    yield piece
+                if piece and (text := scanner.feed(piece)):
+                    yield text
         finally:
             cancel.set()  # no-op when finished; stops generate() when the consumer left early
             thread.join()
         if "error" in result:
             raise result["error"]
+        if text := scanner.flush():
+            yield text
         row = getattr(streamer, "row", None)
-        yield self._completion(prepared, result["out"][0, ids.shape[1] :].tolist(), params, row)
+        completion = self._completion(prepared, result["out"][0, ids.shape[1] :].tolist(), params, row)
+        completion.first_token_at = stops.first_token_at
+        yield completion
 
 
 class EchoEngine:
@@ -348,11 +530,42 @@ class EchoEngine:
             raise ComposeError("prompt_too_long", "the prompt is too long", "prompt", status=413)
         return Prepared(prompt, list(range(len(text.split()))))
 
+    def prepare_raw(self, prompt: str | Sequence[int]) -> Prepared:
+        """A completions prompt; token ids are echoed as their numbers."""
+        text = prompt if isinstance(prompt, str) else " ".join(str(i) for i in prompt)
+        return self.prepare(text)
+
+    def check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.config.lora_adapters:
+            raise ComposeError("model_not_found", f"no adapter named {adapter!r}", "model", status=404)
+
+    def probe(self) -> None:
+        """Health check: nothing to probe."""
+
     def _completion(self, prepared: Prepared, params: GenerationParams) -> tuple[list[str], Completion]:
+        from chatmusician.model.sampling import cut_at_stop
+
         words = re.findall(r"\S+\s*|\s+", prepared.prompt)  # one "token" = a word and its trailing space
         pieces = words[: params.max_new_tokens]
         reason = "length" if len(words) > len(pieces) else "stop"
-        return pieces, Completion("".join(pieces), reason, len(prepared.ids), len(pieces))
+        text, stopped = cut_at_stop("".join(pieces), params.stop)
+        if stopped:
+            reason, pieces = "stop", re.findall(r"\S+\s*|\s+", text)
+        logprobs = None
+        if params.logprobs is not None:  # certainty: each word has probability 1
+            logprobs = [
+                {"id": i, "token": p, "logprob": 0.0, "top": [[p, 0.0]][: params.logprobs]}
+                for i, p in enumerate(pieces)
+            ]
+        completion = Completion(
+            text, reason, len(prepared.ids), len(pieces), list(range(len(pieces))), logprobs
+        )
+        if prepared.prompt_logprobs is not None:
+            completion.prompt_logprobs = [
+                {"id": i, "token": w, "logprob": None if i == 0 else 0.0, "top": []}
+                for i, w in enumerate(prepared.prompt.split())
+            ]
+        return pieces, completion
 
     def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
         return [self._completion(prepared, params)[1] for prepared, params in items]
@@ -378,11 +591,26 @@ def prepare_request(
     engine, config: EngineConfig, request: Mapping[str, Any]
 ) -> tuple[Prepared, GenerationParams]:
     """A composer request ``{"prompt", "history", "params", "constrained", "constraints": {key, meter,
-    unit_length, max_bars}}`` -> validated inputs, else ComposeError."""
+    unit_length, max_bars}, "adapter", "raw", "prompt_logprobs"}`` -> validated inputs, else ComposeError.
+    ``raw``: the prompt (text or token ids) goes to the model as it is, without the chat template."""
     params = resolve_params(request.get("params"), config.generation, config.max_new_tokens_cap)
     constraints = resolve_constraints(engine, request.get("constrained"), request.get("constraints"))
-    prepared = engine.prepare(request.get("prompt"), request.get("history") or ())
-    return dataclasses.replace(prepared, constraints=constraints), params
+    adapter = request.get("adapter")
+    engine.check_adapter(adapter)
+    if request.get("raw"):
+        prepared = engine.prepare_raw(request.get("prompt"))
+    else:
+        prepared = engine.prepare(request.get("prompt"), request.get("history") or ())
+    top = request.get("prompt_logprobs")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+    ):
+        raise ComposeError(
+            "invalid_parameter", f"logprobs must be an integer in [0, {MAX_LOGPROBS}]", "logprobs"
+        )
+    return dataclasses.replace(
+        prepared, constraints=constraints, adapter=adapter, prompt_logprobs=top
+    ), params
 
 
 def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | None) -> AbcConstraints | None:
@@ -410,26 +638,91 @@ _END = object()
 
 @serve.deployment(name="Composer")
 class Composer:
-    """Serve deployment around an engine. Methods return plain dicts: ``{"error": {...}}`` for a refused request."""
+    """Serve deployment around an engine. Methods return plain dicts: ``{"error": {...}}`` for a refused request.
+
+    Metrics (``ray.serve.metrics``, exported by Ray's metrics agent, tagged ``model``):
+    ``chatmusician_prompt_tokens`` and ``chatmusician_completion_tokens`` (counters),
+    ``chatmusician_time_to_first_token_s`` and ``chatmusician_request_latency_s`` (histograms). Serve's health
+    check (:meth:`check_health`) probes the model with one forward pass when the replica has been idle.
+    """
 
     def __init__(self, config: ServeAppConfig):
+        from ray.serve import metrics
+
         self.config = config
         self.engine = load_engine(config)
         self._generate_batch.set_max_batch_size(config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # sizes of the batches generated so far (stats)
+        self.cancelled: list[int] = []  # completion tokens of requests whose caller went away (stats)
+        self.probes = 0
+        self.last_ok = time.monotonic()
+        buckets = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+        tags = {"model": config.served_model_name}
+        self.m_prompt = metrics.Counter(
+            "chatmusician_prompt_tokens", "Prompt tokens read", tag_keys=("model",)
+        )
+        self.m_completion = metrics.Counter(
+            "chatmusician_completion_tokens", "Tokens generated", tag_keys=("model",)
+        )
+        self.m_ttft = metrics.Histogram(
+            "chatmusician_time_to_first_token_s", "Request arrival to first answer token", buckets, ("model",)
+        )
+        self.m_latency = metrics.Histogram(
+            "chatmusician_request_latency_s", "Request arrival to answer complete", buckets, ("model",)
+        )
+        for metric in (self.m_prompt, self.m_completion, self.m_ttft, self.m_latency):
+            metric.set_default_tags(tags)
+        self.observed = {"requests": 0, "completion_tokens": 0, "ttft_s": []}  # the same, readable by stats()
+
+    def _observe(self, completion: dict[str, Any], arrived: float) -> None:
+        now = time.perf_counter()
+        self.m_prompt.inc(completion["prompt_tokens"])
+        self.m_completion.inc(completion["completion_tokens"])
+        self.m_latency.observe(now - arrived)
+        first = completion.get("first_token_at")
+        if first is not None:
+            self.m_ttft.observe(max(0.0, first - arrived))
+            self.observed["ttft_s"] = [*self.observed["ttft_s"][-99:], max(0.0, first - arrived)]
+        self.observed["requests"] += 1
+        self.observed["completion_tokens"] += completion["completion_tokens"]
+        self.last_ok = time.monotonic()
 
     def stats(self) -> dict[str, Any]:
-        """How dynamic batching went on this replica: batches run and the largest one."""
-        return {"batches": len(self.batch_sizes), "largest_batch": max(self.batch_sizes, default=0)}
+        """How this replica went: batches and the largest one, cancelled requests, probes, metric values."""
+        return {
+            "batches": len(self.batch_sizes),
+            "largest_batch": max(self.batch_sizes, default=0),
+            "cancelled": list(self.cancelled),
+            "probes": self.probes,
+            **self.observed,
+        }
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica idle for over ``health_probe_idle_s`` runs one forward
+        pass (the model answers finitely); an exception marks the replica unhealthy and Serve replaces it."""
+        if time.monotonic() - self.last_ok < self.config.health_probe_idle_s:
+            return
+        await asyncio.to_thread(self.engine.probe)
+        self.probes += 1
+        self.last_ok = time.monotonic()
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{"prompt", "history": [[q, a], ...], "params": {...}}`` -> Completion dict or ``{"error"}``."""
+        arrived = time.perf_counter()
         try:
-            item = prepare_request(self.engine, self.config, request)
+            prepared, params = prepare_request(self.engine, self.config, request)
         except ComposeError as error:
             return {"error": error.to_dict()}
-        return await self._generate_batch(item)
+        prepared.cancel = threading.Event()
+        try:
+            result = await self._generate_batch((prepared, params))
+        except asyncio.CancelledError:  # the caller went away: its row stops at its next token
+            prepared.cancel.set()
+            raise
+        if "error" not in result:
+            self._observe(result, arrived)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _generate_batch(self, items: list[tuple[Prepared, GenerationParams]]) -> list[dict[str, Any]]:
@@ -441,10 +734,14 @@ class Composer:
                 "error": {"code": "generation_failed", "message": repr(error), "param": None, "status": 500}
             }
             return [failure] * len(items)
+        for (prepared, _), completion in zip(items, completions, strict=True):
+            if prepared.cancel is not None and prepared.cancel.is_set():
+                self.cancelled = [*self.cancelled[-99:], completion.completion_tokens]
         return [dataclasses.asdict(c) for c in completions]
 
     async def stream(self, request: dict[str, Any]):
         """Events: ``{"error"}`` | ``{"start": {"prompt_tokens"}}``, then ``{"delta": text}``…, ``{"done": Completion}``."""
+        arrived = time.perf_counter()
         try:
             prepared, params = prepare_request(self.engine, self.config, request)
         except ComposeError as error:
@@ -455,7 +752,12 @@ class Composer:
         pieces = self.engine.stream(prepared, params, cancel)
         try:
             while (item := await asyncio.to_thread(next, pieces, _END)) is not _END:
-                yield {"delta": item} if isinstance(item, str) else {"done": dataclasses.asdict(item)}
+                if isinstance(item, str):
+                    yield {"delta": item}
+                else:
+                    done = dataclasses.asdict(item)
+                    self._observe(done, arrived)
+                    yield {"done": done}
         finally:
             cancel.set()
             await asyncio.to_thread(pieces.close)

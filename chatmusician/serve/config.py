@@ -34,6 +34,11 @@ class EngineConfig:
     """Merged model, or the base model when adapters are given: hub id or local path."""
     adapters: list[str] = field(default_factory=list)
     """LoRA adapters (hub ids or paths) merged into the model in this order, e.g. [pretrain, sft]."""
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served beside the model, {name: hub id or path}; a request picks one by model id
+    '<served_model_name>:<name>' or '<name>' (batched only with requests of the same adapter)."""
+    max_loras: int = 4
+    """Adapters kept loaded at once (loaded at start in order, the rest on first use; least recently used unloaded)."""
     tokenizer: str | None = None
     """Tokenizer hub id or path; default: the model's."""
     precision: str = "fp32"
@@ -84,6 +89,15 @@ class ServeAppConfig(EngineConfig):
     """Renders returned by /v1/compose when the request names none (subset of midi, wav, mp3, svg, png)."""
     retry_after_s: int = 1
     """Retry-After seconds sent with 503 when the app is overloaded."""
+    max_n: int = 8
+    """Largest ``n`` (choices per request) the OpenAI endpoints accept."""
+    api_key: str | None = None
+    """When set, every /v1 request needs 'Authorization: Bearer <api_key>' (401 without); env CHATMUSICIAN_API_KEY
+    is used when this is unset."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Browser origins allowed to call the API cross-site (CORS), e.g. ['https://app.example.org'] or ['*']."""
+    health_probe_idle_s: float = 30.0
+    """Serve's health check runs one forward pass when the Composer has answered nothing for this long."""
     web_ui: bool = True
     """Serve the web UI (a static page over this API) at ui_path."""
     ui_path: str = "/ui"

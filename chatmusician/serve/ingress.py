@@ -12,6 +12,10 @@ The FastAPI app is built inside the replica (``__serve_build_asgi_app__``) over 
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -28,6 +32,8 @@ from chatmusician.prompts import Task, build_task_prompt
 from chatmusician.serve import openai_api as api
 from chatmusician.serve.composer import analyze_abc
 from chatmusician.serve.config import ServeAppConfig
+
+log = logging.getLogger("ray.serve")
 
 
 class Overloaded(Exception):
@@ -131,6 +137,33 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
 
+class ApiKeyAuth:
+    """ASGI middleware: every ``/v1/`` request needs ``Authorization: Bearer <key>``, else 401 (CORS preflights,
+    health and the web UI's page stay open)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        code, message = (
+            ("invalid_api_key", "the API key is wrong")
+            if given
+            else ("missing_api_key", "this server needs an API key: 'Authorization: Bearer <key>'")
+        )
+        response = JSONResponse(
+            api.error_body(code, message, "authentication_error"),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        return await response(scope, receive, send)
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
 
@@ -144,6 +177,17 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
         description="Compose music in ABC notation, render it to score and audio; OpenAI-compatible chat API.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if key := config.api_key or os.environ.get("CHATMUSICIAN_API_KEY"):
+        app.add_middleware(ApiKeyAuth, key=key)
+    if config.cors_origins:  # added last = outermost: a preflight is answered before the key is asked for
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     name, started = config.served_model_name, int(time.time())
     retry = {"Retry-After": str(config.retry_after_s)}
 
@@ -193,55 +237,188 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
-        return api.models_list(name, started)
+        return api.models_list(name, started, list(config.lora_adapters))
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"], response_model=None)
+    async def model_card(model_id: str) -> JSONResponse | dict:
+        served, adapter = api.resolve_model(model_id, name, config.lora_adapters)
+        if not served:
+            return error_response(404, "model_not_found", f"model {model_id!r} is not served", param="model")
+        return api.model_card(f"{name}:{adapter}" if adapter else name, started, name if adapter else None)
+
+    def check_request(body: api.OpenAISampling, route: str) -> tuple[JSONResponse | None, str | None]:
+        """A refusal (unknown model, n over max_n) or None, and the adapter the model id names."""
+        if unknown := body.unknown_fields():
+            log.warning("%s: ignoring unknown fields %s", route, ", ".join(unknown))
+        served, adapter = api.resolve_model(body.model, name, config.lora_adapters)
+        if not served:
+            choices = [name, *(f"{name}:{a}" for a in config.lora_adapters)]
+            message = f"model {body.model!r} is not served; use one of {choices}"
+            return error_response(404, "model_not_found", message, param="model"), None
+        if body.n > config.max_n:
+            message = f"n={body.n} is over this server's limit of {config.max_n}"
+            return error_response(400, "invalid_parameter", message, param="n"), None
+        return None, adapter
+
+    async def generate_all(
+        requests: list[dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], JSONResponse | None]:
+        """Every request at once (so that they batch); the first refusal wins."""
+        results = await asyncio.gather(*(backend.generate(r) for r in requests))
+        for result in results:
+            if "error" in result:
+                return [], composer_error(result["error"])
+        return list(results), None
+
+    async def open_streams(requests: list[dict[str, Any]]):
+        """One composer stream per request, each past its first event (a refusal -> a JSON error instead)."""
+        streams = [backend.stream(r).__aiter__() for r in requests]
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+        for first in firsts:
+            if "error" in first:
+                for s in streams:
+                    await s.aclose()
+                return None, [], composer_error(first["error"])
+        return streams, [f.get("start", {}).get("prompt_tokens", 0) for f in firsts], None
+
+    async def merged(streams) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(choice index, event) from all streams as they come."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for event in stream:
+                    await queue.put((i, event))
+                await queue.put((i, None))
+            except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            open_ = len(tasks)
+            while open_:
+                i, event = await queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event is None:
+                    open_ -= 1
+                    continue
+                yield i, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def event_stream(
+        streams, piece, include_usage: bool, prompt_tokens: int, first_chunks=()
+    ) -> StreamingResponse:
+        """SSE of ``piece(index, text | None, finish_reason | None, usage | None)`` chunks, then [DONE]; an error
+        after the stream started becomes an error event and [DONE]."""
+
+        async def sse() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                for chunk_ in first_chunks:
+                    yield chunk_
+                async for index, event in merged(streams):
+                    if "delta" in event:
+                        yield piece(index, event["delta"], None, None)
+                    elif "done" in event:
+                        completion_tokens += event["done"]["completion_tokens"]
+                        yield piece(index, "", event["done"]["finish_reason"], None)
+                if include_usage:
+                    yield piece(0, None, None, api.usage(prompt_tokens, completion_tokens))
+            except Exception as exc:  # noqa: BLE001 - the status line is gone: say it in the stream
+                log.warning("stream failed: %r", exc)
+                yield api.error_event("stream_failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+            yield api.SSE_DONE
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: api.ChatCompletionRequest) -> JSONResponse | StreamingResponse | dict:
-        if body.model != name:
-            return error_response(
-                404, "model_not_found", f"model {body.model!r} is not served; use {name!r}", param="model"
-            )
+        refusal, adapter = check_request(body, "/v1/chat/completions")
+        if refusal:
+            return refusal
         try:
             prompt, history = api.messages_to_turns(body.messages)
         except ValueError as exc:
             return error_response(400, "invalid_messages", str(exc), param="messages")
         if error := too_long(prompt + "".join(q + a for q, a in history), "the conversation"):
             return error
-        request = {
-            "prompt": prompt,
-            "history": history,
-            "params": body.sampling(),
-            **body.constraint_request(),
-        }
+        requests = [
+            {
+                "prompt": prompt,
+                "history": history,
+                "params": body.params(i),
+                "adapter": adapter,
+                **body.constraint_request(),
+            }
+            for i in range(body.n)
+        ]
         if not body.stream:
-            result = await backend.generate(request)
-            return composer_error(result["error"]) if "error" in result else api.chat_completion(name, result)
+            results, refusal = await generate_all(requests)
+            return refusal or api.chat_completion(body.model, results)
 
-        events = backend.stream(request).__aiter__()
-        first = await events.__anext__()  # refusals become a plain JSON error before the stream starts
-        if "error" in first:
-            return composer_error(first["error"])
+        streams, prompt_tokens, refusal = await open_streams(requests)
+        if refusal:
+            return refusal
         cid, created = api.completion_id(), int(time.time())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def sse() -> AsyncIterator[str]:
-            yield api.chunk(cid, name, created, {"role": "assistant", "content": ""})
-            async for event in events:
-                if "delta" in event:
-                    yield api.chunk(cid, name, created, {"content": event["delta"]})
-                elif "done" in event:
-                    done = event["done"]
-                    yield api.chunk(cid, name, created, {}, done["finish_reason"])
-                    if include_usage:
-                        yield api.chunk(
-                            cid,
-                            name,
-                            created,
-                            usage_=api.usage(done["prompt_tokens"], done["completion_tokens"]),
-                        )
-            yield api.SSE_DONE
+        def piece(index, text, finish, usage_):
+            if usage_ is not None:
+                return api.chunk(cid, body.model, created, usage_=usage_)
+            return api.chunk(cid, body.model, created, {"content": text} if text else {}, finish, index=index)
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        role = {"role": "assistant", "content": ""}
+        starts = [api.chunk(cid, body.model, created, role, index=i) for i in range(body.n)]
+        return event_stream(streams, piece, body.include_usage, prompt_tokens[0], starts)
+
+    @app.post("/v1/completions", tags=["openai"], response_model=None)
+    async def completions(body: api.CompletionRequest) -> JSONResponse | StreamingResponse | dict:
+        refusal, adapter = check_request(body, "/v1/completions")
+        if refusal:
+            return refusal
+        prompts = body.prompts()
+        if not prompts:
+            return error_response(400, "empty_prompt", "the prompt is empty", param="prompt")
+        if error := too_long("".join(p for p in prompts if isinstance(p, str)), "the prompt"):
+            return error
+        echo_top = body.logprobs if body.echo and body.logprobs is not None and not body.stream else None
+        requests = [
+            {
+                "prompt": p,
+                "raw": True,
+                "params": body.params(i),
+                "adapter": adapter,
+                "prompt_logprobs": echo_top,
+            }
+            for p in prompts
+            for i in range(body.n)
+        ]
+        texts = [p if isinstance(p, str) else None for p in prompts for _ in range(body.n)]
+        if not body.stream:
+            results, refusal = await generate_all(requests)
+            if refusal:
+                return refusal
+            choices = []
+            for text, result in zip(texts, results, strict=True):
+                if text is None and body.echo:  # token-id prompts echo as the tokens' text
+                    text = "".join(e["token"] for e in result.get("prompt_logprobs") or [])
+                choices.append((text or "", result, body.echo))
+            return api.text_completion(body.model, choices)
+
+        streams, prompt_tokens, refusal = await open_streams(requests)
+        if refusal:
+            return refusal
+        cid, created = f"cmpl-{api.completion_id()[9:]}", int(time.time())
+
+        def piece(index, text, finish, usage_):
+            if usage_ is not None:
+                return api.text_chunk(cid, body.model, created, usage_=usage_)
+            return api.text_chunk(cid, body.model, created, text, finish, index=index)
+
+        firsts = [piece(i, t, None, None) for i, t in enumerate(texts) if body.echo and t]
+        return event_stream(streams, piece, body.include_usage, sum(prompt_tokens[:: body.n]), firsts)
 
     @app.post("/v1/compose", tags=["music"])
     async def compose(body: api.ComposeRequest) -> Any:

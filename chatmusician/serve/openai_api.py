@@ -74,32 +74,95 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(AbcConstraintFields, StrictModel):
+class LenientModel(BaseModel):
+    """OpenAI request bodies: fields this server does not know are ignored with a warning (as vLLM does),
+    since clients send parameters of other servers (``logit_bias``, ``parallel_tool_calls``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class OpenAISampling(LenientModel):
+    """Sampling fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
+
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="Not in OpenAI's API; pass through extra_body.")
     repetition_penalty: float | None = Field(
         None, gt=0, le=10, description="Not in OpenAI's API (extra_body)."
     )
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: Literal[1] = 1
-    seed: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1, description="Choices per prompt (at most the server's max_n).")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 strings; the answer ends before the first."
+    )
+    seed: int | None = Field(
+        None, ge=0, description="Choice i samples with seed + i: the same text under any load."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling(self) -> dict[str, Any]:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_completion_tokens or self.max_tokens,
-            seed=self.seed,
-        ).model_dump()
+    def sampling(self, max_new_tokens: int | None, logprobs: int | None, choice: int = 0) -> dict[str, Any]:
+        """The composer's ``params`` for choice ``choice``."""
+        return {
+            **SamplingParams(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty,
+                max_new_tokens=max_new_tokens,
+                seed=None if self.seed is None else self.seed + choice,
+            ).model_dump(),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": self.stop,
+            "logprobs": logprobs,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(AbcConstraintFields, OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="Return each answer token's logprob (not in streams).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many alternatives.")
+
+    def params(self, choice: int = 0) -> dict[str, Any]:
+        top = (self.top_logprobs or 0) if self.logprobs and not self.stream else None
+        return self.sampling(self.max_completion_tokens or self.max_tokens, top, choice)
+
+
+class CompletionRequest(OpenAISampling):
+    """``/v1/completions``: raw text continuation (no chat template), as lm-evaluation-harness sends it."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a batch of either (one choice per prompt and n)."
+    )
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="The prompt comes back in front of the answer (with its logprobs).")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Logprobs of each token and this many top ones."
+    )
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    def params(self, choice: int = 0) -> dict[str, Any]:
+        return self.sampling(self.max_tokens, None if self.stream else self.logprobs, choice)
 
 
 def _text(content: str | list[TextPart]) -> str:
@@ -141,8 +204,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(model: str, completion: dict[str, Any]) -> dict[str, Any]:
-    """A composer Completion dict -> OpenAI ``chat.completion`` object."""
+def chat_logprobs(completion: dict[str, Any]) -> dict[str, Any] | None:
+    """Composer logprobs -> OpenAI chat ``logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if completion.get("logprobs") is None:
+        return None
+    entry = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode())}  # noqa: E731
+    return {
+        "content": [
+            {**entry(e["token"], e["logprob"]), "top_logprobs": [entry(t, lp) for t, lp in e["top"]]}
+            for e in completion["logprobs"]
+        ],
+        "refusal": None,
+    }
+
+
+def chat_completion(model: str, completions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Composer Completion dicts (one per choice) -> OpenAI ``chat.completion`` object."""
     return {
         "id": completion_id(),
         "object": "chat.completion",
@@ -150,13 +227,63 @@ def chat_completion(model: str, completion: dict[str, Any]) -> dict[str, Any]:
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": completion["text"]},
-                "finish_reason": completion["finish_reason"],
-                "logprobs": None,
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"],
+                "logprobs": chat_logprobs(c),
             }
+            for i, c in enumerate(completions)
         ],
-        "usage": usage(completion["prompt_tokens"], completion["completion_tokens"]),
+        "usage": usage(completions[0]["prompt_tokens"], sum(c["completion_tokens"] for c in completions)),
+    }
+
+
+def completion_logprobs(
+    completion: dict[str, Any], prompt_text: str | None, echo: bool
+) -> dict[str, Any] | None:
+    """Legacy completions ``logprobs: {tokens, token_logprobs, top_logprobs, text_offset}``; with echo the
+    prompt's tokens come first (the first one's logprob is null, as OpenAI's and vLLM's)."""
+    entries = [
+        *(completion.get("prompt_logprobs") or [] if echo else []),
+        *(completion.get("logprobs") or []),
+    ]
+    if completion.get("logprobs") is None and not (echo and completion.get("prompt_logprobs")):
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [
+            None if e["logprob"] is None else dict((t, lp) for t, lp in e["top"]) for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def text_completion(model: str, choices: list[tuple[str, dict[str, Any], bool]]) -> dict[str, Any]:
+    """[(prompt text, Completion dict, echo)] -> OpenAI ``text_completion`` object."""
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "text": (prompt if echo else "") + c["text"],
+                "finish_reason": c["finish_reason"],
+                "logprobs": completion_logprobs(c, prompt, echo),
+            }
+            for i, (prompt, c, echo) in enumerate(choices)
+        ],
+        "usage": {
+            "prompt_tokens": sum(c["prompt_tokens"] for _, c, _ in choices),
+            "completion_tokens": sum(c["completion_tokens"] for _, c, _ in choices),
+            "total_tokens": sum(c["prompt_tokens"] + c["completion_tokens"] for _, c, _ in choices),
+        },
     }
 
 
@@ -167,27 +294,63 @@ def chunk(
     delta: dict[str, Any] | None = None,
     finish_reason: str | None = None,
     usage_: dict | None = None,
+    index: int = 0,
 ) -> str:
     """One server-sent event carrying a ``chat.completion.chunk`` (no choices when it only carries usage)."""
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = (
         []
         if delta is None
-        else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     )
     if usage_ is not None:
         body["usage"] = usage_
     return f"data: {json.dumps(body)}\n\n"
 
 
+def text_chunk(
+    cid: str, model: str, created: int, text: str | None = None, finish_reason: str | None = None,
+    usage_: dict | None = None, index: int = 0,
+) -> str:  # fmt: skip
+    """One server-sent event carrying a ``text_completion`` chunk (no choices when it only carries usage)."""
+    body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model}
+    body["choices"] = (
+        []
+        if text is None
+        else [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    )
+    if usage_ is not None:
+        body["usage"] = usage_
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def error_event(code: str, message: str) -> str:
+    """A failure after the stream started: an error event (then ``[DONE]``), as vLLM sends it."""
+    return f"data: {json.dumps(error_body(code, message, 'server_error'))}\n\n"
+
+
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def models_list(model: str, created: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "chatmusician"}],
-    }
+def model_card(model_id: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "chatmusician"}
+    if parent is not None:
+        card |= {"parent": parent, "root": parent}
+    return card
+
+
+def models_list(model: str, created: int, adapters: list[str] = ()) -> dict[str, Any]:
+    """The served model, then each LoRA adapter as ``<model>:<adapter>`` (its parent: the model)."""
+    cards = [model_card(model, created), *(model_card(f"{model}:{a}", created, model) for a in adapters)]
+    return {"object": "list", "data": cards}
+
+
+def resolve_model(requested: str, model: str, adapters: Any) -> tuple[bool, str | None]:
+    """A request's model id -> (served?, adapter name or None): ``model``, ``model:adapter`` or ``adapter``."""
+    if requested == model:
+        return True, None
+    name = requested.removeprefix(f"{model}:")
+    return (name in adapters, name if name in adapters else None)
 
 
 # ------------------------------------------------------------------------------------------ compose, render
