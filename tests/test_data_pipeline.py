@@ -3,6 +3,7 @@ byte-identical re-runs, no duplicate shards after a crash, the verbal:score rati
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -93,7 +94,12 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
 
     shards = [{k: np.asarray(v) for k, v in r.items()} for r in read_shards(str(tmp_path / "a")).take_all()]
     assert len(shards) == manifest["sequences"] == sum(s["rows"] for s in manifest["shards"])
-    assert [s["rows"] for s in manifest["shards"]][:-1] == [40] * (len(manifest["shards"]) - 1)
+    # The tasks wrote the shards, one series per work item (part-<item>-<k>), each full but its last.
+    by_item = {}
+    for shard in manifest["shards"]:
+        assert re.fullmatch(r"part-\d{5}-\d{4}\.parquet", shard["file"]), shard
+        by_item.setdefault(shard["file"][:10], []).append(shard["rows"])
+    assert len(by_item) > 1 and all(rows[:-1] == [40] * (len(rows) - 1) for rows in by_item.values())
     tokens = sum(len(r["input_ids"]) for r in shards)
     assert tokens == manifest["tokens"]["input"] == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["tokens"]["loss"] == sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in shards)
@@ -101,7 +107,7 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
         all(len(r["input_ids"]) == 128 for r in shards[:-1])
         or manifest["padding_fraction"]["pad_to_max_len"] < 0.1
     )
-    schema = pq.read_schema(tmp_path / "a" / "part-00000.parquet")
+    schema = pq.read_schema(tmp_path / "a" / manifest["shards"][0]["file"])
     assert schema.field("input_ids").type == pa.list_(pa.int32()) and schema.field("labels").type == pa.list_(
         pa.int32()
     )
@@ -121,13 +127,20 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     streamed = build_dataset(cfg).take_all()
     assert [list(r["input_ids"]) for r in streamed] == [r["input_ids"].tolist() for r in shards]
 
-    # Same input + config -> byte-identical shards and the same manifest.
-    again = write_shards(pt_config(corpus, tiny_model_path, tmp_path / "b"))
+    # Same input + config -> byte-identical shards and manifest (one task this time: same files, same names).
+    again = write_shards(pt_config(corpus, tiny_model_path, tmp_path / "b", num_tokenizers=1))
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731
     assert strip(again) == strip(manifest)
 
-    # A crashed run left no manifest, a stale shard and a temp file: a re-run leaves exactly its own shards.
+    # The driver receives counts and shard names only, never the token ids.
+    meta = build_dataset(cfg, with_stats=True, write_to=str(tmp_path / "c")).take_all()
+    assert {k for row in meta for k in row} == {"stats", "shards"}
+    assert digests(tmp_path / "c") == digests(tmp_path / "a")
+
+    # A crashed run left no manifest, a stale shard and a temp file: a re-run leaves exactly its own shards,
+    # and the same manifest, byte for byte.
+    first_manifest = (tmp_path / "a" / "manifest.json").read_bytes()
     (tmp_path / "a" / "manifest.json").unlink()
     (tmp_path / "a" / "part-00099.parquet").write_bytes(b"stale")
     (tmp_path / "a" / ".part-00007.parquet.tmp").write_bytes(b"partial")
@@ -135,6 +148,7 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
         read_shards(str(tmp_path / "a"))
     write_shards(cfg)
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == first_manifest
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
         [*digests(tmp_path / "b"), "manifest.json"]
     )

@@ -5,11 +5,16 @@
          read (sources.read_item_tables: rows, bad ones become reasons, mixture repeats)
          -> tokenize + pack in batches (tokenize.process_batch, columnar)
       -> build_dataset: the stream, for training directly
-      -> write_shards: parquet shards + manifest.json, written in order by the driver
+      -> write_shards: each task writes its work items' rows as parquet shards straight to the (shared)
+         output storage, named by the item (part-IIIII-KKKK.parquet: item I's K-th shard); only counts and
+         shard names reach the driver, which writes manifest.json
 
 Everything streams (bounded blocks in flight), and with ``preserve_order`` the same input and config give the
-same rows in the same order, so the shards are byte-identical and a training run can resume at a row.
+same rows in the same order; a work item's rows never depend on which task or node packed them, so the shards
+are byte-identical and a training run can resume at a row. The driver moves no token ids: on a cluster the
+writing scales with the tasks (a driver writing every shard capped it at one core's ~360 MB/s of ids).
 Re-running into the same output_dir rewrites the same shard names and deletes stale ones: never duplicates.
+On more than one node ``output_dir`` must be storage every node reaches at the same path (NFS) or a URI (s3://).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from chatmusician.data.tokenize import SFT_RESERVED, BackendTokenizer, empty_sta
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "chatmusician.tokenized/1"
-_SHARD = re.compile(r"^part-\d{5}\.parquet$")
+_SHARD = re.compile(
+    r"^part-\d{5}(-\d{4})?\.parquet$"
+)  # this layout's names and the earlier driver-written ones
 READ_SCHEMA = sources.READ_SCHEMA
 
 
@@ -102,15 +109,29 @@ def _tokenize_items(
     tokenizer_json: str,
     eos_token_id: int,
     split: str | None = None,
+    write_to: str | None = None,
 ):
     """Task: read work items, then tokenize + pack them batch by batch. Reading here rather than in separate
     read tasks saves a Ray Data stage (the text never crosses the object store); tasks rather than an actor
-    pool run in Ray's already started workers, where an actor pool starts new processes on every run (seconds)."""
+    pool run in Ray's already started workers, where an actor pool starts new processes on every run (seconds).
+
+    ``write_to``: the task writes each item's rows itself, as shards ``part-<item>-<k>.parquet`` in that
+    folder, and yields only the stats rows plus one row per item naming its shards (``shards`` column)."""
     tokenizer = _tokenizer(tokenizer_json, eos_token_id, cfg.tokenizer_cpus)
     for item in items.to_pylist():
+        index = item.pop("index")
         tables = _split_rows(sources.read_item_tables(item, cfg, class_weights), cfg, split)
+        if write_to is None:
+            for batch in _batches(tables, cfg.batch_size):
+                yield process_batch(batch, tokenizer, cfg, with_stats)
+            continue
+        writer = ShardWriter(write_to, cfg.shard_rows, prefix=f"part-{index:05d}")
         for batch in _batches(tables, cfg.batch_size):
-            yield process_batch(batch, tokenizer, cfg, with_stats)
+            rows, stats = split_stats_rows(process_batch(batch, tokenizer, cfg, with_stats=True))
+            for part in rows:
+                writer.add(part)
+            yield pa.table({"stats": [json.dumps(s) for s in stats], "shards": [""] * len(stats)})
+        yield pa.table({"stats": [""], "shards": [json.dumps(writer.close())]})
 
 
 def _ordered(ds, cfg: TokenizeConfig):
@@ -162,6 +183,7 @@ def build_dataset(
     weights: tuple[float, float] | None = None,
     tokenizer: Any = None,
     split: str = "train",
+    write_to: str | None = None,
 ):
     """The streaming ``ray.data.Dataset`` of training rows (``split="val"``: the held-out validation rows of
     ``cfg.val_fraction``; "train" leaves them out): ``input_ids``, ``labels`` (list<int32>, -100 = no
@@ -174,7 +196,10 @@ def build_dataset(
 
     One stage: tasks read, tokenize and pack work items (parquet row groups, files), at most
     ``pool_size(cfg)`` at a time, several items each (see :func:`items_per_task`); a batch never spans two
-    items."""
+    items.
+
+    ``write_to``: a folder (shared storage on a cluster) where the tasks write the shards themselves (see
+    :func:`write_shards`); the dataset then holds only ``stats`` and ``shards`` rows (JSON strings)."""
     import ray
 
     from chatmusician.model.loading import load_tokenizer
@@ -182,7 +207,7 @@ def build_dataset(
     _check(cfg)
     weights = weights if weights is not None else class_weights(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-    items = sources.item_dicts(sources.plan(cfg))
+    items = [{**item, "index": k} for k, item in enumerate(sources.item_dicts(sources.plan(cfg)))]
     pool = pool_size(cfg)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -200,6 +225,7 @@ def build_dataset(
             "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
             "eos_token_id": tokenizer.eos_token_id,
             "split": split,
+            "write_to": write_to,
         },
     )
     return _ordered(ds, cfg)
@@ -280,10 +306,16 @@ class ShardWriter:
     shorter), streamed as row groups of ``row_group_rows`` rows: only the last row group is left to write when
     the stream ends, and the driver holds at most one row group. A shard is written under a temporary name
     and renamed when complete. Row groups are cut by row count, never by how the stream arrived in blocks, so
-    the same rows give byte-identical files."""
+    the same rows give byte-identical files.
 
-    def __init__(self, output_dir: str, shard_rows: int, row_group_rows: int = 256):
+    ``prefix``: a tokenize task's writer of one work item: shards ``<prefix>-KKKK.parquet``; it touches no other
+    file (the driver prepared the folder and cleans it up at the end)."""
+
+    def __init__(
+        self, output_dir: str, shard_rows: int, row_group_rows: int = 256, prefix: str | None = None
+    ):
         self.fs, self.root = output_filesystem(output_dir)
+        self.prefix = prefix
         self.shard_rows = shard_rows
         self.row_group_rows = min(row_group_rows, shard_rows)
         self.pending: list[pa.Table] = []
@@ -291,8 +323,15 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._open: pq.ParquetWriter | None = None  # the shard being written
         self._open_rows = self._open_tokens = 0
+        if prefix is None:
+            self.prepare()
+        else:  # a task's: the folder may be new to this node (shared storage: the driver made it already)
+            self.fs.create_dir(self.root, recursive=True)
+
+    def prepare(self) -> None:
+        """Create the folder; no manifest while a run is in progress: a crashed run never looks complete."""
         self.fs.create_dir(self.root, recursive=True)
-        self._delete([MANIFEST])  # no manifest while a run is in progress: a crashed run never looks complete
+        self._delete([MANIFEST])
 
     @classmethod
     def manifest_only(cls, output_dir: str) -> ShardWriter:
@@ -311,6 +350,8 @@ class ShardWriter:
         return [i.base_name for i in infos if i.is_file]
 
     def _name(self) -> str:
+        if self.prefix is not None:
+            return f"{self.prefix}-{len(self.shards):04d}.parquet"
         return f"part-{len(self.shards):05d}.parquet"
 
     def add(self, table: pa.Table) -> None:
@@ -354,12 +395,20 @@ class ShardWriter:
             self._write_group(self.pending_rows)
         if self._open is not None:
             self._finish_shard()
-        written = {s["file"] for s in self.shards}
-        stale = [
-            n for n in self._listing() if (_SHARD.match(n) and n not in written) or n.endswith(".parquet.tmp")
-        ]
-        self._delete(stale)  # shards of an earlier, longer run: never leave duplicates behind
+        if self.prefix is None:
+            self.remove_stale({s["file"] for s in self.shards})
         return self.shards
+
+    def remove_stale(self, written: set[str]) -> None:
+        """Delete shards not in ``written`` and unfinished temp files: what an earlier, longer or crashed run
+        left behind (never duplicates)."""
+        self._delete(
+            [
+                n
+                for n in self._listing()
+                if (_SHARD.match(n) and n not in written) or n.endswith(".parquet.tmp")
+            ]
+        )
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         tmp = f"{self.root}/.{MANIFEST}.tmp"
@@ -452,16 +501,20 @@ def _write_split(
     cfg: TokenizeConfig, split: str, tokenizer, weights, output_dir: str | None
 ) -> dict[str, Any]:
     """One pass of the pipeline over one split's rows: its shards (and, for val, its manifest)."""
-    ds = build_dataset(cfg, with_stats=True, weights=weights, tokenizer=tokenizer, split=split)
-    writer = ShardWriter(output_dir, cfg.shard_rows) if output_dir else None
-    totals, rejected, samples = empty_stats(), Counter(), []
+    folder = ShardWriter(output_dir, cfg.shard_rows) if output_dir else None  # prepared: no manifest in it
+    ds = build_dataset(
+        cfg, with_stats=True, weights=weights, tokenizer=tokenizer, split=split, write_to=output_dir
+    )
+    totals, rejected, samples, shards = empty_stats(), Counter(), [], []
     padding = PaddingMeter(cfg.train_batch_size, cfg.max_len)
     sequences = tokens = loss_tokens = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows, block_stats = split_stats_rows(batch)
-        if writer:
-            for part in rows:
-                writer.add(part)
+        if folder:  # the tasks wrote the rows: only stats and shard names come here
+            for written in batch["shards"].to_pylist():
+                shards += json.loads(written) if written else []
+            block_stats = [json.loads(s) for s in batch["stats"].to_pylist() if s]
+        else:
+            block_stats = split_stats_rows(batch)[1]
         for stats in block_stats:
             for key in ("read", "accepted", "sampled_out", "truncated", "documents"):
                 totals[key] += stats[key]
@@ -493,12 +546,14 @@ def _write_split(
         "sequences": sequences,
         "tokens": {"input": tokens, "loss": loss_tokens},
         "padding_fraction": padding.result(),
-        "shards": writer.close() if writer else [],
+        "shards": sorted(shards, key=lambda s: s["file"]),  # item order, then the item's own shards
         "config": to_dict(cfg),
         "split": split,
     }
-    if writer and split == "val":
-        writer.write_manifest(manifest)
+    if folder:
+        folder.remove_stale({s["file"] for s in shards})
+        if split == "val":
+            folder.write_manifest(manifest)
     return manifest
 
 
