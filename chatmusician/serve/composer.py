@@ -672,7 +672,7 @@ class Composer:
             "chatmusician_request_latency_s", "Request arrival to answer complete", buckets, ("model",)
         )
         for metric in (self.m_prompt, self.m_completion, self.m_ttft, self.m_latency):
-            metric.set_default_tags(tags)
+            metric.set_default_tags(dict(tags))  # Serve adds its own tags into the dict it is given
         self.observed = {"requests": 0, "completion_tokens": 0, "ttft_s": []}  # the same, readable by stats()
 
     def _observe(self, completion: dict[str, Any], arrived: float) -> None:
