@@ -18,6 +18,13 @@ plus peak RSS (driver + every Ray process) at 1x and 10x the corpus, and the pad
 unpacked rows at the training batch shape (8 rows, padded to the longest).
 
     .venv/bin/python -m benchmarks.tokenize [--scale 16] [--rss-scales 1 10] [--repeat 3]
+    .venv/bin/python -m benchmarks.tokenize --nodes 2 4 [--scale 8] [--cpus-per-node 1]
+
+``--nodes``: only the scaling section. Each count of simulated nodes (``ray.cluster_utils.Cluster``, each node
+``--cpus-per-node`` CPUs, one tokenize task per CPU) runs write_shards (the tasks write their own shards) and,
+as the baseline, the earlier layout (the driver receives every row and writes every shard), same corpus, best of
+``--repeat``; printed: tokens/s of both, the ratio of the largest to the smallest node count, and the driver's
+CPU seconds per million tokens (the driver is one process: its CPU per token is what caps a large cluster).
 
 The default corpus (scale 16: 24 M chars, 11.6 M tokens) is large enough for a throughput figure: each pipeline
 run has ~0.3 s of fixed costs (planning, the first task's first batch, the last block's write), a fifth of a run
@@ -190,6 +197,95 @@ def bench_pipeline(path: Path, tokenizer_dir: str, packing: str = "greedy") -> t
     return time.perf_counter() - start, manifest
 
 
+def driver_writes_shards(cfg) -> dict:
+    """The earlier layout, as the baseline: every row crosses to the driver, which writes every shard."""
+    from chatmusician.data.pipeline import ShardWriter, build_dataset, split_stats_rows
+
+    writer, tokens = ShardWriter(cfg.output_dir, cfg.shard_rows), 0
+    for batch in build_dataset(cfg, with_stats=True).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows, stats = split_stats_rows(batch)
+        for part in rows:
+            writer.add(part)
+        tokens += sum(s["tokens"] for s in stats)
+    writer.close()
+    return {"tokens": {"input": tokens}}
+
+
+def nodes_run(nodes: int, cpus_per_node: int, scale: int, repeat: int, tokenizer_dir: str) -> None:
+    """Child process (a process joins one Ray cluster): a local ``nodes``-node cluster, both layouts timed."""
+    import socket
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from chatmusician.data.pipeline import write_shards
+
+    with socket.socket() as sock:  # the head's dashboard agent must not take the host-wide default port
+        sock.bind(("127.0.0.1", 0))
+        agent_port = sock.getsockname()[1]
+    node = {"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**node, "include_dashboard": False, "dashboard_agent_listen_port": agent_port},
+    )
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "corpus.parquet"
+            make_corpus(path, scale)
+            result = {"nodes": nodes, "cpus": nodes * cpus_per_node}
+            for name, fn in (("tasks_write", write_shards), ("driver_writes", driver_writes_shards)):
+                best = (float("inf"), 0.0, 0)
+                for round_ in range(repeat + 1):  # round 0 warms up: worker processes, tokenizer loads
+                    cfg = pipeline_config(path, tokenizer_dir, tempfile.mkdtemp(dir=tmp), "greedy")
+                    cfg.num_tokenizers = nodes * cpus_per_node
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    manifest = fn(cfg)
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    if round_ and wall < best[0]:
+                        best = (wall, cpu, manifest["tokens"]["input"])
+                result[name] = {"seconds": best[0], "driver_cpu_s": best[1], "tokens": best[2]}
+        print(json.dumps(result))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def bench_nodes(args, tokenizer_dir: str) -> None:
+    runs = []
+    for nodes in args.nodes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--nodes-run", str(nodes), "--scale", str(args.scale),
+             "--repeat", str(args.repeat), "--cpus-per-node", str(args.cpus_per_node)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(
+        f"{CORES} cores on this host; corpus scale {args.scale}; {args.cpus_per_node} CPU(s) per simulated node"
+    )
+    for run in runs:
+        for name in ("tasks_write", "driver_writes"):
+            r = run[name]
+            print(
+                f"{run['nodes']} nodes ({run['cpus']} tokenize tasks) {name:<14} {r['seconds']:6.2f} s "
+                f"{r['tokens'] / r['seconds'] / 1e6:6.2f} M tokens/s  driver CPU {r['driver_cpu_s']:5.2f} s "
+                f"= {r['driver_cpu_s'] / r['tokens'] * 1e6:.3f} s per M tokens"
+            )
+    first, last = runs[0], runs[-1]
+    for name in ("tasks_write", "driver_writes"):
+        ratio = first[name]["seconds"] / last[name]["seconds"]
+        print(f"throughput {last['nodes']} vs {first['nodes']} nodes, {name}: {ratio:.2f}x")
+    for name in ("tasks_write", "driver_writes"):
+        r = last[name]
+        print(
+            f"driver-bound ceiling, {name}: {r['tokens'] / max(r['driver_cpu_s'], 1e-9) / 1e6:.1f} M tokens/s "
+            "(tokens per driver CPU second: the rate at which the one driver core is saturated)"
+        )
+
+
 def tree_rss(pid: int) -> int:
     import psutil
 
@@ -245,13 +341,22 @@ def main() -> None:
         default=3,
         help="time each method this many times and keep the best (shared machines)",
     )
+    parser.add_argument(
+        "--nodes", type=int, nargs="*", default=None, help="only the scaling section: these node counts"
+    )
+    parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--rss-run", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--nodes-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from chatmusician.model.tiny import ensure_tiny
 
     tokenizer_dir = str(ensure_tiny("nano"))
     if args.rss_run is not None:
         return rss_run(args.rss_run, tokenizer_dir)
+    if args.nodes_run is not None:
+        return nodes_run(args.nodes_run, args.cpus_per_node, args.scale, args.repeat, tokenizer_dir)
+    if args.nodes:
+        return bench_nodes(args, tokenizer_dir)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "corpus.parquet"
