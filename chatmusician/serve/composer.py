@@ -677,8 +677,10 @@ class Composer:
 
     def _observe(self, completion: dict[str, Any], arrived: float) -> None:
         now = time.perf_counter()
-        self.m_prompt.inc(completion["prompt_tokens"])
-        self.m_completion.inc(completion["completion_tokens"])
+        # Ray's Counter.inc refuses 0 (an empty answer, a constrained one cut back to nothing).
+        for counter, key in ((self.m_prompt, "prompt_tokens"), (self.m_completion, "completion_tokens")):
+            if completion[key] > 0:
+                counter.inc(completion[key])
         self.m_latency.observe(now - arrived)
         first = completion.get("first_token_at")
         if first is not None:
