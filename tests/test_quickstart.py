@@ -36,5 +36,75 @@ def test_quickstart_yaml_gives_cpu_sized_stages_that_the_cli_can_override():
     path = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     cfg = load_config(QuickstartConfig, path, **{"sft.max_steps": 7})
     assert (cfg.pretrain.profile, cfg.pretrain.num_workers, cfg.pretrain.zero_stage) == ("cpu", 2, 2)
-    assert cfg.pretrain.max_steps == 40 and cfg.sft.max_steps == 7
+    assert cfg.pretrain.max_steps == 300 and cfg.sft.max_steps == 7
     assert cfg.pretrain.run_name != cfg.sft.run_name  # two runs, two checkpoint folders
+    # A random base learns from full training; LoRA is for the SFT stage.
+    assert (cfg.pretrain.train_type, cfg.sft.train_type) == ("full", "lora")
+    assert cfg.sweep.command == "sft" and len(cfg.sweep.space["lr"]["grid"]) == 2
+    assert cfg.parse_goal == 0.8 and not cfg.force
+
+
+def test_compose_prompts_start_with_the_original_example_and_describe_tunes_without_titles():
+    from chatmusician.prompts import EXAMPLE_PROMPTS
+    from chatmusician.quickstart import compose_prompts
+
+    prompts = compose_prompts(nottingham_tunes(), 5)
+    assert len(prompts) == 5 and prompts[0] == EXAMPLE_PROMPTS[0]
+    assert all("Title" not in p and "\nKey " in p for p in prompts[1:])
+    assert len(set(prompts)) == 5
+
+
+def test_parse_rate_first_parsing_and_best_values():
+    from chatmusician.quickstart import best_values, first_parsing, parse_rate
+
+    rows = [
+        {"arm": "constrained", "parses": True, "abc": "X:1\nK:C\nC|"},
+        {"arm": "free", "parses": False, "abc": None},
+        {"arm": "free", "parses": True, "abc": "X:2\nK:G\nG|"},
+    ]
+    assert parse_rate([r for r in rows if r["arm"] == "free"]) == 0.5 and parse_rate([]) == 0.0
+    assert first_parsing(rows)["abc"].startswith("X:2")  # the model's own free music first
+    assert first_parsing(rows[:1])["arm"] == "constrained"
+    assert first_parsing([rows[1]]) is None
+    assert best_values({"lr": 3e-3, "best_val_loss": 1.0}, {"lr": {"grid": [1, 2]}}) == {"lr": 3e-3}
+
+
+def test_judge_composition_uses_the_validator_and_the_midi_verdict():
+    from chatmusician.quickstart import judge_composition
+
+    tune = nottingham_tunes()[0]
+    assert judge_composition(tune, midi_ok=True)["parses"] is True
+    assert judge_composition(tune, midi_ok=False)["parses"] is False
+    prose = judge_composition("I cannot write music.", midi_ok=True)
+    assert not prose["found"] and not prose["parses"]
+
+
+def test_a_finished_stage_is_reused_and_force_removes_only_the_jobs_folders(tmp_path):
+    import io
+
+    from chatmusician.quickstart import GENERATED, Console, Stages, clean
+
+    console = Console(io.StringIO(), io.StringIO())
+    calls = []
+    for _ in range(2):
+        stages = Stages(tmp_path, console, {"timings_s": {}})
+        assert stages.run("model", "build", lambda: calls.append(1) or {"base": "b"}) == {"base": "b"}
+    assert calls == [1] and "reused" in console.stream.getvalue()
+    (tmp_path / "mine.txt").write_text("keep")
+    clean(tmp_path)
+    assert not any((tmp_path / g).exists() for g in GENERATED) and (tmp_path / "mine.txt").exists()
+
+
+def test_console_and_log_keeps_library_output_off_the_terminal(tmp_path, capfd):
+    import os
+
+    from chatmusician.quickstart import console_and_log
+
+    with console_and_log(tmp_path / "q.log") as console:
+        console.say("[1/9] stage")
+        os.write(2, b"Traceback (library noise)\n")
+        os.write(1, b"worker line\n")  # what Ray echoes from workers and child processes write
+    terminal = capfd.readouterr().out
+    log = (tmp_path / "q.log").read_text()
+    assert "[1/9] stage" in terminal and "worker line" not in terminal and "Traceback" not in terminal
+    assert "[1/9] stage" in log and "worker line" in log and "Traceback (library noise)" in log
