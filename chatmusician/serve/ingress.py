@@ -479,6 +479,14 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         app = build_api(self.backend, self.config)
+        replica = serve.get_replica_context().replica_id.unique_id
+
+        @app.middleware("http")
+        async def replica_header(request: Request, call_next):  # which replica answered (ops, tests)
+            response = await call_next(request)
+            response.headers["X-Replica"] = replica
+            return response
+
         if self.config.web_ui:
             from chatmusician.serve.webui import mount_ui
 

@@ -1,0 +1,387 @@
+"""The OpenAI API as real clients send it, against ONE running app per engine (module-scoped, parametrised by
+engine so that a second engine joins with one more param): the official ``openai`` client, lm-evaluation-harness
+``local-completions`` (loglikelihood) and ``local-chat-completions`` (generate_until), echo logprobs against a
+local forward pass, seeds under load, multi-LoRA by model id, a disconnected request stopping, the health probe,
+and the web UI behind 2 Ingress replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+APP = "chatmusician-openai-test"
+MODEL = "chatmusician"
+CAP = 1024
+GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
+
+
+def make_adapter(base_path: str, out, seed: int) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from chatmusician.model.loading import load_model
+
+    torch.manual_seed(seed)
+    lora = get_peft_model(
+        load_model(base_path),
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["transformers"])
+def served(request, ray_cluster, tiny_model_path, tmp_path_factory):
+    """(base URL, config) of the app for one engine: 2 LoRA adapters (1 kept loaded), 2 Ingress replicas."""
+    from ray import serve
+
+    from chatmusician.render.deployment import build_renderer
+    from chatmusician.serve.app import _options, app_config
+    from chatmusician.serve.composer import Composer
+    from chatmusician.serve.ingress import Ingress
+
+    folder = tmp_path_factory.mktemp("adapters")
+    adapters = {
+        name: make_adapter(tiny_model_path, folder / name, seed) for name, seed in (("alpha", 1), ("beta", 2))
+    }
+    config = app_config(
+        {
+            "model": tiny_model_path,
+            "engine": request.param,
+            "torch_threads": 1,
+            "max_new_tokens_cap": CAP,
+            "lora_adapters": adapters,
+            "max_loras": 1,  # beta loads on first use and alpha is unloaded: the bounded cache at work
+            "health_probe_idle_s": 0.0,
+            "composer": {"num_cpus": 0.5},
+            "ingress": {"num_cpus": 0.1},
+            "render": {"serve": {"num_cpus": 0.1, "max_replicas": 1}},
+        }
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    composer = Composer.options(**_options(config.composer, 1)).bind(config)
+    ingress = Ingress.options(**_options(config.ingress, 1), num_replicas=2)
+    try:
+        serve.run(ingress.bind(composer, build_renderer(config.render), config), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def composer_stats():
+    from ray import serve
+
+    return serve.get_deployment_handle("Composer", app_name=APP).stats.remote().result()
+
+
+def test_models_list_adapters_and_model_cards(client, base_url):
+    assert [m.id for m in client.models.list()] == [MODEL, f"{MODEL}:alpha", f"{MODEL}:beta"]
+    assert client.models.retrieve(f"{MODEL}:beta").parent == MODEL
+    assert httpx.get(f"{base_url}/v1/models/beta").json()["id"] == f"{MODEL}:beta"
+    missing = httpx.get(f"{base_url}/v1/models/gamma")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_n_choices_with_stop_unknown_fields_and_logprobs(client):
+    messages = [{"role": "user", "content": "Compose a jig in G."}]
+    free = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, seed=3, temperature=1.0
+    )
+    stop = free.choices[0].message.content[2:4]
+    assert stop.strip(), free.choices[0].message.content
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        n=3,
+        stop=[stop],
+        seed=3,
+        temperature=1.0,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"logit_bias": {}, "parallel_tool_calls": False},  # unknown here: ignored, not a 400
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(stop not in c.message.content for c in reply.choices)
+    assert reply.choices[0].finish_reason == "stop"  # seed 3, choice 0: the text that had the stop string
+    for choice in reply.choices:
+        tokens = choice.logprobs.content
+        assert tokens and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
+    capped = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=3, stop=None, **GREEDY
+    )
+    assert capped.usage.completion_tokens <= 3
+
+
+def test_seeded_request_alone_and_alongside_seven_streams(client, base_url):
+    messages = [{"role": "user", "content": "Compose a reel in D."}]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 24, "seed": 11, "temperature": 1.0}
+    alone = client.chat.completions.create(**kwargs).choices[0].message.content
+
+    async def busy():
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as aclient:
+
+            async def stream():
+                s = await aclient.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=24, temperature=1.0, stream=True
+                )
+                return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+            results = await asyncio.gather(
+                *(stream() for _ in range(7)), aclient.chat.completions.create(**kwargs)
+            )
+        return results[-1].choices[0].message.content, results[:-1]
+
+    seeded, others = asyncio.run(busy())
+    assert seeded == alone
+    assert len(set(others)) > 1  # the neighbours really sampled (each from its own generator)
+
+
+def test_streaming_usage_chunk_and_stop(client):
+    messages = [{"role": "user", "content": "Compose a waltz."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **GREEDY)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == plain.choices[0].message.content
+    )
+    text = plain.choices[0].message.content
+    stop = text[3:5]
+    stopped = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, stream=True, stop=stop, **GREEDY
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stopped if c.choices)
+    assert streamed == text[: text.find(stop)]
+
+
+def test_completions_echo_logprobs_equal_a_local_forward_pass(client, tiny_model_path):
+    import torch
+
+    from chatmusician.model.loading import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_model_path), load_model(tiny_model_path).eval()
+    ids = tokenizer("X:1\nM:6/8\nK:G\nGAB cde|", add_special_tokens=False)["input_ids"]
+    out = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0
+    )
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [float(want[t, ids[t + 1]]) for t in range(len(ids) - 1)]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1 : len(ids)], expected, strict=True)) < 1e-4
+    text = client.completions.create(model=MODEL, prompt=["X:1\nK:D\n", "X:2\n"], max_tokens=4, stop="|")
+    assert len(text.choices) == 2 and all("|" not in c.text for c in text.choices)
+
+
+def lm_eval_tasks(tmp_path):
+    rows = [
+        {"question": "Which field gives the key of an ABC tune?", "choices": ["K:", "T:"], "answer": 0},
+        {"question": "Which field gives the meter?", "choices": ["X:", "M:"], "answer": 1},
+        {"question": "Which field gives the unit note length?", "choices": ["L:", "Q:"], "answer": 0},
+    ]
+    data = tmp_path / "abc_fields.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    source = {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+    }
+    choice = {
+        "task": "cm_api_fields_choice",
+        **source,
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    generate = {
+        "task": "cm_api_fields_generate",
+        **source,
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{choices[answer]}}",
+        "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    return choice, generate
+
+
+def test_lm_evaluation_harness_local_completions_and_chat_completions(base_url, tiny_model_path, tmp_path):
+    import lm_eval
+
+    choice, generate = lm_eval_tasks(tmp_path)
+    loglikelihood = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{base_url}/v1/completions",
+            "model": MODEL,
+            "tokenizer_backend": "huggingface",
+            "tokenizer": tiny_model_path,
+            "num_concurrent": 2,
+            "max_retries": 1,
+        },
+        tasks=[choice],
+        bootstrap_iters=0,
+    )
+    acc = loglikelihood["results"]["cm_api_fields_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and loglikelihood["n-samples"]["cm_api_fields_choice"]["effective"] == 3
+    generated = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args={"base_url": f"{base_url}/v1/chat/completions", "model": MODEL, "max_retries": 1},
+        tasks=[generate],
+        apply_chat_template=True,
+        bootstrap_iters=0,
+    )
+    exact = generated["results"]["cm_api_fields_generate"]["exact_match,none"]
+    assert 0.0 <= exact <= 1.0 and generated["n-samples"]["cm_api_fields_generate"]["effective"] == 3
+
+
+def test_two_adapters_answer_like_base_plus_that_adapter_run_directly(client, served, tiny_model_path):
+    import torch
+    from peft import PeftModel
+
+    from chatmusician.model.loading import load_model, load_tokenizer
+    from chatmusician.prompts import build_chat_prompt
+
+    _, config = served
+    tokenizer = load_tokenizer(tiny_model_path)
+    question = "Compose a hornpipe."
+    ids = torch.tensor([tokenizer(build_chat_prompt(question, []), add_special_tokens=False)["input_ids"]])
+
+    def direct(adapter: str | None) -> str:
+        model = load_model(tiny_model_path)
+        if adapter:
+            model = PeftModel.from_pretrained(model, config.lora_adapters[adapter])
+        with torch.no_grad():
+            out = (
+                model.eval()
+                .generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=12,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    suppress_tokens=[tokenizer.pad_token_id],
+                )[0, ids.shape[1] :]
+                .tolist()
+            )
+        if tokenizer.eos_token_id in out:
+            out = out[: out.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(out, skip_special_tokens=True)
+
+    def served_answer(model_id: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        reply = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, **GREEDY)
+        return reply.choices[0].message.content
+
+    answers = {m: served_answer(m) for m in (f"{MODEL}:alpha", "beta", MODEL, f"{MODEL}:alpha")}
+    assert answers[f"{MODEL}:alpha"] == direct("alpha") and answers["beta"] == direct("beta")
+    assert answers[MODEL] == direct(None)
+    assert len({answers[f"{MODEL}:alpha"], answers["beta"], answers[MODEL]}) == 3
+    with pytest.raises(Exception) as err:
+        served_answer(f"{MODEL}:gamma")
+    assert getattr(err.value, "status_code", None) == 404
+
+
+def test_disconnected_non_streaming_request_stops(base_url):
+    """The client leaves mid-answer: the row stops long before its budget (Serve cancels the call; the
+    Composer's cancel event ends the row at its next token)."""
+    before = len(composer_stats()["cancelled"])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Compose a long suite."}],
+            "max_tokens": CAP, "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
+
+    async def leave_early():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+            task = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            batches = (await asyncio.to_thread(composer_stats))["batches"]
+            deadline = time.monotonic() + 120
+            while (await asyncio.to_thread(composer_stats))[
+                "batches"
+            ] == batches and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # until the Composer has the request in a batch
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 120
+    while len(composer_stats()["cancelled"]) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cancelled = composer_stats()["cancelled"]
+    assert len(cancelled) > before and cancelled[-1] < CAP // 2, cancelled
+
+
+def test_health_probe_and_metrics(base_url):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Composer", app_name=APP)
+    probes = handle.stats.remote().result()["probes"]
+    handle.check_health.remote().result()  # health_probe_idle_s=0: always one forward pass
+    stats = handle.stats.remote().result()
+    assert stats["probes"] > probes
+    assert stats["requests"] > 0 and stats["completion_tokens"] > 0 and stats["ttft_s"]
+
+
+def test_web_ui_behind_two_ingress_replicas(base_url):
+    """The page keeps no server state: any replica serves the page, its analyze call and the chat it sends."""
+    replicas = set()
+    tune = "X:1\nM:4/4\nL:1/8\nK:G\nGABc d2e2|f2g2 a4|]"
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        deadline = time.monotonic() + 120
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            page = http.get("/ui/")
+            analyzed = http.post("/ui/api/analyze", json={"text": tune})
+            assert page.status_code == 200 and "<html" in page.text.lower()
+            assert analyzed.status_code == 200 and len(analyzed.json()["tunes"]) == 1
+            replicas |= {page.headers["x-replica"], analyzed.headers["x-replica"]}
+        assert len(replicas) == 2
+        chat = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+        with http.stream("POST", "/v1/chat/completions", json=chat) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
