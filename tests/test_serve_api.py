@@ -291,3 +291,33 @@ def test_official_openai_client_against_the_app(client):
             model="chatmusician", messages=[{"role": "user", "content": "x"}], temperature=5
         )
     assert err.value.status_code == 400 and isinstance(err.value.body, dict)
+
+
+def test_api_key_cors_unknown_fields_and_a_failure_mid_stream():
+    config = dataclasses.replace(CONFIG, api_key="sesame", cors_origins=["https://app.example.org"])
+    backend = LocalBackend(config)
+    request = {"model": "chatmusician", "messages": [{"role": "user", "content": "la la"}], "logit_bias": {}}
+    with TestClient(build_api(backend, config)) as c:
+        assert_error(c.post("/v1/chat/completions", json=request), 401, "missing_api_key")
+        wrong = c.post("/v1/chat/completions", json=request, headers={"Authorization": "Bearer nope"})
+        assert_error(wrong, 401, "invalid_api_key")
+        auth = {"Authorization": "Bearer sesame"}
+        ok = c.post("/v1/chat/completions", json=request, headers=auth)  # unknown logit_bias: ignored
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "la la"
+        assert c.get("/healthz").status_code == 200  # not under /v1
+        preflight = c.options(
+            "/v1/chat/completions",
+            headers={"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.org"
+
+        async def failing(_request):
+            yield {"start": {"prompt_tokens": 1}}
+            yield {"delta": "la "}
+            raise RuntimeError("replica died")
+
+        backend.stream = failing
+        with c.stream("POST", "/v1/chat/completions", json={**request, "stream": True}, headers=auth) as r:
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "stream_failed"
