@@ -39,6 +39,8 @@ class ServeRenderConfig:
 
     num_cpus: float = 0.25
     """Logical CPUs reserved per replica (tools run as subprocesses outside Ray's accounting)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per replica, e.g. {cpu_node: 0.001} to keep replicas on CPU nodes (cluster.yaml's head has it)."""
     min_replicas: int = 1
     """Autoscaling lower bound."""
     max_replicas: int = 4

@@ -69,7 +69,10 @@ def deployment_options(config: RenderConfig) -> dict[str, Any]:
     """CPU replicas with the autoscaling bounds and the queue limit of ``config.serve``."""
     s = config.serve
     return {
-        "ray_actor_options": {"num_cpus": s.num_cpus},
+        "ray_actor_options": {
+            "num_cpus": s.num_cpus,
+            **({"resources": dict(s.resources)} if s.resources else {}),
+        },
         "max_ongoing_requests": s.max_ongoing_requests,
         # a bounded queue like the Composer's: callers get BackPressureError (the Ingress answers 503)
         "max_queued_requests": s.max_queued_requests,

@@ -602,6 +602,41 @@ def scaling_config(cfg: TrainConfig):
     )
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one train worker asks Ray for: CPUs, a GPU on GPU profiles, custom resources and the
+    ``accelerator_type:<X>`` share that Ray Train adds for ``ScalingConfig(accelerator_type=X)``."""
+    sc = scaling_config(cfg)
+    need = dict(sc.resources_per_worker or {})
+    if sc.accelerator_type:
+        need[f"accelerator_type:{sc.accelerator_type}"] = 0.001
+    return {k: v for k, v in need.items() if v}
+
+
+def workers_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers needing ``need`` the nodes (their total resources) hold at most."""
+    return sum(
+        int(min((node.get(k, 0.0) + 1e-9) // v for k, v in need.items())) if need else 1 << 30
+        for node in nodes
+    )
+
+
+def check_placement(cfg: TrainConfig) -> None:
+    """Fail in a second with one clear line when no set of the cluster's nodes can ever hold the run's workers
+    (an accelerator type no node has, too few such nodes): Ray would otherwise wait for them forever."""
+    import ray
+
+    need = worker_resources(cfg)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if workers_that_fit(need, nodes) >= cfg.num_workers:
+        return
+    have = sorted({k for n in nodes for k in n if k.startswith("accelerator_type:")}) or ["none"]
+    raise TrainConfigError(
+        f"{cfg.num_workers} worker(s) of profile {cfg.profile!r} need {need} each, but the cluster's "
+        f"{len(nodes)} node(s) hold {workers_that_fit(need, nodes)} (accelerator types: {', '.join(have)}): "
+        "add such nodes, or change profile / accelerator_type / num_workers"
+    )
+
+
 def trainer_for(
     cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_filesystem=None, callbacks=None
 ):
@@ -612,6 +647,10 @@ def trainer_for(
 
     validate(cfg)
     profile = get_profile(cfg.profile)
+    import ray
+
+    if ray.is_initialized():
+        check_placement(cfg)  # before any worker is asked for: an impossible placement never hangs
     if cfg.eval_hook:
         resolve_hook(cfg.eval_hook)  # a bad path is a config error now, not a worker crash later
     loop_config: dict[str, Any] = {"cfg": cfg}
