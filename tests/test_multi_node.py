@@ -1,0 +1,121 @@
+"""More than one machine, tested on one: a local five-node ``ray.cluster_utils.Cluster`` (tests/multi_node_cluster.py)
+with nodes labelled like cluster.yaml's (CPU head, A800 and V100 nodes, CPU-backed). One cluster for every check,
+as each costs a cluster start-up: tasks write the shards, placement by accelerator type, impossible jobs fail
+fast with one line, the Renderer stays on the CPU node, and a removed node's run resumes to the same losses."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from chatmusician import corpora
+from chatmusician.data.config import SourceConfig, TokenizeConfig
+from chatmusician.render.config import RenderConfig
+from chatmusician.train.config import DataConfig, LoraConfig, TrainConfig
+
+pytestmark = pytest.mark.integration
+STEPS = 6
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tiny_model_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multi_node")
+    shards = tmp / "shards"  # "shared storage": one folder every node of this one-host cluster reaches
+    tokenize = TokenizeConfig(
+        sources=[SourceConfig(path=str(corpora.NOTTINGHAM_DIR / "reelsu-z.abc"), format="abc")],
+        tokenizer=tiny_model_path,
+        max_len=64,
+        packing="greedy",
+        output_dir=str(shards),
+        shard_rows=48,
+        tokenizer_cpus=0.5,
+        progress=False,
+    )
+    pretrain = TrainConfig(
+        run_name="pretrain_a800",
+        storage_path=str(tmp / "runs"),
+        model=tiny_model_path,
+        lora=LoraConfig(r=8, alpha=16),
+        data=DataConfig(shards=str(shards), shuffle=True),
+        profile="cpu",  # CPU-backed workers, placed by the accelerator type an A800 profile asks for
+        accelerator_type="A800",
+        resources_per_worker={"trainer_slot": 1},  # one worker per node: two nodes hold the run
+        cpus_per_worker=0.5,
+        zero_stage=2,
+        num_workers=2,
+        global_batch_size=8,
+        micro_batch_size=2,
+        max_length=64,
+        max_steps=STEPS,
+        lr=2e-3,
+        checkpoint_every=2,
+        keep_last=2,
+        max_failures=0,
+        log_every=100,
+    )
+    sft = replace_cfg(pretrain, run_name="sft_v100", accelerator_type="V100", num_workers=1, max_steps=2)
+    render = RenderConfig()
+    render.serve.resources = {"cpu_node": 0.001}
+    job = {"tokenize": tokenize, "pretrain": pretrain, "sft": sft, "render": render}
+    (tmp / "job.pkl").write_bytes(pickle.dumps(job))
+    with tempfile.TemporaryDirectory(prefix="cmmn-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent / "multi_node_cluster.py"),
+                str(tmp / "job.pkl"),
+                str(tmp),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((tmp / "report.json").read_text()), tmp, job
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def test_tasks_write_the_shards_on_a_multi_node_cluster(cluster_run):
+    report, tmp, _ = cluster_run
+    manifest = json.loads((tmp / "shards" / "manifest.json").read_text())
+    assert report["shards"] == len(manifest["shards"]) > 1
+    assert sorted(p.name for p in (tmp / "shards").glob("part-*.parquet")) == [
+        s["file"] for s in manifest["shards"]
+    ]
+
+
+def test_pretraining_lands_on_a800_sft_on_v100_the_renderer_on_the_cpu_node(cluster_run):
+    report, _, _ = cluster_run
+    assert sorted(report["labels"].values()) == ["a800-0", "a800-1", "a800-2", "cpu", "v100"]
+    assert len(report["pretrain_nodes"]) == 2 and all(n.startswith("a800-") for n in report["pretrain_nodes"])
+    assert report["sft_nodes"] == ["v100"]
+    assert report["renderer_node"] == "cpu"
+
+
+def test_a_job_no_node_can_hold_fails_fast_with_one_clear_line(cluster_run):
+    report, _, _ = cluster_run
+    no_type, too_many = report["impossible"]
+    assert no_type["error"] and "accelerator_type:H100" in no_type["error"] and "\n" not in no_type["error"]
+    assert "accelerator types: accelerator_type:A800, accelerator_type:V100" in no_type["error"]
+    assert too_many["error"] and "4 worker(s)" in too_many["error"] and "hold 3" in too_many["error"]
