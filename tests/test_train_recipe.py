@@ -313,3 +313,56 @@ def test_remote_storage_gets_checkpoints_tensorboard_and_metrics(base_config, tm
     assert [m["step"] for m in metrics(run_dir)] == [1, 2]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert result.metrics["step"] == 2
+
+
+def test_fp16_overflow_steps_are_skipped_reported_and_never_move_the_schedule(base_config, tmp_path):
+    """DeepSpeed's real fp16 path on CPU workers (tests/fp16_cpu_train.py): the loss scale starts at 2**20, so
+    the first steps overflow and DeepSpeed skips them. The run still takes exactly ``max_steps`` applied steps,
+    each skipped one is logged as such with the scale halving, and the applied steps' learning rates walk the
+    whole schedule (warmup, cosine, min_lr on the last step), as if nothing had been skipped."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    from chatmusician.train.checkpointing import read_train_state
+
+    cfg = replace(
+        base_config,
+        run_name="fp16",
+        storage_path=str(tmp_path / "runs"),
+        profile="cpu-fp16",  # registered by the script in every worker
+        zero_stage=2,  # the V100 profile's stage
+        max_steps=4,
+        checkpoint_every=4,
+        eval_every=None,
+        eval_hook=None,
+        min_lr=1e-4,
+    )
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    with tempfile.TemporaryDirectory(prefix="cm16-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "fp16_cpu_train.py"), str(tmp_path / "cfg.pkl")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "fp16"
+    logged = metrics(run_dir)
+    skipped = [m for m in logged if m.get("skipped")]
+    applied = [m for m in logged if not m.get("skipped")]
+    assert len(skipped) >= 2, logged  # the scale must fall below ~2**17 for this model (hysteresis 2)
+    assert [m["step"] for m in applied] == [1, 2, 3, 4]
+    assert [m["skipped_steps"] for m in skipped] == list(range(1, len(skipped) + 1))
+    scales = [m["loss_scale"] for m in logged]
+    assert scales[0] <= 2**20 and scales[-1] < scales[0] and scales == sorted(scales, reverse=True)
+    lrs = [m["lr"] for m in applied]
+    assert lrs == pytest.approx([lr_at(s, 4, 2e-3, WARMUP, 1e-4) for s in range(4)], rel=1e-6)
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert all(math.isfinite(m["loss"]) for m in applied)
+    state = read_train_state(run_dir / "checkpoint_0000004")
+    assert (state.step, state.skipped_steps) == (4, len(skipped))
