@@ -60,6 +60,8 @@ class CleanConfig:
     """Subdivisions of a quarter note a beat may use when snapped (16ths or triplet 8ths, chosen per beat)."""
     legato_gap_beats: float = 0.25
     """Snapped melody: a gap shorter than this (quarter notes) before the next note is closed, not a rest."""
+    chord_spread_beats: float = 1 / 24
+    """Notes starting this close (quarter notes) to a chord's first note join it (staggered chords: abc2midi's are 1/48 apart)."""
     straighten_swing: bool = True
     """Write a swung piece's long-short 2:1 pairs as even 8ths, as notation does (see swing_share)."""
     swing_share: float = 0.5
@@ -88,6 +90,8 @@ class ConvertConfig:
     """Let midi2abc write broken rhythm (> <); off (-nb) because it also mis-hears swung or uneven 8ths."""
     guess_key: str = "missing"
     """missing: midi2abc guesses the key (-gk) when the file has no key signature | always | never (C)."""
+    retry_without_triplets: bool = True
+    """When no unit length passes the gate, try them again with -nt (midi2abc hears some long-note bars as triplets)."""
     extra_args: list[str] = field(default_factory=list)
     """More midi2abc options, e.g. [-gu] (guess the unit: the report measures it), [-s] (keep very short notes)."""
     bars_per_line: int = 4

@@ -239,6 +239,17 @@ def melody_score(part: Part) -> float:
     return monophony * 40 + mean_pitch + min(onsets, 400) / 20 + named
 
 
+def join_chords(notes: list[Note], spread: int) -> list[Note]:
+    """Notes starting within ``spread`` ticks of a chord's first note start with it (a strummed or staggered
+    chord is one onset): otherwise the cut at the next onset would leave the first note a few ticks long."""
+    out, first = [], None
+    for n in sorted(notes, key=lambda n: (n.start, n.pitch)):
+        if first is None or n.start - first > spread:
+            first = n.start
+        out.append(replace(n, start=first) if n.start != first and n.end - first > spread else n)
+    return out
+
+
 def skyline(notes: list[Note]) -> list[Note]:
     """One note at a time: the highest of each onset, cut where the next onset starts."""
     tops: dict[int, Note] = {}
@@ -391,7 +402,8 @@ def clean(score: Score, cfg: CleanConfig) -> Score:
     ranked = sorted(parts, key=melody_score, reverse=True)
     if cfg.voices == "melody":
         line = skyline if cfg.monophonic else cut_overlaps
-        chosen = [replace(ranked[0], notes=line(ranked[0].notes))]
+        joined = join_chords(ranked[0].notes, round(cfg.chord_spread_beats * PPQ))
+        chosen = [replace(ranked[0], notes=line(joined))]
     else:  # keep several as V: voices, melody first, then in track order
         chosen = [ranked[0]] + sorted(ranked[1 : cfg.max_voices], key=lambda p: (p.track, p.channel))
     every = [n for p in chosen for n in p.notes]

@@ -17,7 +17,7 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +101,9 @@ def ingest_one(data: bytes | None, row_id: str, cfg: IngestConfig) -> IngestResu
         )
         midi = to_midi(score)
         reject = None
-        for unit in cfg.convert.unit_lengths or [8]:  # the first unit length whose round trip passes the gate
+        for unit, attempt in _attempts(cfg):  # the first whose round trip passes the gate
             try:
-                abc = result.abc = _convert_and_gate(midi, score, unit, cfg, result.metrics)
+                abc = result.abc = _convert_and_gate(midi, score, unit, attempt, result.metrics)
                 reject = None
                 break
             except MidiReject as exc:
@@ -121,6 +121,16 @@ def ingest_one(data: bytes | None, row_id: str, cfg: IngestConfig) -> IngestResu
         result.reason, result.message = "internal_error", f"{type(exc).__name__}: {exc}"[:300]
     result.metrics["seconds"] = round(time.perf_counter() - start, 4)
     return result
+
+
+def _attempts(cfg: IngestConfig) -> list[tuple[int, IngestConfig]]:
+    """(unit length, config) in the order tried: every unit length, then (optionally) each again with -nt."""
+    units = cfg.convert.unit_lengths or [8]
+    attempts = [(unit, cfg) for unit in units]
+    if cfg.convert.retry_without_triplets and "-nt" not in cfg.convert.extra_args:
+        no_triplets = replace(cfg, convert=replace(cfg.convert, extra_args=[*cfg.convert.extra_args, "-nt"]))
+        attempts += [(unit, no_triplets) for unit in units]
+    return attempts
 
 
 def _convert_and_gate(midi: bytes, score, unit: int, cfg: IngestConfig, metrics: dict) -> str:

@@ -123,7 +123,7 @@ def _sharps(key) -> int | None:
 
 def _starting(tune, letter: str) -> str:
     """The field in force at the first note: the header's, or one on the body's first lines (M:4/4 K:D M:9/8)."""
-    value = tune.headers[letter][-1]
+    value = (tune.headers.get(letter) or [""])[-1]  # none in the header: maybe one after K: (M: below K:)
     for line in tune.body.split("\n"):
         if not re.match(r"^[A-Za-z]:", line):
             break
