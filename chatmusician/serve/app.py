@@ -34,6 +34,22 @@ def _options(o: DeploymentOptions, retry_after_s: int) -> dict[str, Any]:
     }
 
 
+def composer_options(config: ServeAppConfig) -> dict[str, Any]:
+    """The Composer's deployment options; the vllm engine's replica runs in the vLLM environment
+    (``runtime_env`` ``py_executable``: vLLM pins its own torch and transformers, see README)."""
+    options = _options(config.composer, config.retry_after_s)
+    if config.engine == "vllm":
+        from pathlib import Path
+
+        from chatmusician.serve.vllm_engine_env import runtime_env
+
+        python = Path(config.vllm.python)
+        if not python.is_absolute():
+            python = Path(__file__).resolve().parents[2] / python
+        options["ray_actor_options"]["runtime_env"] = runtime_env(str(python), config.vllm.kv_cache_gib)
+    return options
+
+
 def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
     """Ingress -> (Composer, Renderer), bound with the config's resources."""
     from chatmusician.render.deployment import build_renderer
@@ -41,7 +57,7 @@ def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Applicatio
     from chatmusician.serve.ingress import Ingress
 
     config = app_config(args)
-    composer = Composer.options(**_options(config.composer, config.retry_after_s)).bind(config)
+    composer = Composer.options(**composer_options(config)).bind(config)
     renderer = build_renderer(config.render)  # CPU pool with the render config's autoscaling bounds
     return Ingress.options(**_options(config.ingress, config.retry_after_s)).bind(composer, renderer, config)
 

@@ -582,8 +582,12 @@ ENGINES = {"transformers": TransformersEngine, "echo": EchoEngine}
 
 
 def load_engine(config: EngineConfig) -> TransformersEngine | EchoEngine:
+    if config.engine == "vllm":  # imported here: it runs in the vLLM environment only
+        from chatmusician.serve.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
     if config.engine not in ENGINES:
-        raise ValueError(f"unknown engine {config.engine!r}; choose one of {sorted(ENGINES)}")
+        raise ValueError(f"unknown engine {config.engine!r}; choose one of {sorted([*ENGINES, 'vllm'])}")
     return ENGINES[config.engine](config)
 
 

@@ -27,6 +27,24 @@ class GenerationDefaults:
 
 
 @dataclass
+class VllmOptions:
+    """The ``vllm`` engine's own settings (vLLM's engine arguments of the same names)."""
+
+    python: str = ".venv-vllm/bin/python"
+    """Interpreter of the vLLM environment the Composer replica runs in (relative: to the repository root)."""
+    max_num_seqs: int = 64
+    """Sequences vLLM schedules in one step at most (continuous batching)."""
+    max_lora_rank: int = 16
+    """Largest LoRA rank served (vLLM allocates adapter slots of this rank)."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile (starts in seconds; set false on GPUs for speed)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory vLLM takes for weights and KV cache (ignored on CPU)."""
+    kv_cache_gib: int = 1
+    """KV cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+@dataclass
 class EngineConfig:
     """Which model generates, and the limits every request is checked against."""
 
@@ -46,7 +64,10 @@ class EngineConfig:
     device: str = "auto"
     """auto (GPU when one is visible, else CPU) | cpu | cuda."""
     engine: str = "transformers"
-    """transformers (model.generate) | echo (answers with the user's message: a deterministic stand-in for UI tests)."""
+    """transformers (model.generate) | vllm (vLLM's AsyncLLM, in .venv-vllm) | echo (answers with the user's
+    message: a deterministic stand-in for UI tests)."""
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    """Settings of the vllm engine."""
     max_prompt_tokens: int = 2048
     """Requests whose templated prompt (history included) is longer are refused with prompt_too_long."""
     max_new_tokens_cap: int = 2048

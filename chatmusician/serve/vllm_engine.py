@@ -1,0 +1,367 @@
+"""The ``vllm`` Composer engine: vLLM's engine in-process (continuous batching of every request, streamed or not).
+
+It runs in the Composer replica only, inside its own environment (``.venv-vllm``, see README "Serving with vLLM":
+vLLM pins its own torch and transformers), chosen by :func:`chatmusician.serve.app.composer_options` through
+Ray's ``runtime_env`` ``py_executable``. One thread steps the engine; the Composer's synchronous
+``generate`` / ``stream`` calls hand requests to it and read their outputs from queues. Mapping of the Composer's features:
+
+- sampling (temperature, top_p, top_k, repetition/presence/frequency penalty, per-request ``seed``: vLLM's own
+  per-request generator), ``stop`` strings, ``logprobs`` and ``echo`` prompt logprobs: vLLM's SamplingParams;
+- the pad token never sampled: a logit bias of -100;
+- multi-LoRA: ``LoRARequest`` per request (vLLM keeps ``max_loras`` on the device and an LRU cache of them);
+- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar, then the
+  answer is cut back to the grammar's last accepting point exactly as the transformers engine does
+  (:class:`chatmusician.model.constrained.RowState` replayed over the ids);
+- a cancelled non-streaming row and a closed stream abort the vLLM request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from chatmusician.abc.grammar import AbcConstraints
+from chatmusician.serve.composer import (
+    Completion,
+    GenerationParams,
+    Prepared,
+    TransformersEngine,
+    encode_prompt,
+)
+from chatmusician.serve.config import EngineConfig
+
+# vLLM's settings for an in-process engine on this host (set before vllm is imported; the deployment's
+# runtime_env sets them too). The multiprocessing engine core starts in ~60 s instead of ~5 s.
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+_RANGE = re.compile(r"~\s*(\d+)\s*\.\.\s*(\d+)")
+
+
+def guidance_grammar(grammar: str) -> str:
+    """The repo's Lark grammar in the dialect of vLLM's llguidance (``x~1..8`` is written ``x{1,8}`` there)."""
+    return _RANGE.sub(r"{\1,\2}", grammar)
+
+
+def sampling_kwargs(params: GenerationParams, pad_id: int | None, eos_id: int | None) -> dict[str, Any]:
+    """Arguments of vLLM's ``SamplingParams`` for one request (pure: unit-testable without vLLM)."""
+    kwargs: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p if params.temperature > 0 else 1.0,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "seed": params.seed,
+        "stop": list(params.stop) or None,
+        "logprobs": params.logprobs,
+        "skip_special_tokens": True,
+    }
+    if pad_id is not None and pad_id != eos_id:
+        kwargs["logit_bias"] = {int(pad_id): -100.0}  # LLaMA pads with <unk>: never in an answer
+    return kwargs
+
+
+class VllmEngine:
+    """The Composer engine on vLLM's ``LLMEngine`` in this process (same interface as :class:`TransformersEngine`).
+
+    One thread owns the engine: it adds and aborts requests handed to it and calls ``step()`` while any
+    request runs, so every request, streamed or not, joins vLLM's continuous batch; each request's outputs go
+    to its caller's queue. (vLLM's ``AsyncLLM`` always runs the engine core in a second process: ~1 min to
+    start here instead of seconds, and nothing gained for one replica.)
+    """
+
+    prepare_raw = TransformersEngine.prepare_raw
+    check_adapter = TransformersEngine.check_adapter
+    _entry = TransformersEngine._entry
+
+    def __init__(self, config: EngineConfig):
+        for name, value in VLLM_ENV.items():
+            os.environ.setdefault(name, value)
+        if config.adapters:
+            raise ValueError(
+                "the vllm engine cannot merge adapters at load: merge them first (chatmusician merge) "
+                "or serve them as lora_adapters"
+            )
+        from chatmusician.model.loading import load_tokenizer
+
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.lora_ids = {name: i + 1 for i, name in enumerate(config.lora_adapters)}
+        self._ids = itertools.count()
+        self.llm = self._start()
+        self._commands: deque = deque()
+        self._sinks: dict[str, queue.Queue] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+    def _start(self):
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        c = self.config
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[c.precision]
+        args = EngineArgs(
+            model=c.model,
+            tokenizer=c.tokenizer or c.model,
+            dtype=dtype,
+            max_model_len=c.max_prompt_tokens + c.max_new_tokens_cap,
+            max_num_seqs=c.vllm.max_num_seqs,
+            enforce_eager=c.vllm.enforce_eager,
+            gpu_memory_utilization=c.vllm.gpu_memory_utilization,
+            enable_lora=bool(c.lora_adapters),
+            max_loras=max(1, c.max_loras),
+            max_lora_rank=c.vllm.max_lora_rank,
+            structured_outputs_config={"backend": "guidance"},
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+            seed=0,
+        )
+        return LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+
+    def _loop(self) -> None:
+        """The engine thread: run handed-over commands, then one scheduler step while requests run."""
+        while not self._closed:
+            while self._commands:
+                self._commands.popleft()()
+            if not self.llm.has_unfinished_requests():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.llm.step()
+            except BaseException as error:  # every running request fails; the engine goes on
+                for sink in list(self._sinks.values()):
+                    sink.put(("error", None, error))
+                self._sinks.clear()
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink.put(("out", out.request_id, out))
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+
+    def _call(self, command) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    def _submit(self, prepared: Prepared, params: GenerationParams, delta: bool, sink: queue.Queue) -> str:
+        """Hand one request to the engine thread; its outputs (and a failure to add it) arrive in ``sink``."""
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"cm-{next(self._ids)}"
+        sampling = self._sampling(prepared, params, delta)
+        lora = self._lora(prepared.adapter)
+
+        def add() -> None:
+            try:
+                self._sinks[request_id] = sink
+                self.llm.add_request(
+                    request_id, TokensPrompt(prompt_token_ids=list(prepared.ids)), sampling, lora_request=lora
+                )
+            except BaseException as error:
+                self._sinks.pop(request_id, None)
+                sink.put(("error", request_id, error))
+
+        self._call(add)
+        return request_id
+
+    def _abort(self, request_id: str) -> None:
+        def abort() -> None:
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                self.llm.abort_request([request_id])
+                sink.put(("aborted", request_id, None))
+
+        self._call(abort)
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def prepare(self, prompt: str, history: Sequence[Sequence[str]] = ()) -> Prepared:
+        return Prepared(prompt, encode_prompt(self.tokenizer, prompt, history, self.config.max_prompt_tokens))
+
+    def check_constraints(self, constraints: AbcConstraints) -> None:
+        from chatmusician.model.constrained import check_constraints
+
+        check_constraints(self.tokenizer, constraints)
+
+    def _sampling(self, prepared: Prepared, params: GenerationParams, delta: bool):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        kwargs = sampling_kwargs(params, self.pad_id, self.eos_id)
+        if prepared.constraints is not None:
+            from chatmusician.abc.grammar import tune_grammar
+
+            grammar = guidance_grammar(tune_grammar(prepared.constraints))
+            kwargs["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
+        if prepared.prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = prepared.prompt_logprobs
+        kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE
+        return SamplingParams(**kwargs, output_kind=kind)
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter, self.lora_ids[adapter], self.config.lora_adapters[adapter])
+
+    def _logprob_entries(self, ids: Sequence[int], steps, top: int) -> list[dict[str, Any]]:
+        """vLLM's per-position ``{token_id: Logprob}`` -> the Composer's entries (top ``top`` by rank)."""
+        entries = []
+        for token, step in zip(ids, steps, strict=False):
+            if step is None:
+                entries.append(self._entry(token, None, []))
+                continue
+            ranked = sorted(
+                ((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank), key=lambda r: r[0]
+            )
+            alternatives = [(t, lp) for _, t, lp in ranked[:top]]
+            entries.append(self._entry(token, float(step[token].logprob), alternatives))
+        return entries
+
+    def _completion(
+        self, prepared: Prepared, params: GenerationParams, out, first: float | None
+    ) -> Completion:
+        from chatmusician.model.sampling import cut_at_stop
+
+        if out is None:  # aborted before its first token
+            return Completion("", "stop", len(prepared.ids), 0, first_token_at=first)
+        seq = out.outputs[0]
+        new_ids = list(seq.token_ids)
+        ended_eos = bool(new_ids) and new_ids[-1] == self.eos_id
+        ids = new_ids[:-1] if ended_eos else new_ids
+        text, reason = seq.text, "length" if seq.finish_reason == "length" else "stop"
+        if prepared.constraints is not None and seq.stop_reason is None:
+            from chatmusician.model.constrained import RowState, new_matcher
+
+            row = RowState(new_matcher(self.tokenizer, prepared.constraints), self.eos_id)
+            ids, reason = row.finish(new_ids)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text, _ = cut_at_stop(text, params.stop)
+        logprobs = None
+        if params.logprobs is not None and seq.logprobs is not None:
+            logprobs = self._logprob_entries(ids, seq.logprobs, params.logprobs)
+        counted = len(ids) + (ended_eos and len(ids) == len(new_ids) - 1)  # EOS counts, as in transformers
+        completion = Completion(text, reason, len(prepared.ids), counted, list(ids), logprobs)
+        if prepared.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            completion.prompt_logprobs = self._logprob_entries(
+                prepared.ids, out.prompt_logprobs, prepared.prompt_logprobs
+            )
+        completion.first_token_at = first
+        return completion
+
+    def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
+        """All rows go to vLLM at once, joining its batch of every other running request; a row whose
+        ``cancel`` is set is aborted (its answer so far is returned)."""
+        sink: queue.Queue = queue.Queue()
+        rows = {self._submit(p, q, False, sink): i for i, (p, q) in enumerate(items)}
+        last: dict[int, Any] = {}
+        first: dict[int, float] = {}
+        open_rows, aborted = set(rows.values()), set()
+        while open_rows:
+            try:
+                kind, request_id, value = sink.get(timeout=0.05)
+            except queue.Empty:
+                kind = None
+            if kind == "error":  # one row could not be added (or the step failed): the others stop too
+                for other, i in rows.items():
+                    if i in open_rows and other != request_id:
+                        self._abort(other)
+                raise value
+            if kind is not None:
+                i = rows[request_id]
+                if kind == "out":
+                    last[i] = value
+                    if i not in first and value.outputs and value.outputs[0].token_ids:
+                        first[i] = time.perf_counter()
+                    if value.finished:
+                        open_rows.discard(i)
+                else:  # aborted
+                    open_rows.discard(i)
+            for request_id, i in rows.items():
+                cancel = items[i][0].cancel
+                if i in open_rows and i not in aborted and cancel is not None and cancel.is_set():
+                    aborted.add(i)
+                    self._abort(request_id)
+        return [self._completion(p, q, last.get(i), first.get(i)) for i, (p, q) in enumerate(items)]
+
+    def probe(self) -> None:
+        """Health check: one greedy token with its logprob; a non-finite one raises RuntimeError."""
+        params = GenerationParams(0.0, 1.0, 0, 1.0, 1, logprobs=0)
+        completion = self.generate([(Prepared("", [self.eos_id]), params)])[0]
+        values = [e["logprob"] for e in completion.logprobs or []]
+        if not values or not all(v == v and abs(v) != float("inf") for v in values):
+            raise RuntimeError(f"the model's logprobs are not finite: {values}")
+
+    def stream(
+        self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
+    ) -> Iterator[str | Completion]:
+        """Text pieces as vLLM produces them, then the Completion. Closing the iterator (or ``cancel``) aborts
+        the request. A constrained stream holds back the line being written (when the budget runs out the
+        answer keeps complete lines only)."""
+        cancel = cancel or threading.Event()
+        sink: queue.Queue = queue.Queue()
+        request_id = self._submit(prepared, params, True, sink)
+        ids: list[int] = []
+        first, text, last, finished = None, "", None, False
+        sent, pending = "", ""
+        try:
+            while not finished:
+                try:
+                    kind, _, value = sink.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel.is_set():
+                        break
+                    continue
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "aborted":
+                    break
+                seq = value.outputs[0]
+                ids.extend(seq.token_ids)
+                text += seq.text
+                last, finished = value, value.finished
+                if first is None and ids:
+                    first = time.perf_counter()
+                if prepared.constraints is None:
+                    if seq.text:
+                        sent += seq.text
+                        yield seq.text
+                    continue
+                pending += seq.text
+                if "\n" in pending:
+                    head, pending = pending.rsplit("\n", 1)
+                    sent += head + "\n"
+                    yield head + "\n"
+        finally:
+            if not finished:
+                self._abort(request_id)
+        if last is None:
+            yield Completion("", "stop", len(prepared.ids), 0, first_token_at=first)
+            return
+        seq = last.outputs[0]
+        seq.token_ids, seq.text, seq.logprobs = ids, text, None  # streams carry no logprobs
+        completion = self._completion(prepared, params, last, first)
+        if completion.text.startswith(sent) and (rest := completion.text[len(sent) :]):
+            yield rest
+        yield completion
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=10)
