@@ -121,7 +121,7 @@ def render_markdown(runs, options, files, n_tunes, total, args) -> str:
         f"in {total / 60:.1f} min on a 2-core machine ({n_tunes} Nottingham tunes).",
         "",
         "Each tune: ABC → abc2midi (with its chord symbols, so the MIDI holds abc2midi's chord and bass "
-        "accompaniment too) → the job's per-file work (clean, choose the melody, `midi2abc -aul 8 -nb -k …`, again with `-aul 16` when the gate fails, "
+        "accompaniment too) → the job's per-file work (clean, choose the melody, `midi2abc -aul 8 -nb -k …`, again with `-aul 16` when the gate fails, then both with `-nt` (no triplets), "
         "in the sandbox, normalise, validator + abc2midi round-trip gate) → ABC, played by abc2midi and compared "
         "with the original tune's melody (the tune without chord symbols, played by abc2midi). Onsets are "
         "compared in quarter notes from the first onset, within 1/16 beat; rejected tunes count as misses. "
