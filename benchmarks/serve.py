@@ -1,8 +1,10 @@
 """Serving benchmark: throughput and p50/p99 latency of /v1/chat/completions with the tiny model, batched vs
-unbatched Composer in the same run, then an overload run (200 requests at concurrency 32 against small queues)
-that must give only 200 or 503, never another 5xx.
+unbatched Composer in the same run; the vllm engine vs the transformers engine with streaming on (as the web UI
+sends) at concurrency 1, 8 and 32, with time to first token; then an overload run (200 requests at concurrency
+32 against small queues, on the vllm engine) that must give only 200 or 503, never another 5xx.
 
-    .venv/bin/python benchmarks/serve.py [--requests_per_level 48] [--max_tokens 32] [--json out.json]
+    .venv/bin/python -m benchmarks.serve [--sections [batching,engines,overload]] [--requests_per_level 48]
+        [--max_tokens 32] [--json out.json]
 
 Starts its own local Ray (loopback, free port) and shuts it down at the end. Numbers are ratios against the
 unbatched baseline measured in the same run; absolute figures depend on the machine.
@@ -44,6 +46,15 @@ class ServeBenchConfig:
     """Concurrency of the overload run."""
     overload_queue: int = 8
     """Composer max_ongoing_requests and max_queued_requests during the overload run."""
+    overload_engine: str = "vllm"
+    """Engine of the overload run."""
+    sections: list[str] = field(default_factory=lambda: ["batching", "engines", "overload"])
+    """What to run: batching (batched vs unbatched, transformers), engines (vllm vs transformers, streaming),
+    overload."""
+    engines: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
+    """Engines compared in the engines section (the first is the baseline of the ratio)."""
+    engine_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Concurrency levels of the engines section (streaming requests)."""
     size: str = "nano"
     """Tiny model size."""
     json: str | None = None
@@ -61,8 +72,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
-    """Closed loop: ``concurrency`` workers send ``requests`` in all; latency per request, status counts."""
+async def load(url: str, concurrency: int, requests: int, max_tokens: int, stream: bool = False) -> dict:
+    """Closed loop: ``concurrency`` workers send ``requests`` in all; latency per request, status counts; with
+    ``stream``, server-sent events with a usage chunk and the time to the first content chunk (TTFT)."""
     import httpx
 
     body = {
@@ -70,18 +82,42 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
         "messages": [{"role": "user", "content": "Compose a reel in D."}],
         "max_tokens": max_tokens,
     }
-    latencies, statuses, tokens = [], {}, 0
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    latencies, ttfts, statuses, tokens = [], [], {}, 0
     remaining = iter(range(requests))
+
+    async def streamed(client, start: float) -> int:
+        nonlocal tokens
+        first = None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any(
+                    (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
+                ):
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens += chunk["usage"]["completion_tokens"]
+            if first is not None:
+                ttfts.append(first)
+            return r.status_code
 
     async def worker(client):
         nonlocal tokens
         for _ in remaining:
             start = time.perf_counter()
-            r = await client.post("/v1/chat/completions", json=body)
+            if stream:
+                status = await streamed(client, start)
+            else:
+                r = await client.post("/v1/chat/completions", json=body)
+                status = r.status_code
+                if status == 200:
+                    tokens += r.json()["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - start)
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            if r.status_code == 200:
-                tokens += r.json()["usage"]["completion_tokens"]
+            statuses[status] = statuses.get(status, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -96,11 +132,16 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
         "tokens_per_s": round(tokens / wall, 1),
         "p50_s": round(statistics.median(latencies), 3),
         "p99_s": round(percentile(latencies, 99), 3),
+        **(
+            {"ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p99_s": round(percentile(ttfts, 99), 3)}
+            if ttfts
+            else {}
+        ),
         "statuses": statuses,
     }
 
 
-def deploy(model: str, max_batch_size: int, ongoing: int, queued: int) -> None:
+def deploy(model: str, max_batch_size: int, ongoing: int, queued: int, engine: str = "transformers") -> None:
     from ray import serve
 
     from chatmusician.serve.app import app_config, build_app
@@ -108,6 +149,7 @@ def deploy(model: str, max_batch_size: int, ongoing: int, queued: int) -> None:
     config = app_config(
         {
             "model": model,
+            "engine": engine,
             "torch_threads": 1,
             "web_ui": False,
             "max_batch_size": max_batch_size,
@@ -137,13 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
     )
-    results: dict = {"batched": [], "unbatched": [], "overload": None, "config": vars(cfg)}
+    results: dict = {"batched": [], "unbatched": [], "engines": {}, "overload": None, "config": vars(cfg)}
+    runs = (
+        [("unbatched", 1, cfg.unbatched_concurrency), ("batched", cfg.max_batch_size, cfg.concurrency)]
+        if "batching" in cfg.sections
+        else []
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for mode, batch, levels in (
-            ("unbatched", 1, cfg.unbatched_concurrency),
-            ("batched", cfg.max_batch_size, cfg.concurrency),
-        ):
+        for mode, batch, levels in runs:
             deploy(model, batch, ongoing=max(levels) * 2, queued=-1)
             asyncio.run(load(url, 2, 4, cfg.max_tokens))  # warm-up
             for c in levels:
@@ -151,12 +195,33 @@ def main(argv: list[str] | None = None) -> dict:
                 results[mode].append(row)
                 print(f"{mode:9s} c={c:3d} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
                       f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
-        deploy(model, cfg.max_batch_size, ongoing=cfg.overload_queue, queued=cfg.overload_queue)
-        over = asyncio.run(load(url, cfg.overload_concurrency, cfg.overload_requests, cfg.max_tokens))
-        results["overload"] = over
-        print(
-            f"overload  c={cfg.overload_concurrency} {cfg.overload_requests} requests: statuses {over['statuses']}"
-        )
+        for engine in cfg.engines if "engines" in cfg.sections else []:
+            levels = cfg.engine_concurrency
+            deploy(model, cfg.max_batch_size, ongoing=max(levels) * 2, queued=-1, engine=engine)
+            asyncio.run(load(url, 2, 4, cfg.max_tokens, stream=True))  # warm-up
+            results["engines"][engine] = []
+            for c in levels:
+                row = asyncio.run(
+                    load(url, c, max(cfg.requests_per_level, 2 * c), cfg.max_tokens, stream=True)
+                )
+                results["engines"][engine].append(row)
+                print(f"{engine:12s} stream c={c:3d} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
+                      f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s TTFT p50 {row.get('ttft_p50_s', 0):.3f}s "
+                      f"p99 {row.get('ttft_p99_s', 0):.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
+        if "overload" in cfg.sections:
+            deploy(
+                model,
+                cfg.max_batch_size,
+                ongoing=cfg.overload_queue,
+                queued=cfg.overload_queue,
+                engine=cfg.overload_engine,
+            )
+            over = asyncio.run(load(url, cfg.overload_concurrency, cfg.overload_requests, cfg.max_tokens))
+            results["overload"] = over
+            print(
+                f"overload  {cfg.overload_engine} c={cfg.overload_concurrency} {cfg.overload_requests} requests: "
+                f"statuses {over['statuses']}"
+            )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -166,9 +231,18 @@ def main(argv: list[str] | None = None) -> dict:
         if row["concurrency"] in base:
             row["speedup_vs_unbatched"] = round(row["req_per_s"] / base[row["concurrency"]], 2)
             print(f"batched / unbatched throughput at c={row['concurrency']}: {row['speedup_vs_unbatched']}x")
-    other_5xx = {s: n for s, n in results["overload"]["statuses"].items() if s >= 500 and s != 503}
-    results["overload_ok"] = not other_5xx and 503 in results["overload"]["statuses"]
-    print(f"overload: no 5xx but 503 -> {'OK' if results['overload_ok'] else 'FAILED ' + str(other_5xx)}")
+    if len(results["engines"]) >= 2:
+        (base_name, base_rows), *others = results["engines"].items()
+        for name, rows in others:
+            for row, ref in zip(rows, base_rows, strict=True):
+                row[f"throughput_vs_{base_name}"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 2)
+                print(f"{name} / {base_name} streaming throughput (tok/s) at c={row['concurrency']}: "
+                      f"{row[f'throughput_vs_{base_name}']}x")  # fmt: skip
+    results["overload_ok"] = True
+    if results["overload"] is not None:
+        other_5xx = {s: n for s, n in results["overload"]["statuses"].items() if s >= 500 and s != 503}
+        results["overload_ok"] = not other_5xx and 503 in results["overload"]["statuses"]
+        print(f"overload: no 5xx but 503 -> {'OK' if results['overload_ok'] else 'FAILED ' + str(other_5xx)}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(results, f, indent=2)

