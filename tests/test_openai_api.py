@@ -385,3 +385,36 @@ def test_web_ui_behind_two_ingress_replicas(base_url):
         with http.stream("POST", "/v1/chat/completions", json=chat) as r:
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+
+
+def test_constrained_answers_are_complete_tunes_and_streams_send_only_accepted_text(client, served):
+    """Grammar-constrained ABC through extra_body on either engine (vllm: structured outputs, guidance backend):
+    the answer is a complete tune with the asked header or, when the budget ran out first, nothing; the seeded
+    stream sends exactly that answer; a constraint that cannot compile is a 400 before any generation."""
+    import openai
+
+    from chatmusician.abc.grammar import AbcConstraints
+    from chatmusician.model.constrained import check_constraints, new_matcher
+    from chatmusician.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(served[1].model)
+    fixed = {"constrained": True, "key": "G", "meter": "3/4", "unit_length": "1/8"}
+    kwargs = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Compose a waltz."}],
+        "max_tokens": 200,
+        "seed": 5,
+        "temperature": 1.0,
+        "extra_body": fixed,
+    }
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    if text:
+        constraints = AbcConstraints(key="G", meter="3/4", unit_length="1/8")
+        check_constraints(tokenizer, constraints)
+        matcher = new_matcher(tokenizer, constraints)
+        assert matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert matcher.is_accepting() and "K:G" in text.split("\n")
+    streamed = client.chat.completions.create(**kwargs, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**{**kwargs, "extra_body": {"constrained": True, "meter": "banana"}})

@@ -348,8 +348,8 @@ class VllmEngine:
         self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
     ) -> Iterator[str | Completion]:
         """Text pieces as vLLM produces them, then the Completion. Closing the iterator (or ``cancel``) aborts
-        the request. A constrained stream holds back the line being written (when the budget runs out the
-        answer keeps complete lines only)."""
+        the request. A constrained stream sends text only up to the grammar's last accepting point (a complete
+        tune so far), what the answer keeps when the budget runs out, as the transformers engine's stream."""
         from chatmusician.model.sampling import StopScanner
 
         cancel = cancel or threading.Event()
@@ -358,7 +358,12 @@ class VllmEngine:
         scanner = StopScanner(params.stop)
         ids: list[int] = []
         first, last, finished = None, None, False
-        decoded, sent, pending = "", "", ""
+        decoded, sent = "", ""
+        row = None
+        if prepared.constraints is not None:
+            from chatmusician.model.constrained import RowState, new_matcher
+
+            row = RowState(new_matcher(self.tokenizer, prepared.constraints), self.eos_id)
         try:
             while not finished:
                 try:
@@ -376,6 +381,14 @@ class VllmEngine:
                 last, finished = value, value.finished
                 if first is None and ids:
                     first = time.perf_counter()
+                if row is not None:  # constrained: only text up to the grammar's last accepting point
+                    for token in ids[row.consumed :]:
+                        row.consume(token)
+                    kept = self.tokenizer.decode(ids[: row.last_accept], skip_special_tokens=True)
+                    if kept.startswith(sent) and len(kept) > len(sent):
+                        piece, sent = kept[len(sent) :], kept
+                        yield piece
+                    continue
                 full = self.tokenizer.decode(ids, skip_special_tokens=True)
                 if full.endswith("\ufffd") and not finished:
                     continue  # a character still split across byte tokens
@@ -384,16 +397,9 @@ class VllmEngine:
                 piece = scanner.feed(piece) if piece else ""
                 if finished:
                     piece += scanner.flush()
-                if prepared.constraints is None:
-                    if piece:
-                        sent += piece
-                        yield piece
-                    continue
-                pending += piece
-                if "\n" in pending:
-                    head, pending = pending.rsplit("\n", 1)
-                    sent += head + "\n"
-                    yield head + "\n"
+                if piece:
+                    sent += piece
+                    yield piece
         finally:
             if not finished:
                 self._abort(request_id)
