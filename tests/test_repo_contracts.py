@@ -29,3 +29,15 @@ def test_cluster_yaml_passes_rays_own_schema():
     config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
     validate_config(config)
     assert len(config["provider"]["worker_ips"]) == config["max_workers"]
+    # what it promises beyond the schema: an image, the rendering tools on every node (scripts/setup.sh's Debian
+    # packages but the browser), token auth on every `ray start`, shared storage, the head's cpu_node resource
+    assert config["docker"]["image"].startswith("rayproject/ray:")
+    setup = " ".join(config["setup_commands"])
+    apt = (ROOT / "scripts" / "setup.sh").read_text().split("APT_PACKAGES=(", 1)[1].split(")", 1)[0].split()
+    assert [p for p in apt if not p.startswith("chromium") and p not in setup.split()] == []
+    starts = config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    assert any("mount -t nfs" in c for c in config["initialization_commands"])
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    assert "--resources='{\"cpu_node\":1}'" in config["head_start_ray_commands"][1]
