@@ -1,0 +1,52 @@
+"""The vllm engine's pure helpers (no vLLM needed: they run in the platform's .venv) and its deployment options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatmusician.serve.composer import GenerationParams
+from chatmusician.serve.vllm_engine import adapters_touch_lm_head, guidance_grammar, sampling_kwargs
+
+
+def test_lark_ranges_are_written_in_the_guidance_dialect():
+    assert guidance_grammar('bar: note~1..8 " "') == 'bar: note{1,8} " "'
+    assert guidance_grammar("x: y~ 2 .. 3 | /a{1,2}/") == "x: y{2,3} | /a{1,2}/"
+
+
+def test_sampling_kwargs_map_every_parameter():
+    params = GenerationParams(0.7, 0.9, 40, 1.1, 32, seed=5, presence_penalty=0.5, frequency_penalty=-0.5,
+                              stop=("|",), logprobs=2)  # fmt: skip
+    kwargs = sampling_kwargs(params, pad_id=0, eos_id=2)
+    assert kwargs == {
+        "n": 1, "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1,
+        "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 5, "stop": ["|"], "logprobs": 2,
+        "skip_special_tokens": True, "logit_bias": {0: -100.0},
+    }  # fmt: skip
+    greedy = sampling_kwargs(GenerationParams(0.0, 0.5, 0, 1.0, 8), pad_id=2, eos_id=2)
+    assert greedy["top_k"] == -1 and greedy["top_p"] == 1.0 and greedy["stop"] is None
+    assert "logit_bias" not in greedy  # the pad token is EOS: it must stay possible
+
+
+def test_adapters_on_the_output_layer_are_detected(tmp_path):
+    attention, head = tmp_path / "attn", tmp_path / "head"
+    for folder, targets in ((attention, ["q_proj", "v_proj"]), (head, ["q_proj", "lm_head"])):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+    assert not adapters_touch_lm_head({"a": str(attention)})
+    assert adapters_touch_lm_head({"a": str(attention), "b": str(head)})
+
+
+def test_the_vllm_composer_runs_in_its_own_environment(tmp_path):
+    from chatmusician.serve.app import app_config, composer_options
+
+    python = tmp_path / "python"
+    python.write_text("")
+    options = composer_options(app_config({"engine": "vllm", "vllm": {"python": str(python)}}))
+    env = options["ray_actor_options"]["runtime_env"]
+    assert env["py_executable"] == str(python)
+    assert env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "runtime_env" not in composer_options(app_config({}))["ray_actor_options"]
+    with pytest.raises(FileNotFoundError, match="make setup"):
+        composer_options(app_config({"engine": "vllm", "vllm": {"python": str(tmp_path / "missing")}}))
