@@ -120,31 +120,42 @@ def main(config_path: str, out_dir: str) -> None:
         options = deployment_options(job["render"])["ray_actor_options"]
         report["renderer_node"] = labels[ray.get(where.options(**options).remote())]
 
-        # Node loss: once checkpoint 2 exists, remove (kill) an A800 node that holds one of the run's workers.
+        # Node loss: once step 3 is logged (checkpoint 2 was reported before it began), remove the A800 node that
+        # holds one of the run's workers: the node, its raylet and every process on it, not only a worker.
         lossy = replace(pretrain, run_name="node_loss", max_failures=1)
         run_dir = Path(lossy.storage_path) / lossy.run_name
+        metrics = run_dir / "metrics.jsonl"
         removed = {}
 
-        def remove_a_worker_node(watch: BundleWatch):
-            while not (run_dir / "checkpoint_0000002").is_dir():
-                time.sleep(0.05)
+        def logged_steps() -> list[int]:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            return [json.loads(line)["step"] for line in lines if line.strip()]
+
+        def remove_a_worker_node(watch: BundleWatch, done: threading.Event):
+            while not done.is_set() and not (watch.nodes and 3 in logged_steps()):
+                done.wait(0.05)  # a condition poll, not a fixed sleep
+            if done.is_set():
+                return
             node_id = next(iter(watch.nodes))
             node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
-            metrics = run_dir / "metrics.jsonl"
-            removed["steps_logged"] = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            removed["steps_logged"] = logged_steps()
             cluster.remove_node(node, allow_graceful=False)
             removed["node"] = labels[node_id]
 
+        done = threading.Event()
         with BundleWatch(A800) as watch:
-            killer = threading.Thread(target=remove_a_worker_node, args=(watch,), daemon=True)
+            killer = threading.Thread(target=remove_a_worker_node, args=(watch, done), daemon=True)
             killer.start()
-            result = train(lossy)
-            killer.join(timeout=60)
+            try:
+                result = train(lossy)
+            finally:
+                done.set()
+                killer.join(timeout=60)
         report["node_loss"] = {
             **removed,
             "groups": [sorted(labels[n] for n in nodes) for nodes in watch.groups.values()],
             "final_step": result.metrics.get("step"),
-            "alive_after": sorted(labels[n["NodeID"]] for n in ray.nodes() if n["Alive"]),
+            "final_checkpoint": Path(result.checkpoint.path).name if result.checkpoint else None,
         }
         (out / "report.json").write_text(json.dumps(report))
         print(json.dumps(report))
