@@ -97,11 +97,22 @@ def flags(argv: list[str]) -> dict[str, str]:
 
 def test_the_readme_cluster_recipe_chains_each_output_into_the_next_step():
     steps = [(argv[argv.index("-m") + 1].removeprefix("ray_jobs."), flags(argv)) for argv in recipe()]
-    assert [job for job, _ in steps] == ["tokenize", "pretrain", "merge", "tokenize", "sft", "merge"]
-    (_, tok_pt), (_, pretrain), (_, merge_base), (_, tok_sft), (_, sft), (_, merge_chat) = steps
+    assert [job for job, _ in steps] == [
+        "tokenize",
+        "pretrain",
+        "merge",
+        "tokenize",
+        "sft",
+        "merge",
+        "evaluate",
+    ]
+    (_, tok_pt), (_, pretrain), (_, merge_base), (_, tok_sft), (_, sft), (_, merge_chat), (_, evaluate) = (
+        steps
+    )
     assert tok_pt["mode"] == "pt" and tok_sft["mode"] == "sft"
     assert pretrain["data.shards"] == tok_pt["output_dir"]
     assert merge_base["adapter"].startswith(f"{pretrain['storage_path']}/{pretrain['run_name']}/")
     assert sft["model"] == merge_base["out_dir"]
     assert sft["data.shards"] == tok_sft["output_dir"]
     assert merge_chat["adapter"].startswith(f"{sft['storage_path']}/{sft['run_name']}/")
+    assert evaluate["model"] == merge_chat["out_dir"]
