@@ -5,8 +5,9 @@
 ``--model`` is the quickstart's trained model (e.g. its merged SFT model); without it the benchmark trains
 the nano model itself for ``--train_steps`` on the Nottingham tunes (plain PyTorch, a few minutes on CPU).
 The random model is the untrained nano model. Same prompts and seeds for every arm, one run. Parse success =
-an ABC tune is found, the validator reports no error other than bar durations, and abc2midi writes a MIDI
-without an "Error" line. Speed = generated tokens/s, constrained vs unconstrained, at batch 1 and 8, plus
+an ABC tune is found, the validator reports no error other than bar durations, and abc2midi writes a MIDI that
+the renderer's judge finds usable (it parses, plays notes and lasts about what the bars say:
+``chatmusician.render.judge``; abc2midi's messages are warnings there, as in rendering). Speed = generated tokens/s, constrained vs unconstrained, at batch 1 and 8, plus
 llguidance's mask time per token at batch 8.
 """
 
@@ -107,7 +108,18 @@ def parses(text: str) -> bool:
         out = subprocess.run(
             ["abc2midi", "t.abc", number, "-o", "t.mid"], cwd=tmp, capture_output=True, text=True, timeout=30
         )
-        return (Path(tmp) / "t.mid").exists() and "Error" not in out.stdout
+        return (Path(tmp) / "t.mid").exists() and usable_midi(Path(tmp) / "t.mid", tune, out.returncode)
+
+
+def usable_midi(path: Path, tune: str, returncode: int) -> bool:
+    """The renderer's judgement of a MIDI: it parses, plays notes and lasts about what the bars say."""
+    from chatmusician.render.judge import midi_facts, midi_problem
+
+    try:
+        length_s, notes = midi_facts(path)
+    except Exception:  # noqa: BLE001 - mido's errors on a malformed file
+        return False
+    return returncode == 0 and midi_problem(length_s, notes, tune) is None
 
 
 def run_arm(model, tok, constrained: bool, batch: int, cfg: ConstrainedBenchConfig) -> dict:

@@ -21,6 +21,23 @@ GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_BARS_LIMIT = 1000
 GENERATION_TEXT_CHARS = 48
 GENERATION_HEADER_FIELDS = 8
+# Generation's K: modifiers: the key=value ones abc2midi knows (an unknown one voids the key line).
+_GENERATION_MODIFIER = 'MODIFIER: /[\\^_=]/ /[\\^_]/? /[A-Ga-g]/ | CLEF | ("clef=" CLEF | ("transpose" | "octave") "=" /[+\\-]/? /[0-9]/)'
+# Generation's K: modes: the names the validator knows, whole or as three letters.
+_MODES = ["major", "minor", "ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian"]
+_GENERATION_MODE = (
+    "MODE: SP? (" + " | ".join(['"m"'] + [f'"{m[:3]}"' for m in _MODES] + [f'"{m}"' for m in _MODES]) + ")"
+)
+# Generation's Q: a beat abc2midi takes (a power of two below) at 40-299 beats a minute.
+_GENERATION_TEMPO = (
+    'TEMPO: /[1-3]/ "/" ("2" | "4" | "8" | "16") "=" (/[4-9]/ /[0-9]/ | /[12]/ /[0-9]/ /[0-9]/)'
+)
+# Generation's decorations: !name! and the one-character ones that are not letters or are bowings (u, v):
+# two other letters side by side make a word that ends a tune's body for every reader (extract_tunes).
+_GENERATION_DECORATION = 'DECORATION: "!" /[a-zA-Z0-9.<>()+\\-]/{1,20} "!" | /[.~uv]/'
+# Generation's field lines in the body: the typed ones and words/notes (no T:, which may start a tune, nor the
+# P:, V:, I:, m:, s: that abc2midi parses).
+_GENERATION_BODY_FIELD = 'FIELD_LINE: METER_LINE | LENGTH_LINE | TEMPO_LINE | KEY_LINE | /[NWw]/ ":" TEXT?'
 # Characters a fixed header value may hold (it is spliced into the grammar as a string literal).
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9#^_=+\-/|() ]{1,40}")
 
@@ -121,16 +138,29 @@ def tune_grammar(constraints: AbcConstraints | None = None, renderable: bool = T
     """The grammar text for one request: the base grammar, specialised by ``constraints`` when given.
 
     ``renderable`` (generation) drops the one standard construct the renderers reject (the invisible bar
-    ``[|]``, an error to abc2midi) and bounds free text tighter (a weak model rambles in titles until
+    ``[|]``, an error to abc2midi), keeps to the K: (a tonic first), L: (1/2^n), modes/modifiers and Q: forms the validator and abc2midi
+    both read, keeps to the decorations and body fields every reader takes (see below), keeps '|', ':', brackets and
+    backslashes out of free text (abc2midi reads ``T:||:`` as music),
+    keeps header free text to the text-only fields, allows no comment after a
+    typed header value (the validator reads it as part of the value) and bounds free text tighter (a weak model rambles in titles until
     max_new_tokens runs out); ``renderable=False`` is all the ABC the grammar knows (the coverage test).
     """
     grammar = base_grammar()
     if renderable:
         grammar = _replace_marked(grammar, "invisible", 'INVISIBLE_BAR: "[|"')
         grammar = _replace_marked(
-            grammar, "text", f"TEXT: /[^\\x00-\\x1f\\x7f]/{{1,{GENERATION_TEXT_CHARS}}}"
+            grammar, "text", f"TEXT: /[^\\x00-\\x1f\\x7f|:\\[\\]\\\\]/{{1,{GENERATION_TEXT_CHARS}}}"
         )
         grammar = _replace_marked(grammar, "header", f"header: header_field{{0,{GENERATION_HEADER_FIELDS}}}")
+        grammar = _replace_marked(grammar, "textline", 'TEXT_LINE: /[TCOABDFGHNRSZW]/ ":" TEXT?')
+        grammar = _replace_marked(grammar, "tail", "TAIL: SP")
+        grammar = _replace_marked(grammar, "modifier", _GENERATION_MODIFIER)
+        grammar = _replace_marked(grammar, "mode", _GENERATION_MODE)
+        grammar = _replace_marked(grammar, "tempo", _GENERATION_TEMPO)
+        grammar = _replace_marked(grammar, "decoration", _GENERATION_DECORATION)
+        grammar = _replace_marked(grammar, "bodyfield", _GENERATION_BODY_FIELD)
+        grammar = _replace_marked(grammar, "keyvalue", "KEY: TONIC MODE? (SP MODIFIER){0,4}")
+        grammar = _replace_marked(grammar, "length", 'LENGTH: "1/" ("1" | "2" | "4" | "8" | "16" | "32")')
     c = constraints or AbcConstraints()
     if c == AbcConstraints():
         return grammar

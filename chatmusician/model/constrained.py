@@ -7,8 +7,11 @@ on this grammar; xgrammar took 20-90 ms a token inside the tune body (``benchmar
 Supports: one matcher per row, and rows without one (unconstrained rows are never touched, so their greedy
 output does not change); different constraints per row in one ``generate``; EOS only where the tune is complete
 (the grammar accepts after a complete body line); ``max_new_tokens`` running out -> the answer cut back to the
-last point the grammar accepted, and in the last 16 tokens of the budget a row ends its line and its
-tune (EOS or newline forced where allowed) so that even a weak model ends with a whole tune; streaming that only ever emits text up to such a point. Batch users::
+last point the grammar accepted; budget-aware decoding: near the end of the budget each row looks for the
+shortest way to finish its tune with notes (close what is open, end the line, the rest of the header, ``K:``, a
+one-note body line, EOS) and, once that completion just fits in what is left, forces it token by token, so
+every constrained answer, of any model, ends as a complete tune that abc2midi plays; streaming that only ever
+emits text up to such a point. Batch users::
 
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.model.constrained import generate
@@ -19,6 +22,7 @@ tune (EOS or newline forced where allowed) so that even a weak model ends with a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import weakref
@@ -34,6 +38,65 @@ _NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 # In the last tokens of the budget a constrained row ends its line, then its tune.
 WRAP_UP_TOKENS = 16
+# Budget-aware finish: a row starts looking for its shortest completion this many tokens before the end...
+RESERVE_TOKENS = 48
+# ...and forces it when it needs all but this many of the tokens left (one model token, e.g. the "Q" of a new
+# field, may lengthen it by several).
+RESERVE_SLACK = 10
+# Characters that may close what a row left open (a quote, chord, grace group, decoration, field value...),
+# tried one and two at a time in front of the completion tails.
+CLOSERS = tuple('"]}!1/8 =:|)C')
+# Text that holds note letters without being notes: chord symbols, decorations, comments, inline fields.
+_NOT_NOTES = re.compile(r'"[^"\n]*"?|![^!\n]*!?|%[^\n]*|\[[A-Za-z]:[^\]\n]*\]?')
+_FIELD_LINE = re.compile(r"^[A-Za-z]:")
+
+
+def tune_ok(text: str) -> bool:
+    """Is this complete tune one the validator passes (bar durations aside: the grammar guarantees syntax only)?
+    The grammar cannot tell a body of letters the validator reads as words from notes."""
+    from chatmusician.abc import extract_tunes, validate_tune
+
+    try:
+        found = extract_tunes(text)  # what every tool downstream reads of the answer
+        if not found.tunes:
+            return False
+        issues = validate_tune(found.tunes[0])
+    except Exception:  # noqa: BLE001 - any validator failure: not a tune to end on
+        return False
+    return not any(i.severity == "error" and "bar" not in i.code for i in issues)
+
+
+def has_notes(text: str) -> bool:
+    """Does the body (after the first ``K:`` line) of this possibly unfinished tune play a note?"""
+    lines = text.split("\n")
+    key = next((i for i, line in enumerate(lines) if line.startswith("K:")), None)
+    if key is None:
+        return False
+    for line in lines[key + 1 :]:
+        if _FIELD_LINE.match(line):
+            continue
+        if re.search(r"[A-Ga-g]", _NOT_NOTES.sub(" ", line)):
+            return True
+    return False
+
+
+def completion_tails(constraints: AbcConstraints | None) -> list[str]:
+    """Ways to end a tune from wherever a row stands, shortest first: end the line; a one-note body line;
+    the rest of the header (the fixed M:/L: lines the row may still owe, then K:) before it; the X: line too."""
+    c = constraints or AbcConstraints()
+    body = ["C|\n", "C\n"]
+    key = f"K:{c.key or 'C'}\n"
+    fixed = [f"M:{c.meter}\n"] * (c.meter is not None) + [f"L:{c.unit_length}\n"] * (
+        c.unit_length is not None
+    )
+    owed = [""] + fixed + (["".join(fixed), "".join(fixed[::-1])] if len(fixed) == 2 else [])
+    heads = [o + key for o in owed]
+    tails = ["", "\n", "|\n"] + body + ["\n" + b for b in body] + [" " + b for b in body]
+    tails += [h + b for h in heads for b in body] + ["\n" + h + b for h in heads for b in body]
+    tails += ["X:1\n" + h + b for h in heads for b in body] + ["1\n" + h + b for h in heads for b in body]
+    # The rest of a fixed header line the row is in the middle of (K:Bb min|or).
+    tails += [h[k:] + b for h in heads for k in range(1, len(h)) for b in body]
+    return sorted(dict.fromkeys(tails), key=len)
 
 
 def ll_tokenizer(tokenizer):
@@ -76,11 +139,52 @@ def new_matcher(tokenizer, constraints: AbcConstraints | None):
 class RowState:
     """One constrained row: its matcher and where the grammar last accepted (a complete body line)."""
 
-    def __init__(self, matcher, eos_id: int):
-        self.matcher, self.eos_id = matcher, eos_id
+    def __init__(self, matcher, eos_id: int, constraints: AbcConstraints | None = None, ll_tok=None):
+        self.matcher, self.eos_id, self.constraints, self.ll_tok = matcher, eos_id, constraints, ll_tok
+        # With ll_tok, an accepting point counts (EOS allowed, cut-back target) only where the validator passes
+        # the tune too.
+        self.can_end = ll_tok is None
         self.consumed = 0  # generated tokens fed to the matcher
         self.last_accept = 0  # generated tokens up to the last accepting point
         self.error: str | None = None
+        self.ids: list[int] = []  # the generated tokens fed to the matcher
+        self.forced: list[int] | None = None  # the completion being forced (EOS last), once committed
+        self.forced_from = 0  # self.consumed when it was committed
+        self.plan_len: int | None = None  # length of the last completion looked for
+
+    def completion(self, ll_tok) -> list[int] | None:
+        """The shortest tokens (EOS last) that end this row's tune with notes from where it stands; None when
+        none of the tried completions fits the grammar."""
+        text = ll_tok.decode_str(self.ids)
+        notes = has_notes(text)
+        tails = [t for t in completion_tails(self.constraints) if notes or "C" in t]
+        encoded = [ll_tok.tokenize_str(t) + [self.eos_id] if t else [self.eos_id] for t in tails]
+        for prefixes in ([""], CLOSERS, [a + b for a in CLOSERS for b in CLOSERS]):
+            best = None
+            for prefix in prefixes:
+                head = ll_tok.tokenize_str(prefix) if prefix else []
+                for tokens in encoded:
+                    candidate = head + tokens
+                    if best is not None and len(candidate) >= len(best):
+                        break  # tails are sorted by length
+                    if self.matcher.validate_tokens(candidate) != len(candidate):
+                        continue
+                    if tune_ok(text + ll_tok.decode_str(candidate[:-1])):
+                        best = candidate
+                        break
+            if best is not None:
+                return best
+        return None  # nothing completes it (e.g. a line of words ended the tune): cut back at the end
+
+    def next_forced(self) -> int | None:
+        """The token the committed completion forces now (None: not committed, or the row left it)."""
+        if self.forced is None:
+            return None
+        k = self.consumed - self.forced_from
+        if k < len(self.forced) and self.ids[self.forced_from :] == self.forced[:k]:
+            return self.forced[k]
+        self.forced = None
+        return None
 
     def consume(self, token: int) -> None:
         if self.error is not None or self.matcher.is_stopped():
@@ -89,7 +193,15 @@ class RowState:
             self.error = self.matcher.get_error() or "token rejected"
             return
         self.consumed += 1
-        if token != self.eos_id and self.matcher.is_accepting():
+        self.ids.append(token)
+        if token == self.eos_id:
+            return
+        if self.ll_tok is None:
+            if self.matcher.is_accepting():
+                self.last_accept = self.consumed
+            return
+        self.can_end = self.matcher.is_accepting() and tune_ok(self.ll_tok.decode_str(self.ids))
+        if self.can_end:
             self.last_accept = self.consumed
 
     def finish(self, new_ids: Sequence[int]) -> tuple[list[int], str]:
@@ -101,6 +213,12 @@ class RowState:
         if end < len(ids) and self.error is None:
             return ids[:end], "stop"  # EOS was only allowed where the tune is complete
         return ids[: self.last_accept], "length"
+
+
+def _bit(token: int) -> int:
+    """Token's bit in its int32 mask word (bit 31 is the sign bit)."""
+    value = 1 << (token % 32)
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 class AbcLogitsProcessor:
@@ -118,6 +236,8 @@ class AbcLogitsProcessor:
         max_new_tokens: int | None = None,
         newline_ids: Sequence[int] = (),
         wrap_up_tokens: int = WRAP_UP_TOKENS,
+        ll_tok=None,
+        reserve_tokens: int = RESERVE_TOKENS,
     ):
         import torch
 
@@ -131,9 +251,31 @@ class AbcLogitsProcessor:
         self.mask_seconds, self.steps = 0.0, 0
         self.max_new_tokens, self.wrap_up_tokens = max_new_tokens, wrap_up_tokens
         self.newline_ids = list(newline_ids)
+        self.ll_tok, self.reserve_tokens = ll_tok, reserve_tokens
 
     def _wrapping_up(self) -> bool:
         return self.max_new_tokens is not None and self.max_new_tokens - self.steps <= self.wrap_up_tokens
+
+    def _finish_tune(self, i: int) -> bool:
+        """Budget-aware: in the reserve, keep the row's shortest completion at hand and, once it needs (nearly)
+        all the tokens left, force it. True when this step's mask is a forced token."""
+        if self.ll_tok is None or self.max_new_tokens is None:
+            return False
+        row, left = self.rows[i], self.max_new_tokens - self.steps
+        token = row.next_forced()
+        # Look again only when the last completion found nearly fills what is left (they grow slowly).
+        due = row.plan_len is None or left <= row.plan_len + 2 * RESERVE_SLACK or self.steps % 4 == 0
+        if token is None and left <= self.reserve_tokens and due:
+            plan = row.completion(self.ll_tok)
+            row.plan_len = len(plan) if plan is not None else 0
+            if plan is not None and len(plan) + RESERVE_SLACK >= left:
+                row.forced, row.forced_from = plan, row.consumed
+                token = plan[0]
+        if token is None:
+            return False
+        self.bitmask[i].zero_()
+        self.bitmask[i, token // 32] = _bit(token)
+        return True
 
     def _allows(self, i: int, token: int) -> bool:
         return bool((int(self.bitmask[i, token // 32]) >> (token % 32)) & 1)
@@ -145,7 +287,7 @@ class AbcLogitsProcessor:
             if choice and all(self._allows(i, t) for t in choice):
                 self.bitmask[i].zero_()
                 for t in choice:
-                    self.bitmask[i, t // 32] |= 1 << (t % 32)
+                    self.bitmask[i, t // 32] |= _bit(t)
                 return
 
     def __call__(self, input_ids, scores):
@@ -165,9 +307,11 @@ class AbcLogitsProcessor:
             row = self.rows[i]
             if row.error is not None or row.matcher.is_stopped():
                 self.bitmask[i].zero_()  # only EOS (set below): a broken or finished row just ends
-                self.bitmask[i, self.eos_id // 32] = 1 << (self.eos_id % 32)
-            else:
+                self.bitmask[i, self.eos_id // 32] = _bit(self.eos_id)
+            elif not self._finish_tune(i):
                 llt.fill_next_token_bitmask(row.matcher, self.bitmask, i)
+                if not row.can_end:  # the grammar may end here, the validator does not pass the tune
+                    self.bitmask[i, self.eos_id // 32] &= ~_bit(self.eos_id)
                 if self._wrapping_up():
                     self._wrap_up(i)
         rows = torch.tensor(self.active)
@@ -201,11 +345,19 @@ def logits_processor(
     """The processor for a batch whose row i obeys ``constraints[i]`` (None: unconstrained), and its row states.
     No processor at all when no row is constrained. With ``max_new_tokens`` the rows wrap up in time."""
     eos_id = tokenizer.eos_token_id
-    rows = [None if c is None else RowState(new_matcher(tokenizer, c), eos_id) for c in constraints]
+    ll_tok = ll_tokenizer(tokenizer) if any(c is not None for c in constraints) else None
+    rows = [
+        None if c is None else RowState(new_matcher(tokenizer, c), eos_id, c, ll_tok) for c in constraints
+    ]
     if all(r is None for r in rows):
         return None, rows
     processor = AbcLogitsProcessor(
-        rows, len(tokenizer), eos_id, max_new_tokens=max_new_tokens, newline_ids=newline_ids(tokenizer)
+        rows,
+        len(tokenizer),
+        eos_id,
+        max_new_tokens=max_new_tokens,
+        newline_ids=newline_ids(tokenizer),
+        ll_tok=ll_tok,
     )
     return processor, rows
 
@@ -291,7 +443,12 @@ def streamer_class():
 
         def __init__(self, tokenizer, constraints: AbcConstraints, **kwargs):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
-            self.row = RowState(new_matcher(tokenizer, constraints), tokenizer.eos_token_id)
+            self.row = RowState(
+                new_matcher(tokenizer, constraints),
+                tokenizer.eos_token_id,
+                constraints,
+                ll_tokenizer(tokenizer),
+            )
             self.ids: list[int] = []
             self.sent = ""
             self.prompt_seen = False
