@@ -249,6 +249,14 @@ class VllmEngine:
         kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE
         return SamplingParams(**kwargs, output_kind=kind)
 
+    def _row(self, constraints: AbcConstraints):
+        """A constrained row's grammar state, replayed over vLLM's ids: where the answer may be cut back to (an
+        accepting point whose tune the validator passes too, as in the transformers engine)."""
+        from chatmusician.model.constrained import RowState, ll_tokenizer, new_matcher
+
+        matcher = new_matcher(self.tokenizer, constraints)
+        return RowState(matcher, self.eos_id, constraints, ll_tokenizer(self.tokenizer))
+
     def _lora(self, adapter: str | None):
         if adapter is None:
             return None
@@ -283,9 +291,7 @@ class VllmEngine:
         ids = new_ids[:-1] if ended_eos else new_ids
         reason = "length" if seq.finish_reason == "length" else "stop"
         if prepared.constraints is not None and seq.stop_reason is None:
-            from chatmusician.model.constrained import RowState, new_matcher
-
-            row = RowState(new_matcher(self.tokenizer, prepared.constraints), self.eos_id)
+            row = self._row(prepared.constraints)
             ids, reason = row.finish(new_ids)
         # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
         text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
@@ -361,9 +367,7 @@ class VllmEngine:
         decoded, sent = "", ""
         row = None
         if prepared.constraints is not None:
-            from chatmusician.model.constrained import RowState, new_matcher
-
-            row = RowState(new_matcher(self.tokenizer, prepared.constraints), self.eos_id)
+            row = self._row(prepared.constraints)
         try:
             while not finished:
                 try:
