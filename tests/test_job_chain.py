@@ -1,0 +1,224 @@
+"""The README's cluster recipe as ``ray job submit`` jobs against a real ``ray start --head`` (own ports, own temp
+dir, stopped by killing only its own process group): tokenize (sft) -> sft (tiny LoRA, 2 steps) -> merge ->
+evaluate -> ``serve deploy`` of serve_config.yaml, each job SUCCEEDED and each reading what the one before wrote
+under one "shared storage" folder; the deployed app then answers one HTTP request with the merged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, head_port_flags
+
+from chatmusician import corpora
+from chatmusician.eval.config import MTB_FIXTURE
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
+REFUSED = ("No available agent", "Failed to connect to Ray")  # the job agent is not up yet (loaded host)
+
+
+def sft_rows(path: Path, n: int = 24) -> None:
+    """A text-to-music SFT set ({"instruction", "input", "output"}) from real Nottingham tunes."""
+    text = (corpora.NOTTINGHAM_DIR / "reelsu-z.abc").read_text(errors="replace")
+    tunes = ["X:" + t.strip() for t in text.split("X:")[1:]][:n]
+    with path.open("w") as f:
+        for tune in tunes:
+            f.write(
+                json.dumps({"instruction": "Compose a reel in ABC notation.", "input": "", "output": tune})
+            )
+            f.write("\n")
+
+
+def write_yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_path, tmp_path):
+    shared = tmp_path / "shared"  # what every node would mount (NFS) on a real cluster
+    shared.mkdir()
+    sft_rows(shared / "sft.jsonl")
+    tok_cfg = write_yaml(
+        tmp_path / "tokenize.yaml",
+        {
+            "sources": [{"path": str(shared / "sft.jsonl"), "format": "jsonl"}],
+            "mode": "sft",
+            "tokenizer": tiny_model_path,
+            "max_len": 128,
+            "max_source_len": 64,
+            "output_dir": str(shared / "shards"),
+            "shard_rows": 16,
+            "num_tokenizers": 1,
+            "tokenizer_cpus": 0.5,
+            "progress": False,
+        },
+    )
+    sft_cfg = write_yaml(
+        tmp_path / "sft.yaml",
+        {
+            "run_name": "sft",
+            "storage_path": str(shared / "runs"),
+            "model": tiny_model_path,
+            "data": {"shards": str(shared / "shards")},
+            "profile": "cpu",
+            "zero_stage": 0,
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "global_batch_size": 4,
+            "micro_batch_size": 4,
+            "max_length": 128,
+            "max_steps": 2,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "keep_last": 1,
+            "max_failures": 0,
+            "log_every": 1,
+        },
+    )
+    eval_cfg = write_yaml(
+        tmp_path / "eval.yaml",
+        {
+            "model": str(shared / "models" / "chat"),
+            "precision": "fp32",
+            "device": "cpu",
+            "output_dir": str(shared / "eval"),
+            "mtb": {"path": MTB_FIXTURE, "modes": ["ppl_zero_shot"], "limit": 2, "bootstrap": 50},
+            "pool": {"replicas": 1, "num_cpus": 1, "batch_size": 4},
+        },
+    )
+    http_port = free_port()
+    serve = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    serve["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    app = serve["applications"][0]
+    app["args"] |= {
+        "model": str(shared / "models" / "chat"),  # the merged model the chain produced
+        "precision": "fp32",
+        "device": "cpu",
+        "torch_threads": 1,
+        "web_ui": False,
+    }
+    for deployment in app["deployments"]:  # CPU override: no GPU, fractional CPUs, one replica each
+        deployment["ray_actor_options"] = {"num_cpus": 0.25, "num_gpus": 0}
+        deployment["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
+    renderer = next(d for d in app["deployments"] if d["name"] == "Renderer")
+    renderer["ray_actor_options"]["resources"] = {"cpu_node": 0.001}  # the head's resource (cluster.yaml)
+    serve_cfg = write_yaml(tmp_path / "serve_config.yaml", serve)
+
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(
+        prefix="cmchain-", dir="/tmp"
+    )  # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus=4", "--resources={\"cpu_node\": 1}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats", *head_port_flags(dashboard)],
+        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def submit(job_id: str, module: str, *args: str) -> str:
+        """``ray job submit`` (blocking); retried only while the job agent refuses, up to a deadline."""
+        deadline = time.monotonic() + 240
+        while True:
+            done = subprocess.run(
+                [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--",
+                 sys.executable, "-m", module, *args],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            out = done.stdout + done.stderr
+            if not any(r in out for r in REFUSED) or time.monotonic() > deadline:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(2)  # poll interval while the agent comes up
+        assert done.returncode == 0 and "succeeded" in done.stdout, out[-4000:]
+        return done.stdout
+
+    try:
+        submit("chain-tokenize", "ray_jobs.tokenize", "--config", tok_cfg)
+        manifest = json.loads((shared / "shards" / "manifest.json").read_text())
+        assert manifest["mode"] == "sft" and manifest["sequences"] >= 8, manifest
+
+        log = submit("chain-sft", "ray_jobs.sft", "--config", sft_cfg)
+        assert "[sft] step 2/2 loss" in log
+        adapter = shared / "runs" / "sft" / "checkpoint_0000002" / "adapter"
+        assert (adapter / "adapter_config.json").is_file()
+
+        submit(
+            "chain-merge",
+            "ray_jobs.merge",
+            "--adapter",
+            str(adapter),
+            "--out_dir",
+            str(shared / "models" / "chat"),
+        )
+        assert (shared / "models" / "chat" / "config.json").is_file()
+
+        log = submit("chain-evaluate", "ray_jobs.evaluate", "--config", eval_cfg)
+        assert "| ppl_zero_shot |" in log
+        results = json.loads((shared / "eval" / "results.json").read_text())
+        assert results["mtb"]["ppl_zero_shot"]["questions"] == 2
+
+        deployed = subprocess.run(
+            [SERVE, "deploy", serve_cfg, "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        url, deadline, health = f"http://127.0.0.1:{http_port}", time.monotonic() + 300, None
+        while time.monotonic() < deadline:  # the app comes up: replicas load the merged model
+            try:
+                health = httpx.get(f"{url}/healthz", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(2)
+        assert health is not None and health.status_code == 200, "the app never became healthy"
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": "chatmusician",
+                "messages": [{"role": "user", "content": "Compose a reel."}],
+                "max_tokens": 8,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        assert 0 < reply.json()["usage"]["completion_tokens"] <= 8
+
+        for job in ("tokenize", "sft", "merge", "evaluate"):
+            status = subprocess.run(
+                [RAY, "job", "status", "--address", address, f"chain-{job}"],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert f"Job 'chain-{job}' succeeded" in status.stdout, status.stdout + status.stderr  # SUCCEEDED
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
