@@ -21,8 +21,17 @@ GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_BARS_LIMIT = 1000
 GENERATION_TEXT_CHARS = 48
 GENERATION_HEADER_FIELDS = 8
-# Generation's K: modifiers: the key=value ones abc2midi knows (an unknown one voids the key line).
-_GENERATION_MODIFIER = 'MODIFIER: /[\\^_=]/ /[\\^_]/? /[A-Ga-g]/ | CLEF | ("clef=" CLEF | ("transpose" | "octave") "=" /[+\\-]/? /[0-9]/)'
+# Generation's K: modifiers: explicit accidentals and clefs (an unknown one voids the key line; octave= and
+# transpose= and the perc clef pushed notes out of MIDI's range).
+_GENERATION_MODIFIER = (
+    'MODIFIER: /[\\^_=]/ /[\\^_]/? /[A-Ga-g]/ | "clef="? ("treble" | "bass" | "alto" | "tenor")'
+)
+# Generation's quoted strings: an annotation (^ _ < > @ then text) or a plain chord symbol (abc2midi plays
+# those and wrote broken MIDI files for empty or odd ones).
+_GENERATION_QUOTED = (
+    'QUOTED: "\\"" (/[\\^_<>@]/ /[^"\\x00-\\x1f\\x7f]/{1,40} | /[A-G]/ /[#b]/? ("m" | "maj" | "dim" | "aug"'
+    ' | "sus")? /[679]/? ("/" /[A-G]/ /[#b]/?)?) "\\""'
+)
 # Generation's K: modes: the names the validator knows, whole or as three letters.
 _MODES = ["major", "minor", "ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian"]
 _GENERATION_MODE = (
@@ -32,6 +41,8 @@ _GENERATION_MODE = (
 _GENERATION_TEMPO = (
     'TEMPO: /[1-3]/ "/" ("2" | "4" | "8" | "16") "=" (/[4-9]/ /[0-9]/ | /[12]/ /[0-9]/ /[0-9]/)'
 )
+# Generation's note lengths: 1-8 units, halves to eighths (abc2midi wrote empty or broken MIDI for A/27).
+_GENERATION_LEN = 'LEN: /[1-8]/ ("/" ("2" | "4" | "8"))? | "/" "/"? ("2" | "4" | "8")?'
 # Generation's decorations: !name! and the one-character ones that are not letters or are bowings (u, v):
 # two other letters side by side make a word that ends a tune's body for every reader (extract_tunes).
 _GENERATION_DECORATION = 'DECORATION: "!" /[a-zA-Z0-9.<>()+\\-]/{1,20} "!" | /[.~uv]/'
@@ -158,6 +169,8 @@ def tune_grammar(constraints: AbcConstraints | None = None, renderable: bool = T
         grammar = _replace_marked(grammar, "mode", _GENERATION_MODE)
         grammar = _replace_marked(grammar, "tempo", _GENERATION_TEMPO)
         grammar = _replace_marked(grammar, "decoration", _GENERATION_DECORATION)
+        grammar = _replace_marked(grammar, "quoted", _GENERATION_QUOTED)
+        grammar = _replace_marked(grammar, "len", _GENERATION_LEN)
         grammar = _replace_marked(grammar, "bodyfield", _GENERATION_BODY_FIELD)
         grammar = _replace_marked(grammar, "keyvalue", "KEY: TONIC MODE? (SP MODIFIER){0,4}")
         grammar = _replace_marked(grammar, "length", 'LENGTH: "1/" ("1" | "2" | "4" | "8" | "16" | "32")')
