@@ -1,27 +1,16 @@
 """The evaluation as Ray Data batch inference (replica pool == single-process loop), its output files, MMLU and
-the MTB twin through lm-evaluation-harness, and ``ray job submit`` of ``ray_jobs.evaluate`` on ``ray start``."""
+the MTB twin through lm-evaluation-harness (``ray job submit`` of ``ray_jobs.evaluate``: tests/test_job_chain.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import free_port, head_port_flags
 
 from chatmusician.config import load_config
 from chatmusician.eval import mtb, runner
 from chatmusician.eval.config import MMLU_FIXTURE, MTB_FIXTURE, EvalConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(model: str, out: Path, **pool) -> EvalConfig:
@@ -127,81 +116,3 @@ def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
         ours = [s.pred for s in scoring.one_pass(model, tokenizer, cands)]
         accuracy = sum(mtb.LETTERS[p] == q["target"] for p, q in zip(ours, test, strict=True)) / len(test)
         assert summary["mtb_lm_eval"][task] == pytest.approx(accuracy)
-
-
-def _ray_head(temp_dir: str, env: dict) -> tuple[subprocess.Popen, str]:
-    dashboard = free_port()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         *head_port_flags(dashboard)],
-        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    return head, f"http://127.0.0.1:{dashboard}"
-
-
-@pytest.mark.integration
-def test_eval_job_submitted_to_ray_start_head(tiny_model_path, tmp_path):
-    out = tmp_path / "out"
-    config = tmp_path / "eval.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": tiny_model_path,
-                "precision": "fp32",
-                "device": "cpu",
-                "output_dir": str(out),
-                "mtb": {
-                    "path": MTB_FIXTURE,
-                    "modes": ["ppl_zero_shot", "ppl_few_shot"],
-                    "limit": 3,
-                    "bootstrap": 100,
-                },
-                "pool": {"replicas": 1, "num_cpus": 1, "batch_size": 4},
-            }
-        )
-    )
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {
-        **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "token",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="cmeval-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head, address = _ray_head(temp_dir, env)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # wait for the job API
-            probe = subprocess.run(
-                [ray_bin, "job", "list", "--address", address], env=env, capture_output=True
-            )
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(1)
-        deadline = time.monotonic() + 240
-        while True:  # on a loaded host the job API can answer before the job agent is up, or blink out
-            submit = subprocess.run(
-                [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "ray_jobs.evaluate",
-                 "--config", str(config)],
-                env=env, cwd=REPO, capture_output=True, text=True, timeout=480,
-            )  # fmt: skip
-            refused = ("No available agent", "Failed to connect to Ray")
-            if not any(r in submit.stderr + submit.stdout for r in refused) or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in submit.stdout and "| ppl_few_shot |" in submit.stdout
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["mtb"]) == {"ppl_zero_shot", "ppl_few_shot"}
-    assert all(r["questions"] == 3 and r["one_pass_share"] == 1.0 for r in results["mtb"].values())

@@ -1,7 +1,8 @@
 """The README's cluster recipe as ``ray job submit`` jobs against a real ``ray start --head`` (own ports, own temp
 dir, stopped by killing only its own process group): tokenize (sft) -> sft (tiny LoRA, 2 steps) -> merge ->
 evaluate -> ``serve deploy`` of serve_config.yaml, each job SUCCEEDED and each reading what the one before wrote
-under one "shared storage" folder; the deployed app then answers one HTTP request with the merged model."""
+under one "shared storage" folder; the deployed app then answers one HTTP request with the merged model. (It is
+also the test of each job alone on ``ray start``: one head for all of them saves CI minutes.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, head_port_flags
@@ -95,7 +97,12 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
             "precision": "fp32",
             "device": "cpu",
             "output_dir": str(shared / "eval"),
-            "mtb": {"path": MTB_FIXTURE, "modes": ["ppl_zero_shot"], "limit": 2, "bootstrap": 50},
+            "mtb": {
+                "path": MTB_FIXTURE,
+                "modes": ["ppl_zero_shot", "ppl_few_shot"],
+                "limit": 2,
+                "bootstrap": 50,
+            },
             "pool": {"replicas": 1, "num_cpus": 1, "batch_size": 4},
         },
     )
@@ -157,6 +164,10 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         submit("chain-tokenize", "ray_jobs.tokenize", "--config", tok_cfg)
         manifest = json.loads((shared / "shards" / "manifest.json").read_text())
         assert manifest["mode"] == "sft" and manifest["sequences"] >= 8, manifest
+        assert manifest["rows"]["read"] == manifest["rows"]["written"] == 24
+        tables = [pq.read_table(shared / "shards" / s["file"]) for s in manifest["shards"]]
+        assert sum(t.num_rows for t in tables) == manifest["sequences"]
+        assert tables[0].column_names == ["input_ids", "labels"]  # sft rows are not packed: no position_ids
 
         log = submit("chain-sft", "ray_jobs.sft", "--config", sft_cfg)
         assert "[sft] step 2/2 loss" in log
@@ -174,9 +185,11 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         assert (shared / "models" / "chat" / "config.json").is_file()
 
         log = submit("chain-evaluate", "ray_jobs.evaluate", "--config", eval_cfg)
-        assert "| ppl_zero_shot |" in log
+        assert "| ppl_zero_shot |" in log and "| ppl_few_shot |" in log  # the results table in the job's log
         results = json.loads((shared / "eval" / "results.json").read_text())
-        assert results["mtb"]["ppl_zero_shot"]["questions"] == 2
+        assert (
+            results["mtb"]["ppl_zero_shot"]["questions"] == results["mtb"]["ppl_few_shot"]["questions"] == 2
+        )
 
         deployed = subprocess.run(
             [SERVE, "deploy", serve_cfg, "--address", address],
@@ -218,7 +231,7 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
         try:
-            head.wait(30)
+            head.wait(10)  # the raylet outlives SIGTERM: do not wait long for it
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
