@@ -151,6 +151,11 @@ class RowState:
         self.forced: list[int] | None = None  # the completion being forced (EOS last), once committed
         self.forced_from = 0  # self.consumed when it was committed
         self.plan_len: int | None = None  # length of the last completion looked for
+        # Lazy (the processor's rows): accepting points are validated only when needed (EOS competitive, or
+        # the cut-back); the streamer's row stays eager (it emits up to last_accept as it goes).
+        self.lazy = False
+        self.accepts: list[int] = []
+        self.checked: dict[int, bool] = {}
 
     def completion(self, ll_tok) -> list[int] | None:
         """The shortest tokens (EOS last) that end this row's tune with notes from where it stands; None when
@@ -200,9 +205,32 @@ class RowState:
             if self.matcher.is_accepting():
                 self.last_accept = self.consumed
             return
+        if self.lazy:  # validated only when EOS could be sampled here, or at the cut-back
+            self.can_end = None if self.matcher.is_accepting() else False
+            if self.can_end is None:
+                self.accepts.append(self.consumed)
+            return
         self.can_end = self.matcher.is_accepting() and tune_ok(self.ll_tok.decode_str(self.ids))
         if self.can_end:
             self.last_accept = self.consumed
+
+    def end_ok(self) -> bool:
+        """May the tune end here (lazy rows: the validator is run now, once per point)?"""
+        if self.can_end is None:
+            self.can_end = tune_ok(self.ll_tok.decode_str(self.ids))
+            self.checked[self.consumed] = self.can_end
+        return bool(self.can_end)
+
+    def _cut_back(self) -> int:
+        if not self.lazy:
+            return self.last_accept
+        for pos in reversed(self.accepts):  # the last accepting point the validator passes
+            ok = self.checked.get(pos)
+            if ok is None:
+                ok = tune_ok(self.ll_tok.decode_str(self.ids[:pos]))
+            if ok:
+                return pos
+        return 0
 
     def finish(self, new_ids: Sequence[int]) -> tuple[list[int], str]:
         """Generated ids (EOS and padding included) -> (answer ids, finish_reason stop | length)."""
@@ -212,7 +240,7 @@ class RowState:
             self.consume(token)
         if end < len(ids) and self.error is None:
             return ids[:end], "stop"  # EOS was only allowed where the tune is complete
-        return ids[: self.last_accept], "length"
+        return ids[: self._cut_back()], "length"
 
 
 def _bit(token: int) -> int:
@@ -310,8 +338,13 @@ class AbcLogitsProcessor:
                 self.bitmask[i, self.eos_id // 32] = _bit(self.eos_id)
             elif not self._finish_tune(i):
                 llt.fill_next_token_bitmask(row.matcher, self.bitmask, i)
-                if not row.can_end:  # the grammar may end here, the validator does not pass the tune
-                    self.bitmask[i, self.eos_id // 32] &= ~_bit(self.eos_id)
+                if row.can_end is not True and self._allows(i, self.eos_id):
+                    # The grammar may end here: EOS stays only where the validator passes the tune; an EOS
+                    # far below the best token (e^-10) is masked without asking it.
+                    row_scores = scores[i]
+                    competitive = bool(row_scores[self.eos_id] >= row_scores.max() - 10)
+                    if not (competitive and row.end_ok()):
+                        self.bitmask[i, self.eos_id // 32] &= ~_bit(self.eos_id)
                 if self._wrapping_up():
                     self._wrap_up(i)
         rows = torch.tensor(self.active)
@@ -351,6 +384,9 @@ def logits_processor(
     ]
     if all(r is None for r in rows):
         return None, rows
+    for r in rows:
+        if r is not None:
+            r.lazy = True
     processor = AbcLogitsProcessor(
         rows,
         len(tokenizer),
