@@ -22,6 +22,45 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 from chatmusician.ray_local import free_port  # noqa: E402 - test modules import it from here
 
 
+def write_sweep_configs(folder, model: str, shards: str, name: str, space: dict, max_steps: int, **sweep):
+    """base.yaml (a tiny 1-worker LoRA SFT run) and sweep.yaml over ``space`` in ``folder``; the sweep's path."""
+    import yaml
+
+    base = {
+        "run_name": "tiny-sft",
+        "storage_path": str(folder / "runs"),
+        "model": model,
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"shards": shards},
+        "profile": "cpu",
+        "zero_stage": 0,
+        "num_workers": 1,
+        "cpus_per_worker": 0.5,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "max_length": 64,
+        "max_steps": max_steps,
+        "warmup_ratio": 0.0,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "keep_last": 1,
+        "log_every": 100,
+        "max_failures": 0,
+    }
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    config = {
+        "base": str(folder / "base.yaml"),
+        "command": "sft",
+        "space": space,
+        "name": name,
+        "storage_path": str(folder / "sweeps"),
+        "asha": {"grace_period": 2, "reduction_factor": 2},
+        **sweep,
+    }
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(config))
+    return folder / "sweep.yaml"
+
+
 def head_port_flags(dashboard_port: int) -> list[str]:
     """``ray start --head`` flags putting every listener of the head on a free port (never a fixed default that
     another cluster on the host may hold)."""

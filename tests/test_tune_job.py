@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, head_port_flags
+from conftest import free_port, head_port_flags, write_sweep_configs
 
 from chatmusician import corpora
 
@@ -77,40 +77,10 @@ def _configs(folder: Path, model: str) -> tuple[Path, Path]:
         "progress": False,
     }
     (folder / "tokenize.yaml").write_text(yaml.safe_dump(tokenize))
-    base = {
-        "run_name": "tiny-sft",
-        "storage_path": str(folder / "runs"),
-        "model": model,
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"shards": str(shards)},
-        "profile": "cpu",
-        "zero_stage": 0,
-        "num_workers": 1,
-        "cpus_per_worker": 0.5,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "max_length": 64,
-        "max_steps": MAX_STEPS,
-        "warmup_ratio": 0.0,
-        "eval_every": 2,
-        "checkpoint_every": 2,
-        "keep_last": 1,
-        "log_every": 100,
-        "max_failures": 0,
-    }
-    (folder / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {
-        "base": str(folder / "base.yaml"),
-        "command": "sft",
-        "space": {"lr": {"grid": LRS}},
-        "search": "grid",
-        "num_samples": 1,
-        "asha": {"grace_period": 2, "reduction_factor": 2},
-        "name": "job",
-        "storage_path": str(folder / "sweeps"),
-    }
-    (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return folder / "tokenize.yaml", folder / "sweep.yaml"
+    sweep = write_sweep_configs(
+        folder, model, str(shards), "job", {"lr": {"grid": LRS}}, MAX_STEPS, search="grid", num_samples=1
+    )
+    return folder / "tokenize.yaml", sweep
 
 
 def test_sweep_job_submitted_to_ray_start_head(tiny_model_path, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_sweep_configs
 
 from chatmusician import corpora
 
@@ -70,39 +71,7 @@ def sft_shards(ray_cluster, tiny_model_path, tmp_path_factory) -> str:
 
 
 def _write_configs(folder: Path, model: str, shards: str, name: str, space: dict, **sweep) -> Path:
-    base = {
-        "run_name": "tiny-sft",
-        "storage_path": str(folder / "runs"),
-        "model": model,
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"shards": shards},
-        "profile": "cpu",
-        "zero_stage": 0,
-        "num_workers": 1,
-        "cpus_per_worker": 0.5,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "max_length": 64,
-        "max_steps": MAX_STEPS,
-        "warmup_ratio": 0.0,
-        "eval_every": 2,
-        "checkpoint_every": 2,
-        "keep_last": 1,
-        "log_every": 100,
-        "max_failures": 0,
-    }
-    (folder / "base.yaml").write_text(yaml.safe_dump(base))
-    config = {
-        "base": str(folder / "base.yaml"),
-        "command": "sft",
-        "space": space,
-        "name": name,
-        "storage_path": str(folder / "sweeps"),
-        "asha": {"grace_period": 2, "reduction_factor": 2},
-        **sweep,
-    }
-    (folder / "sweep.yaml").write_text(yaml.safe_dump(config))
-    return folder / "sweep.yaml"
+    return write_sweep_configs(folder, model, shards, name, space, MAX_STEPS, **sweep)
 
 
 def _sweep_command(config: Path) -> list[str]:
