@@ -221,6 +221,10 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         )
         assert reply.status_code == 200, reply.text
         assert 0 < reply.json()["usage"]["completion_tokens"] <= 8
+        status = subprocess.run(
+            [SERVE, "status", "--address", address], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert "RUNNING" in status.stdout and "Composer" in status.stdout, status.stdout + status.stderr
 
         for job in ("tokenize", "sft", "merge", "evaluate"):
             status = subprocess.run(
