@@ -102,6 +102,29 @@ def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
+def run_in_own_ray(script: str, cfg: TrainConfig, tmp_path: Path):
+    """``python tests/<script> cfg.pkl`` in a subprocess with its own local Ray (a process joins one cluster);
+    asserts it succeeded and returns the finished process."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    with tempfile.TemporaryDirectory(prefix="cmrun-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / script), str(tmp_path / "cfg.pkl")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def combo_run(base_config, tiny_model_path, abc_shards):
     """Runs (and caches) one ZeRO stage x train type; ZeRO-3 LoRA reads the live Ray Data stream, not shards."""
@@ -258,11 +281,6 @@ def test_two_nodes_one_worker_each_resume_to_the_single_node_losses(shuffled, tm
     """A local two-node cluster (ray.cluster_utils.Cluster, loopback, a Ray temp dir of its own), one train worker
     per node: a worker dies at step 5 and the group restarts, wherever Ray places the ranks this time. Which rows
     a rank reads depends only on (seed, epoch, rank), so the losses equal the single-node uninterrupted run's."""
-    import os
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
 
     reference_cfg, reference = shuffled
     cfg = replace(
@@ -273,17 +291,7 @@ def test_two_nodes_one_worker_each_resume_to_the_single_node_losses(shuffled, tm
         max_failures=1,
         resources_per_worker={"trainer_slot": 1},  # each node has one slot: one worker per node
     )
-    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
-    with tempfile.TemporaryDirectory(prefix="cm2n-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
-        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "two_node_train.py"), str(tmp_path / "cfg.pkl")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_in_own_ray("two_node_train.py", cfg, tmp_path)
     cluster = json.loads(proc.stdout.strip().splitlines()[-1])
     assert cluster["trainer_slots_per_node"] == [1, 1], cluster  # so the two ranks ran on two nodes
     run_dir = tmp_path / "runs" / "two_nodes"
@@ -320,11 +328,6 @@ def test_fp16_overflow_steps_are_skipped_reported_and_never_move_the_schedule(ba
     the first steps overflow and DeepSpeed skips them. The run still takes exactly ``max_steps`` applied steps,
     each skipped one is logged as such with the scale halving, and the applied steps' learning rates walk the
     whole schedule (warmup, cosine, min_lr on the last step), as if nothing had been skipped."""
-    import os
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
 
     from chatmusician.train.checkpointing import read_train_state
 
@@ -340,17 +343,7 @@ def test_fp16_overflow_steps_are_skipped_reported_and_never_move_the_schedule(ba
         eval_hook=None,
         min_lr=1e-4,
     )
-    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
-    with tempfile.TemporaryDirectory(prefix="cm16-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
-        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "fp16_cpu_train.py"), str(tmp_path / "cfg.pkl")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_in_own_ray("fp16_cpu_train.py", cfg, tmp_path)
     run_dir = tmp_path / "runs" / "fp16"
     logged = metrics(run_dir)
     skipped = [m for m in logged if m.get("skipped")]
