@@ -52,7 +52,6 @@ def _cpu_stage(config_cls, run_name: str, **values):
         cpus_per_worker=0.5,
         global_batch_size=8,
         micro_batch_size=4,
-        max_length=256,
         keep_last=1,
         max_failures=1,
         log_every=10,
@@ -84,8 +83,9 @@ class QuickstartConfig:
     """Tiny model size (nano | micro | small); real runs use configs/pretrain.yaml with a hub id instead."""
     max_tunes: int = 1034
     """How many Nottingham tunes to use (all 1,034 by default)."""
-    max_len: int = 256
-    """Token block length for packing and training."""
+    max_len: int = 512
+    """Token block length for packing and training (every stage's max_length); SFT rows longer than this are
+    left out rather than cut, so the model only ever learns whole tunes that end (the median tune is ~280 tokens)."""
     val_fraction: float = 0.05
     """Share of the SFT rows held out as the validation split the sweep ranks trials on."""
     pretrain: PretrainConfig = field(
@@ -98,7 +98,7 @@ class QuickstartConfig:
             warmup_ratio=0.03,
         )
     )
-    """Pretraining of the random tiny base on the raw tunes (model, data and storage_path are filled in by the job)."""
+    """Pretraining of the random tiny base on the raw tunes (model, data, storage_path and max_length are filled in by the job)."""
     sweep: SweepConfig = field(default_factory=_sweep_defaults)
     """Ray Tune sweep of the SFT stage (base and storage_path are filled in by the job); its winning values go to sft."""
     sft: SFTConfig = field(
@@ -111,7 +111,7 @@ class QuickstartConfig:
             eval_every=40,
         )
     )
-    """LoRA SFT on the pretrained base (model, data and storage_path are filled in by the job)."""
+    """LoRA SFT on the pretrained base (model, data, storage_path and max_length are filled in by the job)."""
     eval: EvalConfig = field(
         default_factory=lambda: EvalConfig(
             mtb=MTBConfig(modes=["ppl_zero_shot", "ppl_few_shot"], bootstrap=200),
@@ -120,10 +120,10 @@ class QuickstartConfig:
         )
     )
     """Evaluation of the final model (model and output_dir are filled in by the job)."""
-    compose_prompts: int = 8
+    compose_prompts: int = 16
     """Compositions asked of the running app per arm (free and constrained): the parse rate's sample."""
-    compose_max_new_tokens: int = 384
-    """Token budget of each composition (a Nottingham tune is ~300 tokens)."""
+    compose_max_new_tokens: int = 640
+    """Token budget of each composition (Nottingham tunes: median ~280 tokens, 95th percentile ~550)."""
     compose_temperature: float = 0.2
     """Sampling temperature of the compositions (the original's default)."""
     parse_goal: float = 0.8
@@ -371,6 +371,7 @@ def pretrain_stage(cfg: QuickstartConfig, console: Console, base: str, out: Path
 
     t = cfg.pretrain
     t.model, t.data.shards, t.storage_path = base, str(out / "shards" / "pt"), str(out / "runs")
+    t.max_length = cfg.max_len
     checkpoint, metrics = _train(console, "pretrain", t, out)
     target = out / "models" / "pretrained"
     if t.train_type == "full":
@@ -388,7 +389,7 @@ def sweep_stage(cfg: QuickstartConfig, console: Console, pretrained: str, out: P
     from chatmusician.tune.space import config_yaml
 
     sft = cfg.sft
-    sft.model, sft.data.shards = pretrained, str(out / "shards" / "sft")
+    sft.model, sft.data.shards, sft.max_length = pretrained, str(out / "shards" / "sft"), cfg.max_len
     base_yaml = out / "sweep" / "base.yaml"
     base_yaml.parent.mkdir(parents=True, exist_ok=True)
     base_yaml.write_text(config_yaml(sft, "The quickstart's SFT stage: the base of its sweep."))
@@ -416,6 +417,7 @@ def sft_stage(cfg: QuickstartConfig, console: Console, pretrained: str, values: 
 
     sft = cfg.sft
     sft.model, sft.data.shards, sft.storage_path = pretrained, str(out / "shards" / "sft"), str(out / "runs")
+    sft.max_length = cfg.max_len
     base_yaml = out / "sweep" / "base.yaml"
     from chatmusician.tune.space import config_yaml
 
@@ -679,7 +681,7 @@ def _run(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]:
         summary["sft_manifest"] = stages.run(
             "tokenize_sft", f"Ray Data: tokenize the SFT set ({100 * cfg.val_fraction:.0f} % held out for validation)",
             lambda: _tokenize(Path(made["sft"]), "sft", base, out / "shards" / "sft", cfg.max_len,
-                              max_source_len=cfg.max_len // 2, val_fraction=cfg.val_fraction),
+                              max_source_len=cfg.max_len // 2, sft_truncate=False, val_fraction=cfg.val_fraction),
         )  # fmt: skip
         p = cfg.pretrain
         pre = stages.run(

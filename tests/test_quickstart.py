@@ -108,3 +108,24 @@ def test_console_and_log_keeps_library_output_off_the_terminal(tmp_path, capfd):
     log = (tmp_path / "q.log").read_text()
     assert "[1/9] stage" in terminal and "worker line" not in terminal and "Traceback" not in terminal
     assert "[1/9] stage" in log and "worker line" in log and "Traceback (library noise)" in log
+
+
+def test_default_budgets_fit_the_tunes_the_model_learns():
+    """The failure this guards against: rows cut at 256 tokens taught the model tunes that never end, and a
+    384-token budget cut a quarter of the corpus-length tunes it wrote mid-line (free parse 75 %)."""
+    from chatmusician.model.loading import load_tokenizer
+    from chatmusician.model.tiny import ensure_tiny
+    from chatmusician.prompts import text_to_music
+    from chatmusician.quickstart import QuickstartConfig
+
+    cfg = QuickstartConfig()
+    tok = load_tokenizer(str(ensure_tiny(cfg.model_size)))
+    tunes = nottingham_tunes()
+    tune_lengths = [len(ids) for ids in tok(tunes, add_special_tokens=False)["input_ids"]]
+    prompts = [text_to_music(header_description(t)) for t in tunes]
+    prompt_lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+    fits_budget = sum(n < cfg.compose_max_new_tokens for n in tune_lengths) / len(tunes)
+    whole_rows = sum(
+        p + n + 1 <= cfg.max_len for p, n in zip(prompt_lengths, tune_lengths, strict=True)
+    ) / len(tunes)
+    assert fits_budget >= 0.95 and whole_rows >= 0.8, (fits_budget, whole_rows)

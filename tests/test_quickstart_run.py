@@ -51,6 +51,8 @@ def test_quickstart_runs_every_stage_prints_what_to_do_next_and_reuses_its_stage
     summary = json.loads((out / "summary.json").read_text())
     assert set(STAGES) <= set(summary["timings_s"]) and summary["timings_s"]["total"] > 0
     assert summary["pt_manifest"]["rows_read"] == 120 and summary["sft_manifest"]["sequences"] > 0
+    sft_rows = json.loads((out / "shards" / "sft" / "manifest.json").read_text())["rows"]
+    assert sft_rows["truncated"] == 0  # SFT learns whole tunes only: an over-long one is left out, not cut
     assert summary["sweep"]["values"]["lr"] in (5e-4, 3e-3)  # the winner of the 2-trial grid went on to SFT
     assert len((out / "sweep" / "results.csv").read_text().strip().splitlines()) == 1 + 2
     rates = summary["parse_rate"]
