@@ -389,12 +389,14 @@ def test_web_ui_behind_two_ingress_replicas(base_url):
 
 def test_constrained_answers_are_complete_tunes_and_streams_send_only_accepted_text(client, served):
     """Grammar-constrained ABC through extra_body on either engine (vllm: structured outputs, guidance backend):
-    the answer is a complete tune with the asked header or, when the budget ran out first, nothing; the seeded
-    stream sends exactly that answer; a constraint that cannot compile is a 400 before any generation."""
+    on this random model too, and with a budget too short for its rambling, the answer is a complete tune with
+    the asked header that abc2midi plays (budget-aware finish on both engines); the seeded stream sends exactly
+    that answer; a constraint that cannot compile is a 400 before any generation."""
     import openai
 
     from chatmusician.abc.grammar import AbcConstraints
-    from chatmusician.model.constrained import check_constraints, new_matcher
+    from chatmusician.eval.abc_quality import midi_check
+    from chatmusician.model.constrained import check_constraints, has_notes, new_matcher, tune_ok
     from chatmusician.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(served[1].model)
@@ -407,13 +409,16 @@ def test_constrained_answers_are_complete_tunes_and_streams_send_only_accepted_t
         "temperature": 1.0,
         "extra_body": fixed,
     }
-    text = client.chat.completions.create(**kwargs).choices[0].message.content
-    if text:
-        constraints = AbcConstraints(key="G", meter="3/4", unit_length="1/8")
-        check_constraints(tokenizer, constraints)
+    constraints = AbcConstraints(key="G", meter="3/4", unit_length="1/8")
+    check_constraints(tokenizer, constraints)
+    for budget in (40, 200):
+        response = client.chat.completions.create(**{**kwargs, "max_tokens": budget})
+        text = response.choices[0].message.content
         matcher = new_matcher(tokenizer, constraints)
-        assert matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
-        assert matcher.is_accepting() and "K:G" in text.split("\n")
+        assert matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]), text
+        assert matcher.is_accepting() and "K:G" in text.split("\n") and "M:3/4" in text.split("\n"), text
+        assert tune_ok(text) and has_notes(text) and midi_check(text), text
+        assert response.usage.completion_tokens <= budget
     streamed = client.chat.completions.create(**kwargs, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     with pytest.raises(openai.BadRequestError):

@@ -99,6 +99,17 @@ def completion_tails(constraints: AbcConstraints | None) -> list[str]:
     return sorted(dict.fromkeys(tails), key=len)
 
 
+@lru_cache(maxsize=256)
+def _encoded_tails(ll_tok, constraints: AbcConstraints | None, eos_id: int, notes: bool):
+    """:func:`completion_tails` as tokens (EOS last; with notes in them unless the body has some already) and
+    the closer prefixes as tokens (none, one, two), tokenized once per tokenizer and constraints."""
+    tails = [t for t in completion_tails(constraints) if notes or "C" in t]
+    encoded = tuple(tuple(ll_tok.tokenize_str(t)) + (eos_id,) if t else (eos_id,) for t in tails)
+    groups = ([""], CLOSERS, [a + b for a in CLOSERS for b in CLOSERS])
+    closers = tuple(tuple(tuple(ll_tok.tokenize_str(p)) if p else () for p in group) for group in groups)
+    return encoded, closers
+
+
 def ll_tokenizer(tokenizer):
     """llguidance's view of a fast Hugging Face tokenizer (built once per tokenizer: ~1 s on a 32k vocabulary)."""
     import llguidance.hf
@@ -161,13 +172,10 @@ class RowState:
         """The shortest tokens (EOS last) that end this row's tune with notes from where it stands; None when
         none of the tried completions fits the grammar."""
         text = ll_tok.decode_str(self.ids)
-        notes = has_notes(text)
-        tails = [t for t in completion_tails(self.constraints) if notes or "C" in t]
-        encoded = [ll_tok.tokenize_str(t) + [self.eos_id] if t else [self.eos_id] for t in tails]
-        for prefixes in ([""], CLOSERS, [a + b for a in CLOSERS for b in CLOSERS]):
+        encoded, closers = _encoded_tails(ll_tok, self.constraints, self.eos_id, has_notes(text))
+        for heads in closers:
             best = None
-            for prefix in prefixes:
-                head = ll_tok.tokenize_str(prefix) if prefix else []
+            for head in heads:
                 for tokens in encoded:
                     candidate = head + tokens
                     if best is not None and len(candidate) >= len(best):
@@ -178,7 +186,7 @@ class RowState:
                         best = candidate
                         break
             if best is not None:
-                return best
+                return list(best)
         return None  # nothing completes it (e.g. a line of words ended the tune): cut back at the end
 
     def next_forced(self) -> int | None:
@@ -291,8 +299,9 @@ class AbcLogitsProcessor:
             return False
         row, left = self.rows[i], self.max_new_tokens - self.steps
         token = row.next_forced()
-        # Look again only when the last completion found nearly fills what is left (they grow slowly).
-        due = row.plan_len is None or left <= row.plan_len + 2 * RESERVE_SLACK or self.steps % 4 == 0
+        # Look again only when the last completion found nearly fills what is left (they grow slowly; the
+        # validator run per search is most of constrained decoding's cost on a weak model).
+        due = row.plan_len is None or left <= row.plan_len + RESERVE_SLACK + 4 or self.steps % 8 == 0
         if token is None and left <= self.reserve_tokens and due:
             plan = row.completion(self.ll_tok)
             row.plan_len = len(plan) if plan is not None else 0

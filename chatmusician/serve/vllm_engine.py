@@ -9,8 +9,9 @@ Ray's ``runtime_env`` ``py_executable``. One thread steps the engine; the Compos
   per-request generator), ``stop`` strings, ``logprobs`` and ``echo`` prompt logprobs: vLLM's SamplingParams;
 - the pad token never sampled: a logit bias of -100;
 - multi-LoRA: ``LoRARequest`` per request (vLLM keeps ``max_loras`` on the device and an LRU cache of them);
-- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar, then the
-  answer is cut back to the grammar's last accepting point exactly as the transformers engine does
+- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar; a row that
+  runs out of tokens ends with its shortest completion in tokens kept back for it (the transformers engine's
+  budget-aware finish), else it is cut back to the grammar's last accepting point as that engine does
   (:class:`chatmusician.model.constrained.RowState` replayed over the ids);
 - a cancelled non-streaming row and a closed stream abort the vLLM request.
 """
@@ -42,6 +43,13 @@ from chatmusician.serve.config import EngineConfig
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 _RANGE = re.compile(r"~\s*(\d+)\s*\.\.\s*(\d+)")
+
+
+def reserve_tokens(max_new_tokens: int) -> int:
+    """Tokens a constrained row keeps back from vLLM to end its tune in (see ``VllmEngine._finish_tune``)."""
+    from chatmusician.model.constrained import RESERVE_TOKENS
+
+    return min(RESERVE_TOKENS, max_new_tokens // 2)
 
 
 def guidance_grammar(grammar: str) -> str:
@@ -244,6 +252,7 @@ class VllmEngine:
 
             grammar = guidance_grammar(tune_grammar(prepared.constraints))
             kwargs["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
+            kwargs["max_tokens"] = params.max_new_tokens - reserve_tokens(params.max_new_tokens)
         if prepared.prompt_logprobs is not None:
             kwargs["prompt_logprobs"] = prepared.prompt_logprobs
         kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE
@@ -256,6 +265,23 @@ class VllmEngine:
 
         matcher = new_matcher(self.tokenizer, constraints)
         return RowState(matcher, self.eos_id, constraints, ll_tokenizer(self.tokenizer))
+
+    def _finish_tune(
+        self, constraints: AbcConstraints, new_ids: list[int], budget: int
+    ) -> tuple[list[int], str]:
+        """A constrained row that ran out of tokens (vLLM stopped it ``reserve_tokens`` early) ends with its
+        shortest completion (close what is open, end the line, the rest of the header, a one-note line) in the
+        tokens kept back, as the transformers engine's budget-aware decoding forces it; where none fits, the
+        answer is cut back to the last point the grammar and the validator accept."""
+        row = self._row(constraints)
+        row.lazy = True  # the validator runs only for the completion and the cut-back
+        if new_ids and new_ids[-1] != self.eos_id:
+            for token in new_ids:
+                row.consume(token)
+            plan = row.completion(row.ll_tok) if row.error is None else None
+            if plan is not None and len(plan) - 1 <= budget - len(new_ids):
+                return new_ids + plan[:-1], "stop"
+        return row.finish(new_ids)
 
     def _lora(self, adapter: str | None):
         if adapter is None:
@@ -291,8 +317,7 @@ class VllmEngine:
         ids = new_ids[:-1] if ended_eos else new_ids
         reason = "length" if seq.finish_reason == "length" else "stop"
         if prepared.constraints is not None and seq.stop_reason is None:
-            row = self._row(prepared.constraints)
-            ids, reason = row.finish(new_ids)
+            ids, reason = self._finish_tune(prepared.constraints, new_ids, params.max_new_tokens)
         # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
         text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         logprobs = None
