@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from chatmusician.prompts import musical_form
 from chatmusician.serve.composer import ComposeError, EchoEngine, prepare_request
 from chatmusician.serve.config import ServeAppConfig
-from chatmusician.serve.ingress import Overloaded, build_api
+from chatmusician.serve.ingress import Overloaded, build_api, coalesce_deltas
 from chatmusician.serve.openai_api import ChatMessage, messages_to_turns
 
 TUNE = "X:1\nT:Test\nM:4/4\nL:1/8\nK:G\nGABc d2e2|f2g2 a4|]"
@@ -321,3 +321,13 @@ def test_api_key_cors_unknown_fields_and_a_failure_mid_stream():
             events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
         assert r.status_code == 200 and events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "stream_failed"
+
+
+def test_coalesce_deltas_joins_each_choices_consecutive_deltas_and_keeps_their_order():
+    done = {"done": {"finish_reason": "stop"}}
+    events = [(0, {"delta": "X:"}), (1, {"delta": "K:"}), (0, {"delta": "1\n"}), (0, done), (0, {"delta": "?"}),
+              (1, {"delta": "G"}), (1, None)]  # fmt: skip
+    assert coalesce_deltas(events) == [
+        (0, {"delta": "X:1\n"}), (1, {"delta": "K:G"}), (0, done), (0, {"delta": "?"}), (1, None),
+    ]  # fmt: skip
+    assert coalesce_deltas([]) == [] and coalesce_deltas([(0, done)]) == [(0, done)]

@@ -14,6 +14,7 @@ deterministic stand-in for UI tests (it ignores constraints).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import threading
@@ -640,6 +641,13 @@ def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | No
 _END = object()
 
 
+@dataclass
+class _Failed:
+    """An engine stream's exception on its way from the pump thread to the event loop."""
+
+    error: BaseException
+
+
 @serve.deployment(name="Composer")
 class Composer:
     """Serve deployment around an engine. Methods return plain dicts: ``{"error": {...}}`` for a refused request.
@@ -755,15 +763,46 @@ class Composer:
             return
         yield {"start": {"prompt_tokens": len(prepared.ids)}}
         cancel = threading.Event()
-        pieces = self.engine.stream(prepared, params, cancel)
+        loop, items, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
+
+        def produce() -> None:  # the engine's blocking iterator, owned (and closed) by this thread
+            pieces = self.engine.stream(prepared, params, cancel)
+            try:
+                for item in pieces:
+                    loop.call_soon_threadsafe(items.put_nowait, item)
+                    if cancel.is_set():
+                        break
+            except BaseException as error:  # noqa: BLE001 - raised to the caller below
+                loop.call_soon_threadsafe(items.put_nowait, _Failed(error))
+            finally:
+                pieces.close()
+                loop.call_soon_threadsafe(items.put_nowait, _END)
+                loop.call_soon_threadsafe(ended.set)
+
+        threading.Thread(target=produce, name="composer-stream-pump", daemon=True).start()
+        interval, sent_at = self.config.stream_interval_s, -1e9
         try:
-            while (item := await asyncio.to_thread(next, pieces, _END)) is not _END:
-                if isinstance(item, str):
-                    yield {"delta": item}
-                else:
-                    done = dataclasses.asdict(item)
-                    self._observe(done, arrived)
-                    yield {"done": done}
+            while True:
+                # What was generated since the last event goes out as one delta, at most every interval (the
+                # end of the answer at once).
+                wait = sent_at + interval - loop.time()
+                if interval > 0 and wait > 0 and not ended.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), wait)
+                batch = [await items.get()]
+                while not items.empty():
+                    batch.append(items.get_nowait())
+                if text := "".join(item for item in batch if isinstance(item, str)):
+                    yield {"delta": text}
+                    sent_at = loop.time()
+                for item in batch:
+                    if item is _END:
+                        return
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    if not isinstance(item, str):
+                        done = dataclasses.asdict(item)
+                        self._observe(done, arrived)
+                        yield {"done": done}
         finally:
-            cancel.set()
-            await asyncio.to_thread(pieces.close)
+            cancel.set()  # the pump stops the engine's stream and closes it

@@ -50,6 +50,24 @@ class Backend(Protocol):
     async def render(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
+def coalesce_deltas(events: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """(choice index, event) in order, with each choice's consecutive ``{"delta"}`` events joined into one
+    (fewer SSE chunks when a stream runs ahead of its client; text and order per choice unchanged)."""
+    out: list[tuple[int, Any]] = []
+    open_delta: dict[int, int] = {}  # choice -> position in out of its delta still open for joining
+    for i, event in events:
+        if isinstance(event, dict) and set(event) == {"delta"}:
+            if i in open_delta:
+                at = open_delta[i]
+                out[at] = (i, {"delta": out[at][1]["delta"] + event["delta"]})
+                continue
+            open_delta[i] = len(out)
+        else:
+            open_delta.pop(i, None)
+        out.append((i, event))
+    return out
+
+
 class HandleBackend:
     """The backend over Serve deployment handles; Serve's BackPressureError becomes :class:`Overloaded`."""
 
@@ -297,13 +315,16 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
         try:
             open_ = len(tasks)
             while open_:
-                i, event = await queue.get()
-                if isinstance(event, Exception):
-                    raise event
-                if event is None:
-                    open_ -= 1
-                    continue
-                yield i, event
+                batch = [await queue.get()]
+                while not queue.empty():  # what queued up meanwhile: a choice's deltas in a row become one
+                    batch.append(queue.get_nowait())
+                for i, event in coalesce_deltas(batch):
+                    if isinstance(event, Exception):
+                        raise event
+                    if event is None:
+                        open_ -= 1
+                        continue
+                    yield i, event
         finally:
             for task in tasks:
                 task.cancel()
