@@ -4,7 +4,7 @@ sends) at concurrency 1, 8 and 32, with time to first token; then an overload ru
 32 against small queues, on the vllm engine) that must give only 200 or 503, never another 5xx.
 
     .venv/bin/python -m benchmarks.serve [--sections [batching,engines,overload]] [--requests_per_level 48]
-        [--max_tokens 32] [--engine_requests_per_level 160] [--json out.json]
+        [--max_tokens 32] [--engine_max_tokens 256] [--json out.json]
 
 Starts its own local Ray (loopback, free port) and shuts it down at the end. Numbers are ratios against the
 unbatched baseline measured in the same run; absolute figures depend on the machine.
@@ -55,9 +55,12 @@ class ServeBenchConfig:
     """Engines compared in the engines section (the first is the baseline of the ratio)."""
     engine_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
     """Concurrency levels of the engines section (streaming requests)."""
-    engine_requests_per_level: int = 160
-    """Requests measured at each engines level (at least 4x the concurrency), after 2x the concurrency unmeasured
-    at that level: 48 requests at c=8 took ~1.5 s on vLLM, ramp-up and the closed loop's tail a large share."""
+    engine_max_tokens: int = 256
+    """Tokens per streamed answer in the engines section: a tune, as the web UI asks (Nottingham's median is ~280
+    tokens; 32-token answers measure per-request overhead more than the engine)."""
+    engine_requests_per_level: int = 48
+    """Requests measured at each engines level (at least 4x the concurrency), after one unmeasured round of
+    ``concurrency`` requests at that level (48 short answers at c=8 took ~1.5 s: ramp-up and tail dominated)."""
     size: str = "nano"
     """Tiny model size."""
     json: str | None = None
@@ -201,13 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
         for engine in cfg.engines if "engines" in cfg.sections else []:
             levels = cfg.engine_concurrency
             deploy(model, cfg.max_batch_size, ongoing=max(levels) * 2, queued=-1, engine=engine)
-            asyncio.run(load(url, 2, 4, cfg.max_tokens, stream=True))  # warm-up
             results["engines"][engine] = []
             for c in levels:
-                asyncio.run(load(url, c, 2 * c, cfg.max_tokens, stream=True))  # warm at this level
-                row = asyncio.run(
-                    load(url, c, max(cfg.engine_requests_per_level, 4 * c), cfg.max_tokens, stream=True)
-                )
+                asyncio.run(load(url, c, c, cfg.engine_max_tokens, stream=True))  # warm at this level
+                requests = max(cfg.engine_requests_per_level, 4 * c)
+                row = asyncio.run(load(url, c, requests, cfg.engine_max_tokens, stream=True))
                 results["engines"][engine].append(row)
                 print(f"{engine:12s} stream c={c:3d} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
                       f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s TTFT p50 {row.get('ttft_p50_s', 0):.3f}s "
