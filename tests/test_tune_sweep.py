@@ -114,6 +114,10 @@ def sweep_run(ray_cluster, tiny_model_path, sft_shards, tmp_path_factory):
     )
     sweep = folder / "sweeps" / "lr"
     env = _env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    from ray.util import placement_group_table
+
+    # Other modules' runs on the shared Ray are not this sweep's.
+    earlier_groups = set(placement_group_table())
     log = open(folder / "first.log", "w")
     first = subprocess.Popen(
         _sweep_command(config),
@@ -137,7 +141,8 @@ def sweep_run(ray_cluster, tiny_model_path, sft_shards, tmp_path_factory):
         _sweep_command(config), env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500
     )
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    return {"dir": sweep, "before": before, "stdout": second.stdout, "config": config}
+    return {"dir": sweep, "before": before, "stdout": second.stdout, "config": config,
+            "earlier_groups": earlier_groups}  # fmt: skip
 
 
 def _rows(sweep: Path) -> list[dict]:
@@ -197,11 +202,18 @@ def test_a_trial_that_fails_once_is_retried_and_finishes_from_its_checkpoint(swe
 def test_no_placement_group_is_left_after_the_sweep(sweep_run):
     from ray.util import placement_group_table
 
-    _wait(
-        lambda: all(pg["state"] == "REMOVED" for pg in placement_group_table().values()),
-        120,
-        "every placement group to be removed",
-    )
+    def left() -> dict:
+        """The sweep's placement groups (both drivers', the killed one's too) not yet removed."""
+        return {
+            pg_id: (pg["state"], pg.get("name"), pg.get("bundles"))
+            for pg_id, pg in placement_group_table().items()
+            if pg_id not in sweep_run["earlier_groups"] and pg["state"] != "REMOVED"
+        }
+
+    try:
+        _wait(lambda: not left(), 300, "every placement group of the sweep to be removed")
+    except AssertionError as error:
+        raise AssertionError(f"{error}: {left()}") from None
 
 
 def test_best_yaml_runs_unchanged_as_an_sft_config(sweep_run):
