@@ -638,6 +638,7 @@ def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | No
 
 # ---------------------------------------------------------------------------------------------- deployment
 
+# Put and checked in one function: Serve may pickle the Composer by value, copying globals per function.
 _END = object()
 
 
