@@ -34,8 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from chatmusician.data.packing import pack  # noqa: E402
+from chatmusician.train.batching import collate  # noqa: E402
 from chatmusician.train.config import LoraConfig, TrainConfig  # noqa: E402
-from chatmusician.train.recipe import _build_model, _optimizer, collate  # noqa: E402
+from chatmusician.train.modeling import build_model, build_optimizer  # noqa: E402
+from chatmusician.train.profiles import get_profile  # noqa: E402
 from chatmusician.train.schedule import lr_multiplier  # noqa: E402
 
 
@@ -58,9 +60,9 @@ def plain_loop(cfg: TrainConfig, rows: list[list[int]], steps: int, warmup: int)
     from torch.optim.lr_scheduler import LambdaLR
 
     torch.manual_seed(0)
-    model = _build_model(cfg, "fp32")
+    model = build_model(cfg, get_profile("cpu"))
     model.train()
-    optimizer = _optimizer(model, cfg, fused=False)
+    optimizer = build_optimizer(model, cfg, fused=False)
     scheduler = LambdaLR(optimizer, lr_multiplier(steps, cfg.lr, cfg.warmup_ratio))
     accumulation = cfg.global_batch_size // cfg.micro_batch_size
     micro = cfg.micro_batch_size
@@ -123,7 +125,7 @@ def layout_throughput(cfg: TrainConfig, docs, packing: str, batch_size: int) -> 
 
     rows = pack(docs, cfg.max_length, packing, "pt")
     torch.manual_seed(0)
-    model = _build_model(cfg, "fp32")
+    model = build_model(cfg, get_profile("cpu"))
     model.train()
     useful = padded = 0
     started = time.perf_counter()

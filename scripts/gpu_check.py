@@ -64,12 +64,14 @@ def run_profile(
 
     from chatmusician.model.loading import count_parameters
     from chatmusician.train import checkpointing
+    from chatmusician.train.batching import collate
     from chatmusician.train.checkpointing import TrainState
     from chatmusician.train.config import LoraConfig, TrainConfig
     from chatmusician.train.deepspeed_config import build_deepspeed_config
+    from chatmusician.train.modeling import build_model, build_optimizer
     from chatmusician.train.profiles import get_profile, mfu, peak_flops_for
-    from chatmusician.train.recipe import _build_model, _loss_scale, _optimizer, collate
     from chatmusician.train.schedule import lr_multiplier
+    from chatmusician.train.trainer import _loss_scale
 
     profile = get_profile(profile_name)
     cfg = TrainConfig(
@@ -88,10 +90,10 @@ def run_profile(
     accumulation = ds_config["gradient_accumulation_steps"]
     device = torch.device("cuda", 0) if profile.use_gpu else torch.device("cpu")
     torch.manual_seed(0)
-    model = _build_model(cfg, profile.precision)
+    model = build_model(cfg, profile)
     trainable, total = count_parameters(model)
     fused = profile.fused_optimizer and profile.use_gpu
-    optimizer = _optimizer(model, cfg, fused=fused)
+    optimizer = build_optimizer(model, cfg, fused=fused)
     scheduler = LambdaLR(optimizer, lr_multiplier(steps, cfg.lr, cfg.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -15,6 +15,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["WANDB_MODE"] = "offline"  # W&B writes its run files locally and never reaches its servers
+os.environ.setdefault("WANDB_SILENT", "true")
 # Ray gives its dashboard 60 s to come up; on a loaded 2-core host that is not always enough.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 

@@ -34,10 +34,14 @@ CPU, A800, V100 = "cpu_node", "accelerator_type:A800", "accelerator_type:V100"
 
 
 class BundleWatch:
-    """Polls the GCS placement-group table while a run fits: which nodes its worker bundles were placed on."""
+    """Polls the GCS placement-group table while a run fits: which nodes its worker bundles were placed on.
+    Only groups created after the watch began count (the table also keeps earlier runs' removed groups)."""
 
     def __init__(self, key: str):
+        from ray.util import placement_group_table
+
         self.key, self.nodes, self.groups = key, set(), {}
+        self._before = set(placement_group_table())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -46,6 +50,8 @@ class BundleWatch:
 
         while not self._stop.is_set():
             for pg_id, pg in placement_group_table().items():
+                if pg_id in self._before:
+                    continue
                 bundles = pg.get("bundles", {})
                 placed = pg.get("bundles_to_node_id", {})
                 nodes = [placed[i] for i, res in bundles.items() if self.key in res and placed.get(i)]
@@ -63,13 +69,42 @@ class BundleWatch:
         self._thread.join()
 
 
+def tune_fit(pretrain) -> dict:
+    """How many A800 sweep trials (2 GPU workers each) the mixed cluster holds at once, by the sweep's own
+    count, then that many trials' worth of placement groups as Tune + Train reserve them: every one is placed
+    at once (no trial waits), and no A800 GPU is left for another."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from chatmusician.train.placement import live_nodes, worker_resources
+    from chatmusician.tune.space import max_concurrent
+
+    trial = replace(pretrain, profile="a800", num_workers=2, cpus_per_worker=0.1, resources_per_worker={})
+    concurrent = max_concurrent(trial, 0.01, live_nodes())
+    need = worker_resources(trial)
+    groups = [placement_group([{"CPU": 0.01}] + [need] * trial.num_workers) for _ in range(concurrent)]
+    try:
+        ray.get([g.ready() for g in groups], timeout=120)  # all placed: a wait here would fail the run
+        left = ray.available_resources()
+        return {
+            "concurrent": concurrent,
+            "placed": len(groups),
+            "gpus_left": left.get("GPU", 0.0),
+            "totals_would_say": int(ray.cluster_resources()["GPU"] // trial.num_workers),
+        }
+    finally:
+        for g in groups:
+            remove_placement_group(g)
+
+
 def main(config_path: str, out_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
     from chatmusician.data.pipeline import write_shards
     from chatmusician.render.deployment import deployment_options
-    from chatmusician.train.recipe import TrainConfigError, train
+    from chatmusician.train.config import TrainConfigError
+    from chatmusician.train.recipe import train
 
     job = pickle.loads(Path(config_path).read_bytes())
     out = Path(out_dir)
@@ -113,6 +148,8 @@ def main(config_path: str, out_dir: str) -> None:
             except TrainConfigError as err:
                 report["impossible"].append({"error": str(err), "seconds": time.monotonic() - start})
 
+        report["tune"] = tune_fit(pretrain)
+
         @ray.remote
         def where() -> str:
             return ray.get_runtime_context().get_node_id()
@@ -136,7 +173,7 @@ def main(config_path: str, out_dir: str) -> None:
                 done.wait(0.05)  # a condition poll, not a fixed sleep
             if done.is_set():
                 return
-            node_id = next(iter(watch.nodes))
+            node_id = next(iter(watch.nodes))  # a node holding one of this run's workers
             node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
             removed["steps_logged"] = logged_steps()
             cluster.remove_node(node, allow_graceful=False)

@@ -143,20 +143,24 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
 
-    def submit(job_id: str, module: str, *args: str) -> str:
-        """``ray job submit`` (blocking); retried only while the job agent refuses, up to a deadline."""
+    def submit(job_id: str, module: str, *args: str, fails: bool = False, timeout: int = 600) -> str:
+        """``ray job submit`` (blocking); retried only while the job agent refuses, up to a deadline. A job
+        that must fail must do so within ``timeout`` (a hang raises TimeoutExpired)."""
         deadline = time.monotonic() + 240
         while True:
             done = subprocess.run(
                 [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--",
                  sys.executable, "-m", module, *args],
-                env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
             )  # fmt: skip
             out = done.stdout + done.stderr
             if not any(r in out for r in REFUSED) or time.monotonic() > deadline:
                 break
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)  # poll interval while the agent comes up
+        if fails:
+            assert done.returncode != 0 and "failed" in out, out[-4000:]
+            return out
         assert done.returncode == 0 and "succeeded" in done.stdout, out[-4000:]
         return done.stdout
 
@@ -168,6 +172,24 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         tables = [pq.read_table(shared / "shards" / s["file"]) for s in manifest["shards"]]
         assert sum(t.num_rows for t in tables) == manifest["sequences"]
         assert tables[0].column_names == ["input_ids", "labels"]  # sft rows are not packed: no position_ids
+
+        # Jobs no node can hold fail at once with one line (Ray Train would retry its worker group forever).
+        for job_id, args, expected in [
+            ("typo-accelerator", ["--accelerator_type", "H100"], "accelerator_type:H100"),
+            ("too-many-workers", ["--num_workers", "8", "--global_batch_size", "8", "--micro_batch_size", "1"],
+             "8 worker(s) of profile 'cpu'"),
+        ]:  # fmt: skip
+            log = submit(job_id, "ray_jobs.sft", "--config", sft_cfg, *args, fails=True, timeout=180)
+            error = next(line for line in log.splitlines() if "chatmusician sft: error:" in line)
+            assert expected in error and "hold" in error, log[-3000:]
+        # The live stream from the command line: the job connects before the pipeline sizes itself.
+        stream_cfg = write_yaml(
+            tmp_path / "sft_stream.yaml",
+            {**yaml.safe_load(Path(sft_cfg).read_text()), "run_name": "sft_stream", "max_steps": 1,
+             "data": {"stream": yaml.safe_load(Path(tok_cfg).read_text()) | {"output_dir": None}}},
+        )  # fmt: skip
+        log = submit("stream-sft", "ray_jobs.sft", "--config", stream_cfg)
+        assert "[sft_stream] step 1/1 loss" in log
 
         log = submit("chain-sft", "ray_jobs.sft", "--config", sft_cfg)
         assert "[sft] step 2/2 loss" in log

@@ -359,3 +359,125 @@ def test_fp16_overflow_steps_are_skipped_reported_and_never_move_the_schedule(ba
     assert all(math.isfinite(m["loss"]) for m in applied)
     state = read_train_state(run_dir / "checkpoint_0000004")
     assert (state.step, state.skipped_steps) == (4, len(skipped))
+
+
+# ---------------------------------------------------------------- checkpoints of what trains, trackers
+
+
+SMALL_LORA = LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=[])
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(base_config, tmp_path_factory):
+    """A model whose frozen part is ~450x its trainable part (a rank-2 adapter on q/v only, no trained
+    embeddings), 4 steps, checkpoints at 2 and 4, per ZeRO stage. ZeRO-0 runs straight through and reports to
+    TensorBoard, MLflow (a real local store) and W&B (offline); ZeRO-2 and ZeRO-3 lose a worker as step 3
+    starts and resume from checkpoint 2 (whose frozen base was never saved). Validation is capped at one
+    micro batch."""
+    from chatmusician.train.recipe import train
+
+    root = tmp_path_factory.mktemp("adapter_runs")
+    tracking = f"sqlite:///{root}/mlflow.db"
+    runs = {}
+    for stage in (0, 2, 3):
+        cfg = replace(
+            base_config,
+            run_name=f"adapter_zero{stage}",
+            storage_path=str(root / "runs"),
+            zero_stage=stage,
+            lora=SMALL_LORA,
+            max_steps=4,
+            checkpoint_every=2,
+            keep_last=2,
+            eval_every=2,
+            eval_max_batches=1,
+            eval_hook=None,
+            fail_at_step=3 if stage else None,
+            max_failures=1,
+            report_to=["tensorboard", "mlflow", "wandb"] if stage == 0 else ["tensorboard"],
+            tracking_uri=tracking,
+            experiment="adapter-test",
+        )
+        runs[stage] = (cfg, train(cfg))
+    return runs, tracking
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_lora_checkpoints_hold_what_trains_and_resume_without_the_frozen_base(
+    adapter_runs, stage, tiny_model_path
+):
+    from safetensors import safe_open
+
+    runs, _ = adapter_runs
+    cfg, result = runs[stage]
+    run_dir = Path(cfg.storage_path) / cfg.run_name
+    last = run_dir / "checkpoint_0000004"
+    with safe_open(str(last / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        trainable = sum(f.get_tensor(k).numel() for k in f.keys())
+    frozen = sum(p.stat().st_size for p in Path(tiny_model_path).glob("*.safetensors")) // 4
+    assert frozen >= 50 * trainable, (frozen, trainable)
+    # fp32: the weights, Adam's two moments, ZeRO's fp32 master partition and the adapter export, + metadata.
+    bound = trainable * 4 * 5 + 256 * 1024
+    assert _bytes(last) <= bound < frozen * 4, (_bytes(last), bound, frozen * 4)
+    # ...and resuming from such a checkpoint gives exactly the uninterrupted run's losses.
+    if stage:
+        assert (run_dir / ".failed_at_step_3").exists()
+        assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]  # step 3 never logged before the loss
+        assert losses_by_step(run_dir) == pytest.approx(
+            losses_by_step(Path(runs[0][0].storage_path) / runs[0][0].run_name), abs=LOSS_TOLERANCE
+        )
+    assert result.metrics["step"] == 4
+
+
+def test_validation_cap_reads_the_splits_first_rows_only(adapter_runs, abc_shards):
+    """eval_max_batches 1 x micro batch 2: val_tokens counts the target tokens of the split's first 2 rows."""
+    import pyarrow.parquet as pq
+
+    runs, _ = adapter_runs
+    cfg, _ = runs[0]
+    first = sorted(Path(abc_shards, "val").glob("part-*.parquet"))[0]
+    rows = pq.read_table(first).slice(0, 2).to_pylist()
+    expected = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+    logged = [m for m in metrics(Path(cfg.storage_path) / cfg.run_name) if "val_loss" in m]
+    assert [m["step"] for m in logged] == [2, 4] and all(m["val_tokens"] == expected for m in logged)
+
+
+def test_mlflow_and_wandb_get_params_every_step_and_the_adapter(adapter_runs):
+    import mlflow
+
+    runs, tracking = adapter_runs
+    cfg, _ = runs[0]
+    client = mlflow.tracking.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("adapter-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == cfg.run_name and run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "2" and run.data.params["zero_stage"] == "0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    logged = losses_by_step(Path(cfg.storage_path) / cfg.run_name)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert history == pytest.approx(logged, rel=1e-6)
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "adapter")]
+    assert "adapter/adapter_model.safetensors" in artifacts and "adapter/adapter_config.json" in artifacts
+    # W&B offline: one run folder under the run's storage, its history file written.
+    offline = list((Path(cfg.storage_path) / cfg.run_name / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_resume_refuses_a_run_whose_shape_changed(combo_run, base_config):
+    """A relaunch of a finished run with another micro batch (and so another accumulation and length) is one
+    line on the driver, before any worker starts: ZeRO shards and the data position are per rank, the schedule
+    per total steps."""
+    from chatmusician.train.config import TrainConfigError
+    from chatmusician.train.recipe import train
+
+    combo_run(0, "lora")
+    cfg = replace(base_config, run_name="zero0_lora", zero_stage=0, micro_batch_size=1, max_steps=STEPS + 2)
+    with pytest.raises(
+        TrainConfigError, match=r"micro_batch_size 2 -> 1; gradient_accumulation 2 -> 4; total_steps 6 -> 8"
+    ) as err:
+        train(cfg)
+    assert "\n" not in str(err.value)

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from chatmusician.config import load_config
-from chatmusician.train.config import PretrainConfig, SFTConfig, TrainConfig
+from chatmusician.train.batching import collate, step_seed
+from chatmusician.train.config import PretrainConfig, SFTConfig, TrainConfig, TrainConfigError
 from chatmusician.train.deepspeed_config import (
     BatchSizeError,
     build_deepspeed_config,
     gradient_accumulation_steps,
 )
+from chatmusician.train.placement import scaling_config
 from chatmusician.train.profiles import ProfileError, get_profile, mfu, peak_flops_for
-from chatmusician.train.recipe import (
-    TrainConfigError,
-    collate,
-    scaling_config,
-    step_seed,
-    total_steps_for,
-    validate,
-)
+from chatmusician.train.recipe import total_steps_for, validate
 from chatmusician.train.schedule import lr_at, lr_multiplier, warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +159,8 @@ def test_yaml_configs_carry_the_originals_defaults(cls, name, profile):
     assert (cfg.lr, tuple(cfg.betas), cfg.weight_decay) == (1e-4, (0.9, 0.95), 0.1)
     assert (cfg.warmup_ratio, cfg.grad_clip, cfg.global_batch_size, cfg.max_length) == (0.05, 1.0, 8, 2048)
     assert (cfg.zero_stage, cfg.profile, cfg.train_type) == (2, profile, "lora")
+    if name == "sft":  # the paper's "two epoch fine-tuning" and the original train.sh's NUM_EPOCHS=2
+        assert cfg.epochs == 2
     # The dataclass defaults agree with the YAML, so a bare `chatmusician pretrain` trains the same way.
     assert cls().lora == cfg.lora and cls().profile == profile
 
@@ -206,11 +204,13 @@ def test_collate_pads_right_and_keeps_packed_positions():
             [np.array([0, 1, 0, 1], np.int32), np.array([0, 1], np.int32)], dtype=object
         ),
     }
-    out = collate(batch, max_length=3)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0]]
-    assert out["labels"].tolist() == [[5, 6, 7], [-100, 10, -100]]
-    assert out["position_ids"].tolist() == [[0, 1, 0], [0, 1, 0]]  # the pad starts a segment of its own
-    assert int(out["num_tokens"]) == 5
+    out = collate(batch, max_length=4)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert out["labels"].tolist() == [[5, 6, 7, 8], [-100, 10, -100, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]  # the pad starts a segment of its own
+    assert int(out["num_tokens"]) == 6
+    with pytest.raises(ValueError, match="longer than max_length 3"):  # never cut silently
+        collate(batch, max_length=3)
     unpacked = collate({k: v for k, v in batch.items() if k != "position_ids"}, max_length=8)
     assert unpacked["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
 
@@ -264,7 +264,8 @@ def test_activation_checkpointing_recomputes_without_changing_loss_or_gradients(
     case where re-entrant checkpointing silently drops gradients), and far fewer activations are kept."""
     import torch
 
-    from chatmusician.train.recipe import _build_model
+    from chatmusician.train.modeling import build_model
+    from chatmusician.train.profiles import get_profile
 
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [8, 9, 10, 11, 12, 13, 14, 15]])
     results = {}
@@ -272,7 +273,7 @@ def test_activation_checkpointing_recomputes_without_changing_loss_or_gradients(
         cfg = TrainConfig(
             model=tiny_model_path, train_type=train_type, activation_checkpointing=checkpointing
         )
-        model = _build_model(cfg, "fp32")
+        model = build_model(cfg, get_profile("cpu"))
         model.train()
         saved = []  # tensors the forward pass keeps for backward
         torch.manual_seed(0)  # same dropout masks
@@ -301,7 +302,7 @@ def test_a_step_deepspeed_skips_on_overflow_neither_counts_nor_moves_the_schedul
     from torch.optim.lr_scheduler import LambdaLR
 
     from chatmusician.train.checkpointing import TrainState
-    from chatmusician.train.recipe import advance
+    from chatmusician.train.trainer import advance
 
     total, peak, floor = 10, 1e-3, 1e-5
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
@@ -324,15 +325,17 @@ def test_a_step_deepspeed_skips_on_overflow_neither_counts_nor_moves_the_schedul
 
 
 def test_mfu_counts_what_lora_computes(tiny_model_path):
-    from chatmusician.train.profiles import compute_parameters, train_flops_per_token
-    from chatmusician.train.recipe import _build_model
+    from chatmusician.train.modeling import build_model
+    from chatmusician.train.profiles import compute_parameters, get_profile, train_flops_per_token
 
     assert train_flops_per_token(100) == 600  # full training: 6N
     assert train_flops_per_token(100, 10) == 420  # LoRA: 4N + 2N_trainable
-    full = _build_model(TrainConfig(model=tiny_model_path, train_type="full"), "fp32")
+    full = build_model(TrainConfig(model=tiny_model_path, train_type="full"), get_profile("cpu"))
     n_full = sum(p.numel() for p in full.parameters())
     assert compute_parameters(full.named_parameters()) == n_full
-    lora = _build_model(TrainConfig(model=tiny_model_path), "fp32")  # modules_to_save embed_tokens + lm_head
+    lora = build_model(
+        TrainConfig(model=tiny_model_path), get_profile("cpu")
+    )  # modules_to_save embed_tokens + lm_head
     every = sum(p.numel() for p in lora.parameters())
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
@@ -346,7 +349,7 @@ def test_mfu_counts_what_lora_computes(tiny_model_path):
 def test_storage_location_of_local_folders_file_uris_and_other_filesystems(tmp_path):
     import pyarrow.fs as pafs
 
-    from chatmusician.train.recipe import local_run_dir, storage_location
+    from chatmusician.train.checkpointing import local_run_dir, storage_location
 
     fs, root = storage_location(TrainConfig(storage_path=f"file://{tmp_path}/runs", run_name="r"))
     assert isinstance(fs, pafs.LocalFileSystem) and root == f"{tmp_path}/runs"
@@ -365,7 +368,7 @@ def test_token_loss_sum_is_what_the_model_averages(tiny_model_path):
     import torch
 
     from chatmusician.model.loading import load_model
-    from chatmusician.train.recipe import token_loss_sum
+    from chatmusician.train.batching import token_loss_sum
 
     model = load_model(tiny_model_path).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7, 3], [8, 9, 10, 11, 12, 13]])
@@ -386,7 +389,7 @@ def test_token_loss_sum_is_what_the_model_averages(tiny_model_path):
     ],
 )
 def test_bad_eval_settings_are_config_errors(override, message):
-    from chatmusician.train.recipe import resolve_hook
+    from chatmusician.train.evaluation import resolve_hook
 
     cfg = TrainConfig(**{"profile": "cpu", "num_workers": 2, **override})
     with pytest.raises(TrainConfigError, match=message):
@@ -395,7 +398,110 @@ def test_bad_eval_settings_are_config_errors(override, message):
 
 
 def test_eval_steps_are_every_n_and_the_last():
-    from chatmusician.train.recipe import is_eval_step
+    from chatmusician.train.evaluation import is_eval_step
 
     assert [s for s in range(1, 11) if is_eval_step(s, 10, 4)] == [4, 8, 10]
     assert [s for s in range(1, 11) if is_eval_step(s, 10, None)] == [10]
+
+
+# ---------------------------------------------------------------- per-token loss over the optimizer step
+
+
+def _rows(packed: bool) -> list[dict]:
+    """8 rows of very different target counts (a masked source in some), as the data stage writes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, n in enumerate([5, 31, 12, 3, 24, 9, 17, 28]):
+        ids = rng.integers(4, 3000, size=n)
+        labels = ids.copy()
+        labels[: (n // 3 if i % 2 else 0)] = -100  # the SFT source is masked
+        row = {"input_ids": ids, "labels": labels}
+        if packed:  # two documents in the row: positions restart, the second's first token is not a target
+            cut = max(1, n // 2)
+            row["position_ids"] = np.concatenate([np.arange(cut), np.arange(n - cut)])
+            row["labels"][cut] = -100
+        rows.append(row)
+    return rows
+
+
+def _gradients(model, rows: list[dict], workers: int, micro: int) -> dict:
+    """Gradients as DeepSpeed forms them from the trainer's loss: each worker's contiguous rows in micro
+    batches of ``micro``, backward of ``loss / accumulation`` (DeepSpeed's scaling), then the mean over workers
+    (its data-parallel averaging), in float64."""
+    import numpy as np
+    import torch
+
+    from chatmusician.train.batching import micro_batch_loss, target_tokens
+
+    per_worker = len(rows) // workers
+    accumulation = per_worker // micro
+    batches = []
+    for w in range(workers):
+        mine = rows[w * per_worker : (w + 1) * per_worker]
+        for m in range(accumulation):
+            part = mine[m * micro : (m + 1) * micro]
+            batch = {k: np.array([r[k] for r in part], dtype=object) for k in part[0]}
+            batches.append((w, collate(batch, max_length=64)))
+    step_targets = sum(target_tokens(b["labels"]) for _, b in batches)  # what the all-reduce sums
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for w in range(workers):
+        model.zero_grad()
+        for _, batch in (x for x in batches if x[0] == w):
+            batch = {k: v for k, v in batch.items() if k != "num_tokens"}
+            loss, _ = micro_batch_loss(model, batch, step_targets, workers, accumulation)
+            (loss / accumulation).backward()
+        for n, p in model.named_parameters():
+            total[n] += p.grad / workers
+    return total
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_step_gradient_is_the_mean_over_every_target_token_however_the_step_is_cut(tiny_model_path, packed):
+    """1 worker x 8 rows, 1 x 4 micro batches of 2, and 2 workers x 2 micro batches of 2: the same gradient,
+    that of the plain mean token loss over all 8 rows in one batch (float64). A mean per micro batch (the old
+    loss) weights a token by how many share its micro batch and fails this."""
+    import numpy as np
+    import torch
+
+    from chatmusician.model.loading import load_model
+
+    model = load_model(tiny_model_path).double()
+    model.config.use_cache = False
+    rows = _rows(packed)
+    whole = collate({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}, max_length=64)
+    whole.pop("num_tokens")
+    model.zero_grad()
+    model(**whole).loss.backward()  # HF's mean over every target token of the 8 rows
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for workers, micro in [(1, 8), (1, 2), (2, 2)]:
+        grads = _gradients(model, rows, workers, micro)
+        for name, grad in reference.items():
+            torch.testing.assert_close(
+                grads[name], grad, rtol=1e-9, atol=1e-12, msg=f"{workers}x{micro} {name}"
+            )
+
+
+def test_zero3_builds_the_model_already_partitioned(tiny_model_path, tmp_path, monkeypatch):
+    """Under ZeRO-3 every weight is created inside DeepSpeed's zero.Init (partitioned as it is built: no rank
+    ever holds the whole 7B), LoRA and modules_to_save included; other stages build a plain model."""
+    import torch.distributed as dist
+
+    from chatmusician.train.deepspeed_config import build_deepspeed_config
+    from chatmusician.train.modeling import build_model
+    from chatmusician.train.profiles import get_profile
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)  # as Ray Train sets them on its workers
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        cfg = TrainConfig(model=tiny_model_path, profile="cpu", zero_stage=3, num_workers=1)
+        model = build_model(cfg, get_profile("cpu"), build_deepspeed_config(cfg, 1))
+        base = [p for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+        assert base and all(hasattr(p, "ds_id") and p.numel() == 0 for p in base)  # partitioned placeholders
+        stage2 = replace(cfg, zero_stage=2)
+        plain = build_model(stage2, get_profile("cpu"), build_deepspeed_config(stage2, 1))
+        assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+    finally:
+        dist.destroy_process_group()

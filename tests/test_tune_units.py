@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatmusician.config import load_config
-from chatmusician.train.config import SFTConfig
+from chatmusician.train.config import PretrainConfig, SFTConfig
 from chatmusician.tune.config import SweepConfig
 from chatmusician.tune.space import (
     SweepConfigError,
@@ -15,7 +15,6 @@ from chatmusician.tune.space import (
     config_yaml,
     max_concurrent,
     train_config,
-    trial_resources,
     tune_domains,
 )
 
@@ -85,16 +84,35 @@ def test_grid_search_turns_choices_into_grids_and_random_keeps_domains():
     assert type(rand["lr"]).__name__ == "Categorical" and type(rand["warmup_ratio"]).__name__ == "Float"
 
 
-def test_concurrency_counts_each_trials_driver_and_workers():
-    cpu_trial = trial_resources(SFTConfig(profile="cpu", num_workers=2, cpus_per_worker=0.5), 0.01)
-    assert cpu_trial == {"CPU": pytest.approx(1.01)}
-    assert max_concurrent({"CPU": 4.0}, cpu_trial) == 3  # 4 trials would need 4.04 CPUs
-    assert max_concurrent({"CPU": 4.0}, cpu_trial, requested=2) == 2
-    gpu_trial = trial_resources(SFTConfig(profile="v100", num_workers=4), 0.01)
-    assert gpu_trial["GPU"] == 4 and gpu_trial["CPU"] == pytest.approx(32.01)
-    assert max_concurrent({"CPU": 128.0, "GPU": 8.0}, gpu_trial) == 2  # GPUs bound it
-    with pytest.raises(SweepConfigError, match="one trial needs"):
-        max_concurrent({"CPU": 16.0, "GPU": 2.0}, gpu_trial)
+def _node(cpus: float, gpus: float = 0, accelerator: str | None = None) -> dict[str, float]:
+    return {"CPU": cpus, "GPU": gpus, **({f"accelerator_type:{accelerator}": 1.0} if accelerator else {})}
+
+
+# cluster.yaml's workers: two A800 nodes and one V100 node, 8 GPUs and 96 CPUs each, plus a CPU head.
+MIXED = [_node(16), _node(96, 8, "A800"), _node(96, 8, "A800"), _node(96, 8, "V100")]
+
+
+def test_concurrency_counts_whole_trials_on_nodes_of_their_accelerator_type():
+    """16 A800 + 8 V100: cluster totals (24 GPUs / 8) said 3 SFT trials at once, but only the V100 node can
+    hold an SFT trial's 8 workers: one fits. Pretraining trials fit twice, on the two A800 nodes."""
+    sft = SFTConfig(profile="v100", num_workers=8)
+    assert max_concurrent(sft, 0.01, MIXED) == 1
+    assert max_concurrent(PretrainConfig(profile="a800", num_workers=8), 0.01, MIXED) == 2
+    assert max_concurrent(PretrainConfig(profile="a800", num_workers=4), 0.01, MIXED) == 4
+    assert max_concurrent(PretrainConfig(profile="a800", num_workers=4), 0.01, MIXED, requested=3) == 3
+    # 12 workers per trial: spread over both A800 nodes (a worker fits on one node, a trial on several).
+    assert max_concurrent(PretrainConfig(profile="a800", num_workers=12), 0.01, MIXED) == 1
+    with pytest.raises(SweepConfigError, match="not even one trial fits.*accelerator_type:V100"):
+        max_concurrent(SFTConfig(profile="v100", num_workers=16), 0.01, MIXED)
+    # A worker bigger than any node (9 GPUs' worth of CPUs): none fits, whatever the totals say.
+    with pytest.raises(SweepConfigError, match="no node has that much CPU"):
+        max_concurrent(SFTConfig(profile="v100", num_workers=1, cpus_per_worker=97), 0.01, MIXED)
+
+
+def test_cpu_trials_leave_room_for_their_drivers():
+    cpu = SFTConfig(profile="cpu", num_workers=2, cpus_per_worker=0.5)
+    assert max_concurrent(cpu, 0.01, [_node(4)]) == 3  # 4 trials' workers fit, but not their 4 drivers too
+    assert max_concurrent(cpu, 0.01, [_node(4)], requested=2) == 2
 
 
 def test_sweep_config_errors_come_before_ray_starts(tmp_path):
@@ -103,8 +121,17 @@ def test_sweep_config_errors_come_before_ray_starts(tmp_path):
     good = {"base": str(ROOT / "configs" / "sft.yaml"), "space": {"lr": {"choice": [1e-4]}}}
     with pytest.raises(SweepConfigError, match="does not exist"):
         check(SweepConfig(**{**good, "base": str(tmp_path / "missing.yaml")}))
-    with pytest.raises(SweepConfigError, match="max_steps"):
-        check(SweepConfig(**good))
     with pytest.raises(SweepConfigError, match="num_samples"):
         check(SweepConfig(**good, overrides={"max_steps": 4}, num_samples=0))
-    check(SweepConfig(**good, overrides={"max_steps": 4}))
+    # The shipped sft.yaml's shards are not there: no validation split, so no sweep (not 16 trials for nothing).
+    with pytest.raises(SweepConfigError, match="no validation split"):
+        check(SweepConfig(**good, overrides={"max_steps": 4, "eval_every": 2}))
+    shards = tmp_path / "shards"
+    (shards / "val").mkdir(parents=True)
+    (shards / "val" / "manifest.json").write_text("{}")
+    data = {"data.shards": str(shards)}
+    with pytest.raises(SweepConfigError, match="eval_every"):
+        check(SweepConfig(**good, overrides={**data, "max_steps": 4}))
+    with pytest.raises(SweepConfigError, match="max_steps"):
+        check(SweepConfig(**good, overrides={**data, "eval_every": 2}))
+    check(SweepConfig(**good, overrides={**data, "max_steps": 4, "eval_every": 2}))

@@ -2,19 +2,24 @@
 
 Layout of one checkpoint (Ray merges the workers' folders into ``<storage>/<run>/checkpoint_<step>/``)::
 
-    deepspeed/state/...        DeepSpeed's sharded model + optimizer + scheduler state (every rank its shard)
+    deepspeed/state/...        DeepSpeed's sharded state of what trains: trainable weights, optimizer, scheduler
     deepspeed/latest           tag file DeepSpeed writes
-    train_state.json           step, data position (micro batches consumed per worker), fp16 steps skipped
+    train_state.json           step, data position, and the run shape resume must match (world, batches, plan)
     adapter/                   rank 0: PEFT adapter in safetensors (train_type lora) - PeftModel.from_pretrained
     model/                     rank 0: full HF model in safetensors (train_type full)
+
+A LoRA checkpoint never holds the frozen base (DeepSpeed's ``exclude_frozen_parameters``): at 7B the base is
+13.5 GB per checkpoint (twice under ZeRO-2 on GPU: module state + frozen fragments), the trainable part a few
+hundred MB. Resume loads the base from ``cfg.model`` again, then the trainable state on top.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -29,6 +34,37 @@ class TrainState:
     """Micro batches each worker has consumed (the data position: resume skips this many)."""
     skipped_steps: int = 0
     """fp16: optimizer steps DeepSpeed skipped on a gradient overflow (they do not count as steps)."""
+    world_size: int | None = None
+    """Workers of the run that wrote it: the data position and ZeRO shards are per rank."""
+    micro_batch_size: int | None = None
+    gradient_accumulation: int | None = None
+    total_steps: int | None = None
+    """Length of the schedule the learning rate follows."""
+    data_plan: str | None = None
+    """Fingerprint of the training rows (the shards' manifest, or the stream's config): what the position counts in."""
+
+
+RUN_SHAPE = ("world_size", "micro_batch_size", "gradient_accumulation", "total_steps", "data_plan")
+
+
+class ResumeMismatchError(ValueError):
+    """The run's shape differs from the checkpoint it would resume: resuming would not continue that run."""
+
+
+def check_resumable(saved: TrainState, current: TrainState, where: str) -> None:
+    """One line naming every field of the run's shape that differs from the checkpoint's (fields a checkpoint
+    written before they were recorded leaves unset are not compared)."""
+    diffs = [
+        f"{name} {getattr(saved, name)} -> {getattr(current, name)}"
+        for name in RUN_SHAPE
+        if getattr(saved, name) is not None and getattr(saved, name) != getattr(current, name)
+    ]
+    if diffs:
+        raise ResumeMismatchError(
+            f"cannot resume {where}: the run changed ({'; '.join(diffs)}); resuming would not continue it exactly "
+            "(ZeRO shards and the data position are per rank, the schedule per total steps): restore the old "
+            "settings, or start a new run_name"
+        )
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -38,32 +74,83 @@ def checkpoint_dir_name(step: int) -> str:
 def save(engine, out_dir: str | Path, state: TrainState, train_type: str, rank: int) -> None:
     """Write this worker's part of a checkpoint into ``out_dir`` (every rank must call it: it is collective)."""
     out_dir = Path(out_dir)
-    engine.save_checkpoint(str(out_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=asdict(state))
-    # ZeRO-3 partitions the weights: gather a full state dict (collective) before rank 0 exports.
+    lora = train_type == "lora"
+    engine.save_checkpoint(
+        str(out_dir / DEEPSPEED_DIR),
+        tag=DEEPSPEED_TAG,
+        client_state=asdict(state),
+        exclude_frozen_parameters=lora,
+    )
+    # ZeRO-3 partitions the weights: gather (layer by layer, collective) only what is exported; for LoRA that is
+    # the trainable part, never the 7B base.
     full_state = (
-        engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+        if engine.zero_optimization_stage() == 3
+        else None
     )
     if rank == 0:
-        export_dir = out_dir / ("adapter" if train_type == "lora" else "model")
+        export_dir = out_dir / ("adapter" if lora else "model")
         engine.module.save_pretrained(export_dir, state_dict=full_state, safe_serialization=True)
         (out_dir / TRAIN_STATE).write_text(json.dumps(asdict(state)))
 
 
 def load(engine, ckpt_dir: str | Path) -> TrainState:
-    """Restore model, optimizer and scheduler state into ``engine``; return the step and data position."""
-    load_path, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    """Restore the trained weights, optimizer and scheduler state into ``engine`` (built on the base model, so
+    a LoRA checkpoint's missing frozen weights are already in place); return the step and data position."""
+    load_path, client_state = engine.load_checkpoint(
+        str(Path(ckpt_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False
+    )
     if load_path is None:
         raise RuntimeError(f"no DeepSpeed state found in {ckpt_dir}")
-    return TrainState(
-        step=int(client_state["step"]),
-        micro_batches=int(client_state["micro_batches"]),
-        skipped_steps=int(client_state.get("skipped_steps", 0)),
-    )
+    return state_from(client_state)
+
+
+def state_from(values: dict[str, Any]) -> TrainState:
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in values.items() if k in known})
 
 
 def read_train_state(ckpt_dir: str | Path) -> TrainState:
     """The step and data position recorded in a checkpoint folder (no DeepSpeed needed)."""
-    return TrainState(**json.loads((Path(ckpt_dir) / TRAIN_STATE).read_text()))
+    return state_from(json.loads((Path(ckpt_dir) / TRAIN_STATE).read_text()))
+
+
+def latest_train_state(fs, run_root: str) -> tuple[str, TrainState] | None:
+    """(folder, state) of the newest checkpoint under a run's storage folder, or None (a new run)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(run_root, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
+        path = f"{run_root}/{name}/{TRAIN_STATE}"
+        if fs.get_file_info(path).is_file:
+            with fs.open_input_stream(path) as f:
+                return name, state_from(json.loads(f.read()))
+    return None
+
+
+# ---------------------------------------------------------------- where a run's storage is
+
+
+def local_run_dir(cfg) -> Path | None:
+    """``<storage>/<run>`` when storage is a local (or NFS-mounted) folder; None for URIs such as s3://."""
+    if "://" in cfg.storage_path and not cfg.storage_path.startswith("file://"):
+        return None
+    return Path(cfg.storage_path.removeprefix("file://")).expanduser().absolute() / cfg.run_name
+
+
+def storage_location(cfg, filesystem=None) -> tuple[Any, str]:
+    """(pyarrow filesystem, root path) of ``cfg.storage_path``: a local folder or ``file://`` path (made
+    absolute), a URI such as ``s3://bucket/prefix`` (its filesystem), or, with ``filesystem`` given, a path
+    inside that filesystem (how tests stand in for s3 with a local one)."""
+    import pyarrow.fs as pafs
+
+    if filesystem is not None:
+        return filesystem, cfg.storage_path
+    run_dir = local_run_dir(cfg)
+    if run_dir is not None:
+        return pafs.LocalFileSystem(), str(run_dir.parent)
+    return pafs.FileSystem.from_uri(cfg.storage_path)
 
 
 def fail_once(marker: str | Path) -> None:

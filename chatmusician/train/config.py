@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 
 from chatmusician.data.config import TokenizeConfig
 
+REPORTERS = ("tensorboard", "mlflow", "wandb")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+class TrainConfigError(ValueError):
+    """A train config that cannot run, found before any worker starts."""
+
 
 @dataclass
 class LoraConfig:
@@ -78,7 +85,9 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Sequences per worker per forward pass; gradient accumulation fills the rest of the global batch."""
     max_length: int = 2048
-    """Longest sequence fed to the model (longer rows are cut)."""
+    """Longest sequence fed to the model (shards written with a longer max_len are refused)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (flash_attention_2 on bf16 GPUs where flash-attn is installed: varlen over packed rows' position_ids, no dense mask; sdpa otherwise), sdpa, eager or flash_attention_2."""
     max_steps: int | None = None
     """Optimizer steps of the whole run; default: epochs x rows / global batch."""
     epochs: int = 1
@@ -103,14 +112,26 @@ class TrainConfig:
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
     keep_last: int = 3
     """How many checkpoints to keep."""
+    async_checkpoint_upload: bool = True
+    """Upload each checkpoint to storage in the background while training goes on (Ray Train's ASYNC mode)."""
     max_failures: int = 3
     """How many worker failures the run survives by restarting from the last checkpoint."""
     log_every: int = 10
     """Report metrics to Ray Train every this many steps (TensorBoard and metrics.jsonl get every step)."""
     eval_every: int | None = None
     """Evaluate the validation split every this many optimizer steps (and always at the end); None: at the end only."""
+    eval_max_batches: int | None = None
+    """Validate on at most this many batches of micro_batch_size rows (the split's first rows, the same for any world size); None: the whole split."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers rank 0 logs params and per-step metrics to: tensorboard, mlflow, wandb (metrics.jsonl always)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's own default)."""
+    experiment: str | None = None
+    """MLflow experiment / W&B project name (default: the run name's config class, e.g. sft)."""
+    placement_wait_s: float = 0.0
+    """Seconds to wait for nodes that can hold the workers to join (an autoscaling cluster) before refusing the run."""
     eval_hook: str | None = None
-    """Dotted path ``module:function`` called on rank 0 at each eval step as ``fn(model, tokenizer, step) -> dict[str, float]``; the metrics are merged into the report, TensorBoard and metrics.jsonl (model: the trained peft/HF module in eval mode, weights gathered under ZeRO-3; tokenizer: the base model's)."""
+    """Dotted path ``module:function`` called on rank 0 at each eval step as ``fn(model, tokenizer, step) -> dict[str, float]``; the metrics are merged into the report, TensorBoard and metrics.jsonl (model: the trained peft/HF module in eval mode, under ZeRO-3 a rank-0 copy consolidated layer by layer, never a full gather on every rank; tokenizer: the base model's)."""
     fail_at_step: int | None = None
     """Testing hook: the last rank kills its process as step N starts (before any collective of it), once per run (a marker file)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from chatmusician.train.config import PretrainConfig, SFTConfig, TrainConfig
@@ -137,28 +136,17 @@ def config_yaml(cfg: TrainConfig, header: str = "") -> str:
     return "".join(f"# {line}\n" for line in header.splitlines()) + body
 
 
-def trial_resources(cfg: TrainConfig, trial_cpus: float) -> dict[str, float]:
-    """What one trial holds while it runs: its driver function's CPUs plus every Train worker's."""
-    from chatmusician.train.profiles import get_profile
+def max_concurrent(
+    cfg: TrainConfig, trial_cpus: float, nodes: list[dict[str, float]], requested: int | None = None
+) -> int:
+    """Trials that fit the cluster's nodes at once (chatmusician.train.placement.trials_that_fit: a whole trial,
+    its workers on nodes of the right accelerator type): each holds its resources for its whole run, so more
+    would wait on each other's (with ASHA's pauses, possibly forever). ``requested`` is capped to that, a clear
+    error when even one trial does not fit."""
+    from chatmusician.train.placement import placement_error, trials_that_fit
 
-    profile = get_profile(cfg.profile)
-    per_worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else profile.cpus_per_worker
-    need = {"CPU": trial_cpus + cfg.num_workers * per_worker}
-    if profile.use_gpu:
-        need["GPU"] = float(cfg.num_workers)
-    for key, amount in cfg.resources_per_worker.items():
-        need[key] = need.get(key, 0.0) + cfg.num_workers * amount
-    return need
-
-
-def max_concurrent(cluster: dict[str, float], need: dict[str, float], requested: int | None = None) -> int:
-    """Trials that fit the cluster at once: each holds ``need`` for its whole run, so more would wait on each
-    other's resources (with ASHA's pauses, possibly forever). ``requested`` is capped to that, a clear error
-    when even one trial does not fit."""
-    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    fits = trials_that_fit(cfg, trial_cpus, nodes)
     if fits < 1:
-        raise SweepConfigError(
-            f"one trial needs {need} but the cluster has {{{', '.join(f'{k}: {cluster.get(k, 0)}' for k in need)}}}:"
-            " lower num_workers / cpus_per_worker, or add nodes"
-        )
+        why = placement_error(cfg, nodes) or f"no CPU is left for a trial's driver ({trial_cpus} CPU)"
+        raise SweepConfigError(f"not even one trial fits: {why}")
     return min(fits, requested) if requested else fits

@@ -31,7 +31,6 @@ from chatmusician.tune.space import (
     config_yaml,
     max_concurrent,
     train_config,
-    trial_resources,
     tune_domains,
 )
 
@@ -44,6 +43,7 @@ def sweep_dir(cfg: SweepConfig) -> Path:
 
 def base_config(cfg: SweepConfig):
     """The base train config with the sweep's overrides (what every trial starts from), checked."""
+    from chatmusician.train.inputs import val_shards_path
     from chatmusician.train.recipe import validate
 
     if not Path(cfg.base).is_file():
@@ -52,8 +52,13 @@ def base_config(cfg: SweepConfig):
         )
     train = train_config(cfg.base, cfg.command, cfg.overrides, {})
     validate(train)
-    if not (train.data.shards or train.data.val_shards):
-        raise SweepConfigError("sweeps rank trials on val_loss: the base needs data.shards with a val split")
+    if val_shards_path(train) is None:  # else every trial would run to the end with nothing for ASHA to judge
+        raise SweepConfigError(
+            f"sweeps rank trials on val_loss, but {train.data.shards or 'the base'} has no validation split: "
+            "tokenize with val_fraction > 0 (it writes <shards>/val) or set data.val_shards"
+        )
+    if not train.eval_every:
+        raise SweepConfigError("set eval_every in the base or overrides: ASHA needs val_loss during the run")
     return train
 
 
@@ -90,9 +95,15 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, root: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     values = {k: config[k] for k in sweep.space}
-    fixed: dict[str, Any] = {"run_name": f"trial_{trial_id}", "storage_path": f"{root}/trials"}
+    base = train_config(sweep.base, sweep.command, sweep.overrides, values)
+    # A checkpoint at every validation, all kept (adapters only: small), so the trial's best is on disk.
+    fixed: dict[str, Any] = {
+        "run_name": f"trial_{trial_id}",
+        "storage_path": f"{root}/trials",
+        "checkpoint_every": base.eval_every,
+        "keep_last": -(-base.max_steps // base.eval_every) + 1,
+    }
     if sweep.fail_trial_once is not None and _trial_index(trial_id) == sweep.fail_trial_once:
-        base = train_config(sweep.base, sweep.command, sweep.overrides, values)
         # A worker dies once, after the first checkpoint; Train gives up at once, so the trial itself fails.
         fixed |= {"fail_at_step": base.checkpoint_every + 1, "max_failures": 0}
     train = train_config(sweep.base, sweep.command, sweep.overrides, values, **fixed)
@@ -173,10 +184,10 @@ def _tuner(cfg: SweepConfig, base, root: Path):
     if tune.Tuner.can_restore(str(root)):
         print(f"[sweep] resuming {root} (finished trials keep their results)", flush=True)
         return tune.Tuner.restore(str(root), trainable=trainable, resume_errored=True)
-    import ray
+    from chatmusician.train.placement import live_nodes, worker_resources
 
-    need = trial_resources(base, cfg.trial_cpus)
-    concurrent = max_concurrent(ray.cluster_resources(), need, cfg.max_concurrent_trials)
+    concurrent = max_concurrent(base, cfg.trial_cpus, live_nodes(), cfg.max_concurrent_trials)
+    need = {"driver CPU": cfg.trial_cpus, f"{base.num_workers} workers x": worker_resources(base)}
     scheduler = (
         ASHAScheduler(
             time_attr="step",
@@ -222,7 +233,7 @@ def _tuner(cfg: SweepConfig, base, root: Path):
 
 def trial_rows(results, cfg: SweepConfig, root: Path, max_steps: int) -> list[dict[str, Any]]:
     """One row per trial: swept values, best and last validation loss, steps run, stopped early, time,
-    status, the adapter of its last checkpoint, and the validation curve (for the plot)."""
+    status, the adapter of its checkpoint at the best validation loss, and the validation curve (the plot)."""
     rows = []
     for result in results:
         trial_id = Path(result.path).name.split("_", 2)[-1] if result.path else ""
@@ -233,7 +244,8 @@ def trial_rows(results, cfg: SweepConfig, root: Path, max_steps: int) -> list[di
             curve = [(int(s), float(v)) for s, v in zip(history["step"], history[cfg.metric], strict=True)]
         steps = curve[-1][0] if curve else 0
         run_dir = root / "trials" / f"trial_{trial_id}"
-        checkpoints = sorted(run_dir.glob("checkpoint_*/adapter"))
+        best_step = min(curve, key=lambda sv: sv[1])[0] if curve else None
+        best_adapter = run_dir / f"checkpoint_{best_step or 0:07d}" / "adapter"
         rows.append(
             {
                 "trial_id": trial_id,
@@ -244,7 +256,8 @@ def trial_rows(results, cfg: SweepConfig, root: Path, max_steps: int) -> list[di
                 "stopped_early": result.error is None and steps < max_steps,
                 "time_s": round(float((result.metrics or {}).get("time_total_s", 0.0)), 1),
                 "status": "error" if result.error is not None else "finished",
-                "adapter": str(checkpoints[-1]) if checkpoints else "",
+                "best_step": best_step,
+                "adapter": str(best_adapter) if best_adapter.is_dir() else "",
                 "curve": curve,
             }
         )
