@@ -324,3 +324,34 @@ def test_plan_command_takes_pretrain_configs_and_overrides(capsys, llama2_7b):
     plans = json.loads(capsys.readouterr().out)
     assert code == 0 and len(plans) == 1
     assert (plans[0]["profile"], plans[0]["precision"], plans[0]["micro_batch_size"]) == ("a800", "bf16", 4)
+
+
+def test_a_hub_id_is_planned_from_its_config_json_alone(monkeypatch, tmp_path, llama2_7b):
+    """Real users pass a hub id: only config.json is fetched (here from the hub cache, offline)."""
+    import huggingface_hub.constants
+
+    from chatmusician.model.tiny import install_in_hub_cache
+    from chatmusician.train.plan import read_model_config
+
+    install_in_hub_cache(llama2_7b, "meta-llama/Llama-2-7b-hf", tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert read_model_config("meta-llama/Llama-2-7b-hf")["intermediate_size"] == 11008
+    with pytest.raises(ValueError, match="pass --model_config"):
+        read_model_config("meta-llama/not-in-the-cache")
+
+
+def test_plan_command_reads_the_shards_manifest(capsys, llama2_7b, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"sequences": 4000, "tokens": {"input": 4000 * 1024, "loss": 0}, "shards": []}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    args = ["plan", "--config", str(ROOT / "configs" / "pretrain.yaml"), "--model", llama2_7b]
+    assert main([*args, "--data.shards", str(shards), "--compare", "false", "--json", "true"]) == 0
+    (plan,) = json.loads(capsys.readouterr().out)
+    # 4000 rows, 8 workers, global batch 8: 500 steps of 8 x 1024 tokens.
+    assert (plan["data"]["rows"], plan["data"]["steps_per_epoch"], plan["tokens_per_epoch"]) == (
+        4000,
+        500,
+        4_096_000,
+    )
+    assert plan["seconds_per_epoch"] == pytest.approx(500 * plan["seconds_per_step"])
