@@ -59,6 +59,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.tune.sweep:run",
         "LoRA hyperparameter sweep (Ray Tune + ASHA on val_loss; results.csv, val_loss.png, best.yaml).",
     ),
+    "plan": (
+        "chatmusician.train.config:PlanConfig",
+        "chatmusician.train.plan_report:run",
+        "What a pretrain/sft config will cost per GPU, per step and per epoch; exit 2 when it cannot fit.",
+    ),
     "merge": (
         "chatmusician.train.config:MergeConfig",
         "chatmusician.model.merge:run",
@@ -162,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv[1:] = positional_as_flag(_resolve(COMMANDS[name][0]), argv[1:])
         build_parser(exit_on_error=False).parse_args(argv)  # validates the whole command line, serves --help
         config = build_config(argv[0], argv[1:], exit_on_error=False)
-        check_model_refs(config)  # before any Ray or model work starts
+        if not getattr(config, "model_config", None):  # plan may read a config.json given instead of model
+            check_model_refs(config)  # before any Ray or model work starts
         _resolve(COMMANDS[argv[0]][1])(config)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

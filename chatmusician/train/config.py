@@ -168,3 +168,20 @@ class MergeConfig:
     """Base model hub id or path; default: the one recorded in the adapter's config."""
     precision: str = "fp32"
     """Precision to merge and save in: fp32, bf16 or fp16."""
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """What a pretrain/sft run will cost before it starts (memory per GPU, steps, checkpoint size, wall time)
+    and whether it fits: the same config file and flags as ``chatmusician pretrain | sft``, plus the fields below."""
+
+    model_config: str | None = None
+    """A config.json (or a folder holding one) to plan from instead of the model's own; no weights are read."""
+    mfu: float = 0.40
+    """Model FLOPs utilisation the wall times assume (the trainer logs a run's own as ``mfu``)."""
+    margin: float = 0.10
+    """Fraction of each GPU's memory kept free for the CUDA context, NCCL buffers and allocator fragmentation."""
+    compare: bool = True
+    """Also plan the same run on the other GPU profiles, side by side (the exit status follows ``profile`` only)."""
+    json: bool = False
+    """Print the plans as JSON instead of a table."""

@@ -26,11 +26,14 @@ class Profile:
     """Use torch's fused AdamW kernel (CUDA only)."""
     peak_flops: float | None
     """Dense peak FLOP/s of one device in this precision, for the MFU estimate."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GiB, what the vendor's "80 GB" means (``chatmusician plan`` checks runs against it)."""
 
 
 PROFILES: dict[str, Profile] = {
-    "a800": Profile("a800", "bf16", (2, 3), "nccl", True, "A800", 8.0, True, 312e12),
-    "v100": Profile("v100", "fp16", (2, 3), "nccl", True, "V100", 8.0, False, 125e12),
+    "a800": Profile("a800", "bf16", (2, 3), "nccl", True, "A800", 8.0, True, 312e12, 80),
+    # This project's V100 nodes carry the 32 GB model.
+    "v100": Profile("v100", "fp16", (2, 3), "nccl", True, "V100", 8.0, False, 125e12, 32),
     # 0.5 CPU: Ray Data tasks must still get CPUs on a small machine (docs/TOOLS.md).
     "cpu": Profile("cpu", "fp32", (0, 1, 2, 3), "gloo", False, None, 0.5, False, None),
 }
