@@ -489,7 +489,7 @@ def test_zero3_builds_the_model_already_partitioned(tiny_model_path, tmp_path, m
     import torch.distributed as dist
 
     from chatmusician.train.deepspeed_config import build_deepspeed_config
-    from chatmusician.train.modeling import build_model
+    from chatmusician.train.modeling import build_model, build_optimizer
     from chatmusician.train.profiles import get_profile
 
     for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
@@ -503,5 +503,18 @@ def test_zero3_builds_the_model_already_partitioned(tiny_model_path, tmp_path, m
         stage2 = replace(cfg, zero_stage=2)
         plain = build_model(stage2, get_profile("cpu"), build_deepspeed_config(stage2, 1))
         assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+        # Weight decay goes to the same (2-D) weights although partitioned ones are 1-D placeholders.
+        for train_type in ("lora", "full"):
+            built = {
+                stage: build_model(
+                    replace(cfg, zero_stage=stage, train_type=train_type), get_profile("cpu"), ds
+                )
+                for stage, ds in ((3, build_deepspeed_config(cfg, 1)), (2, build_deepspeed_config(stage2, 1)))
+            }
+            sizes = {
+                stage: [len(g["params"]) for g in build_optimizer(m, cfg, fused=False).param_groups]
+                for stage, m in built.items()
+            }
+            assert sizes[3] == sizes[2] and sizes[3][0] > 0, (train_type, sizes)
     finally:
         dist.destroy_process_group()

@@ -70,13 +70,15 @@ def build_model(cfg: TrainConfig, profile: Profile, ds_config: dict[str, Any] | 
 
 
 def build_optimizer(model, cfg: TrainConfig, fused: bool):
-    """AdamW with the original's betas/decay; no decay on norms and biases (1-D tensors)."""
+    """AdamW with the original's betas/decay; no decay on norms and biases (1-D tensors). A parameter that
+    zero.Init has already partitioned is an empty 1-D placeholder: its real shape is ``ds_shape``."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)

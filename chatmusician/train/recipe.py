@@ -77,6 +77,21 @@ def total_steps_for(rows: int, cfg: TrainConfig) -> int:
     return steps
 
 
+def check_fits_memory(cfg: TrainConfig) -> None:
+    """The planner's memory check (``chatmusician plan``) before any worker starts: a run whose GPUs cannot hold
+    it is one line now, not an out-of-memory error after the model loaded on every node. A model the planner
+    cannot read (no config.json, not LLaMA-shaped) is said and skipped."""
+    from chatmusician.train.memory import PlanError
+    from chatmusician.train.plan import PlanRefused, preflight
+
+    try:
+        preflight(cfg)
+    except PlanRefused as err:
+        raise TrainConfigError(str(err)) from None
+    except PlanError as err:
+        print(f"[{cfg.run_name}] memory plan skipped: {err}", flush=True)
+
+
 def check_resume(cfg: TrainConfig, storage: tuple[Any, str], shape: checkpointing.TrainState) -> None:
     """Refuse at once, on the driver, to resume a checkpoint of this run name written with another shape."""
     fs, root = storage
@@ -105,6 +120,7 @@ def trainer_for(
 
     validate(cfg)
     profile = get_profile(cfg.profile)
+    check_fits_memory(cfg)
     check_placement(cfg)  # an impossible placement is one line now, never a wait in Ray Train's retry loop
     if cfg.eval_hook:
         resolve_hook(cfg.eval_hook)  # a bad path is a config error now, not a worker crash later
