@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ class RunLogs:
     def _start_wandb(self, project: str) -> None:
         import wandb
 
-        run_id = self.ids.get("wandb") or wandb.util.generate_id()
+        run_id = self.ids.get("wandb") or uuid.uuid4().hex[:12]
         self.wandb = wandb.init(
             project=project,
             name=self.cfg.run_name,
