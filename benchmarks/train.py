@@ -1,7 +1,8 @@
 """Training throughput, as ratios against baselines measured in the same run (not a test).
 
-1. Ray Train + DeepSpeed (the recipe, 1 worker) vs a plain single-process PyTorch loop: same model, LoRA,
-   micro batch, accumulation and rows; steady-state tokens/s (first steps dropped). Goal >= 0.9x.
+1. Ray Train + DeepSpeed (the recipe, 1 worker, reading tokenized shards itself: the data path of a real run)
+   vs a plain single-process PyTorch loop over the same shard rows in the same order: same model, LoRA, micro
+   batch and accumulation; steady-state tokens/s (first steps dropped). Goal >= 0.9x.
 2. Packed vs unpacked rows on a MusicPile-like length mix (many short ABC tunes, a tail of long documents):
    useful (non-pad) tokens/s through forward + backward with the recipe's collate. Goal >= 2x.
    Unpacked is the original's layout: one document per row, documents in random order, batches of 8 rows
@@ -42,7 +43,7 @@ from chatmusician.train.schedule import lr_multiplier  # noqa: E402
 
 
 def abc_rows(model_path: str, n: int, max_len: int) -> list[list[int]]:
-    """``n`` real ABC tunes (Nottingham), tokenized, cut to ``max_len``."""
+    """``n`` real ABC tunes (Nottingham), tokenized, cut to ``max_len`` (the packing comparison's pool)."""
     from chatmusician import corpora
     from chatmusician.model.loading import load_tokenizer
 
@@ -54,7 +55,29 @@ def abc_rows(model_path: str, n: int, max_len: int) -> list[list[int]]:
     ]
 
 
-def plain_loop(cfg: TrainConfig, rows: list[list[int]], steps: int, warmup: int) -> float:
+def write_abc_shards(model_path: str, max_len: int, out: str) -> list[dict]:
+    """The Nottingham tunes through the data stage (pt, unpacked, one tune a row) into ``out``; the rows in
+    written order (the order a run with ``data.shuffle: false`` reads them). Needs Ray (the stage is Ray Data)."""
+    import pyarrow.parquet as pq
+
+    from chatmusician import corpora
+    from chatmusician.data.config import SourceConfig, TokenizeConfig
+    from chatmusician.data.pipeline import write_shards
+
+    tokenize = TokenizeConfig(
+        sources=[SourceConfig(path=str(corpora.NOTTINGHAM_DIR / "*.abc"), format="abc")],
+        mode="pt",
+        tokenizer=model_path,
+        max_len=max_len,
+        packing="none",
+        output_dir=out,
+        progress=False,
+    )
+    manifest = write_shards(tokenize)
+    return [row for s in manifest["shards"] for row in pq.read_table(f"{out}/{s['file']}").to_pylist()]
+
+
+def plain_loop(cfg: TrainConfig, rows: list[dict], steps: int, warmup: int) -> float:
     """The baseline: one process, torch AdamW + LambdaLR + clipping + accumulation, no Ray, no DeepSpeed."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
@@ -72,7 +95,7 @@ def plain_loop(cfg: TrainConfig, rows: list[list[int]], steps: int, warmup: int)
         for _ in range(accumulation):
             chunk = rows[k * micro : (k + 1) * micro]
             k += 1
-            batch = collate({"input_ids": chunk, "labels": chunk}, cfg.max_length)
+            batch = collate({k: [r[k] for r in chunk] for k in ("input_ids", "labels")}, cfg.max_length)
             tokens += int(batch.pop("num_tokens"))
             (model(**batch).loss / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -83,17 +106,15 @@ def plain_loop(cfg: TrainConfig, rows: list[list[int]], steps: int, warmup: int)
     return statistics.median(rates[warmup:])
 
 
-def ray_path(cfg: TrainConfig, rows: list[list[int]], warmup: int) -> float:
-    """The recipe through TorchTrainer with one worker; tokens/s from its metrics.jsonl (startup excluded)."""
-    import ray
+def ray_path(cfg: TrainConfig, shards: str, warmup: int) -> float:
+    """The recipe through TorchTrainer with one worker reading ``shards`` in written order (the same rows as the
+    plain loop); tokens/s from its metrics.jsonl (startup excluded)."""
+    from dataclasses import replace
 
+    from chatmusician.train.config import DataConfig
     from chatmusician.train.recipe import train
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
-        train(cfg, {"train": ray.data.from_items([{"input_ids": r, "labels": r} for r in rows])})
-    finally:
-        ray.shutdown()
+    train(replace(cfg, data=DataConfig(shards=shards, shuffle=False)))
     logged = [json.loads(line) for line in (Path(cfg.storage_path) / cfg.run_name / "metrics.jsonl").open()]
     return statistics.median(m["tokens_per_s"] for m in logged[warmup:])
 
@@ -178,15 +199,25 @@ def main(argv: list[str] | None = None) -> int:
         log_every=10**6,
         lr=1e-3,
     )
-    rows = abc_rows(model, args.steps * cfg.global_batch_size, cfg.max_length)
     results: dict[str, object] = {"model": args.size, "steps": args.steps, "zero_stage": args.zero_stage}
 
     if not args.skip_ray:
-        plain_before = plain_loop(cfg, rows, args.steps, args.warmup)
-        ray_rate = ray_path(cfg, rows, args.warmup)
-        plain_after = plain_loop(cfg, rows, args.steps, args.warmup)  # bracket the Ray run against load drift
+        import ray
+
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        try:
+            shards = f"{storage}/shards"
+            rows = write_abc_shards(model, cfg.max_length, shards)
+            plain_before = plain_loop(cfg, rows, args.steps, args.warmup)
+            ray_rate = ray_path(cfg, shards, args.warmup)
+            plain_after = plain_loop(
+                cfg, rows, args.steps, args.warmup
+            )  # bracket the Ray run against load drift
+        finally:
+            ray.shutdown()
         plain = (plain_before + plain_after) / 2
         results |= {
+            "data_path": "shards read by the worker (data.shards, written order)",
             "plain_tokens_per_s": round(plain, 1),
             "ray_deepspeed_tokens_per_s": round(ray_rate, 1),
             "ray_vs_plain": round(ray_rate / plain, 3),
