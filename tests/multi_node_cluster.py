@@ -4,8 +4,8 @@ Used by tests/test_multi_node.py in a subprocess (a process joins one Ray cluste
 own). Nodes, CPU-backed, labelled like cluster.yaml's by the resources Ray gives real ones:
 
     head     1 CPU, cpu_node                      (driver, Renderer, Ray Data tasks)
-    a800-k   1 CPU, accelerator_type:A800, trainer_slot   x3
-    v100     1 CPU, accelerator_type:V100, trainer_slot
+    a800-k   1 CPU, 2 GPUs (declared), accelerator_type:A800, trainer_slot   x3
+    v100     1 CPU, 2 GPUs (declared), accelerator_type:V100, trainer_slot
 
 Then, in one cluster: tokenize (tasks write the shards) -> pretraining on A800 (2 workers, the reference run) ->
 SFT on V100 -> two impossible jobs (clear error, no hang) -> a Renderer replica's actor options -> the same
@@ -122,8 +122,9 @@ def main(config_path: str, out_dir: str) -> None:
     labels = {cluster.head_node.node_id: "cpu"}
     try:
         for k in range(3):
-            labels[cluster.add_node(**base, resources={A800: 1, "trainer_slot": 1}).node_id] = f"a800-{k}"
-        labels[cluster.add_node(**base, resources={V100: 1, "trainer_slot": 1}).node_id] = "v100"
+            node = cluster.add_node(**base, num_gpus=2, resources={A800: 1, "trainer_slot": 1})
+            labels[node.node_id] = f"a800-{k}"
+        labels[cluster.add_node(**base, num_gpus=2, resources={V100: 1, "trainer_slot": 1}).node_id] = "v100"
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         report = {"labels": labels}
@@ -159,7 +160,9 @@ def main(config_path: str, out_dir: str) -> None:
 
         # Node loss: once step 3 is logged (checkpoint 2 was reported before it began), remove the A800 node that
         # holds one of the run's workers: the node, its raylet and every process on it, not only a worker.
-        lossy = replace(pretrain, run_name="node_loss", max_failures=1)
+        # Synchronous upload: checkpoint 2 is committed before step 3 starts, so where the run resumes is certain
+        # (with the default background upload a node lost mid-upload resumes from the checkpoint before it).
+        lossy = replace(pretrain, run_name="node_loss", max_failures=1, async_checkpoint_upload=False)
         run_dir = Path(lossy.storage_path) / lossy.run_name
         metrics = run_dir / "metrics.jsonl"
         removed = {}

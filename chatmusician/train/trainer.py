@@ -202,10 +202,12 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any]) -> None:
         """A checkpoint of what trains, uploaded by Ray Train in the background when ``async_checkpoint_upload``
-        (it deletes the local copy once uploaded); a synchronous upload waits until Ray has committed it."""
+        (it deletes the local copy once uploaded; at most one upload in flight: the previous one is committed
+        first, so a failure loses at most one interval); a synchronous upload waits until Ray has committed it."""
         import ray.train
         from ray.train import CheckpointConsistencyMode, CheckpointUploadMode
 
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         if self.logs is not None:
             self.logs.sync()
         local = tempfile.mkdtemp(prefix=f"{self.cfg.run_name}-ckpt-")
