@@ -3,7 +3,6 @@ byte-identical re-runs, no duplicate shards after a crash, the verbal:score rati
 
 import hashlib
 import json
-import re
 
 import numpy as np
 import pyarrow as pa
@@ -97,7 +96,9 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     # The items' rows (4 work items) merged into files of shard_rows rows, numbered in order, all full but the
     # last; the manifest lists each file's row groups as its footer does, so a trainer plans without reading them.
     files = [s["file"] for s in manifest["shards"]]
-    assert files == [f"part-{k:05d}.parquet" for k in range(len(files))] and len(files) == -(-len(shards) // 40)
+    assert files == [f"part-{k:05d}.parquet" for k in range(len(files))] and len(files) == -(
+        -len(shards) // 40
+    )
     assert [s["rows"] for s in manifest["shards"][:-1]] == [40] * (len(files) - 1)
     from chatmusician.data.manifest import shard_plan
     from chatmusician.train.data_order import plan_chunks

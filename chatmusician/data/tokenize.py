@@ -100,7 +100,7 @@ def tokenizer_spec(tokenizer, cfg) -> dict[str, Any]:
     if use_sp:
         ids = "original: the slow legacy tokenizer's (sentencepiece per text between special tokens)"
     elif not legacy:
-        ids = "original: the fast tokenizer's, which equal the slow tokenizer's without legacy"
+        ids = "fast: the tokenizer is not legacy (the original's LLaMA-2 run was), so its fast ids are used as they are"
     else:
         why = "encoder: fast" if cfg.encoder == "fast" else "no tokenizer.model to run sentencepiece on"
         ids = f"fast ({why}): one space token fewer than the original's after each special token and at a leading space"
