@@ -207,3 +207,35 @@ def test_a_pool_that_would_starve_reads_is_a_clear_error(ray_cluster, corpus, ti
 
     with pytest.raises(ValueError, match="CPUs"):
         build_dataset(pt_config(corpus, tiny_model_path, tmp_path, num_tokenizers=64))
+
+
+def test_hub_source_pinned_and_both_splits_from_one_read(ray_cluster, corpus, tiny_model_path, tmp_path):
+    """A hub stand-in source with a validation fraction: one read writes both splits, each equal to its stream,
+    the manifest records the commit read, and the shards pass the trainer's check only for a fitting run."""
+    import shutil
+
+    from chatmusician.data.hub import standin_commit
+    from chatmusician.data.manifest import ShardMismatch, check_shards, read_manifest, tokenizer_fingerprint
+    from chatmusician.data.pipeline import build_dataset, read_shards, write_shards
+
+    repo = tmp_path / "hub" / "datasets" / "m-a-p" / "MusicPile" / "data"
+    repo.mkdir(parents=True)
+    shutil.copy(corpus / "abc.parquet", repo / "train-00000-of-00001.parquet")
+    cfg = pt_config(
+        corpus, tiny_model_path, tmp_path / "out", sources=[{"path": "m-a-p/MusicPile"}],
+        hub_root=str(tmp_path / "hub"), val_fraction=0.25, shard_rows=8,
+    )  # fmt: skip
+    manifest = write_shards(cfg)
+    commit = standin_commit(str(tmp_path / "hub"), "m-a-p/MusicPile")
+    assert manifest["sources"] == [
+        {"path": "m-a-p/MusicPile", "format": "hub", "revision": None, "commit": commit}
+    ]
+    val = read_manifest(str(tmp_path / "out" / "val"))
+    assert manifest["val"]["sequences"] == val["sequences"] > 0 and val["split"] == "val"
+    for split, folder in (("train", tmp_path / "out"), ("val", tmp_path / "out" / "val")):
+        shards = [list(r["input_ids"]) for r in read_shards(str(folder)).take_all()]
+        assert shards == [list(r["input_ids"]) for r in build_dataset(cfg, split=split).take_all()]
+    fingerprint = tokenizer_fingerprint(tiny_model_path)
+    check_shards(manifest, tokenizer_fingerprint=fingerprint, max_length=128, mode="pt", packing="greedy")
+    with pytest.raises(ShardMismatch, match="max_len 128 tokens vs max_length 64"):
+        check_shards(manifest, tokenizer_fingerprint=fingerprint, max_length=64)
