@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from chatmusician.config import load_config
+from chatmusician.data import plan as plan_module
 from chatmusician.data import sources
 from chatmusician.data.config import TokenizeConfig
 from chatmusician.data.hub import repo_path, standin_commit
@@ -81,7 +82,9 @@ def stage(cfg, tiny_model_path, staging, monkeypatch=None, flaky=None):
     from chatmusician.model.loading import load_tokenizer
 
     if flaky is not None:
-        monkeypatch.setattr(sources, "hub_filesystem", lambda hub_root: PyFileSystem(FSSpecHandler(flaky)))
+        monkeypatch.setattr(
+            plan_module, "hub_filesystem", lambda hub_root: PyFileSystem(FSSpecHandler(flaky))
+        )
     counter = RetryCount()
     pinned, record = sources.pin(cfg, counter)
     items = [{**i, "index": k} for k, i in enumerate(sources.item_dicts(sources.plan(pinned, counter)))]
