@@ -20,6 +20,7 @@ On more than one node ``output_dir`` must be storage every node reaches at the s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -254,6 +255,8 @@ def write_shards(cfg: TokenizeConfig) -> dict[str, Any]:
     items = plan_items(cfg_pinned, planning)
     weights = class_weights(cfg_pinned, items)
     out = cfg.output_dir
+    if out and "://" not in out:  # tasks run in other working directories (and on other nodes)
+        out = str(Path(out).expanduser().absolute())
     dirs = {"train": out, "val": join(out, VAL_DIR)} if out else {}
     staging = join(out, STAGING) if out else None
     if out:

@@ -165,7 +165,7 @@ def _stage_items(
         yield _meta("train", retries=retries.count)
         for split, writer in writers.items():
             for entry in writer.close():
-                entry["file"] = join(join(staging, split), entry["file"])
+                entry["file"] = join(writer.root, entry["file"])  # the path inside the output's filesystem
                 yield _meta(split, staged=json.dumps({"item": index, **entry}))
 
 
