@@ -155,3 +155,20 @@ def test_a_tokenizer_without_legacy_gives_its_fast_ids_and_the_manifest_says_so(
     tok, describe = data_stage(forced, fast)
     assert describe["encoder"] == "sentencepiece"
     assert stage_pt(forced, tok) == [original_pt(slow_tokenizer(path, legacy=True), t) for t in PT_ROWS]
+
+
+def test_shards_of_a_legacy_tokenizer_are_refused_by_a_run_whose_tokenizer_is_not(
+    legacy_pair, tiny_model_path, tmp_path
+):
+    """The same vocabulary, another `legacy`: other ids after </s>, so the fingerprints differ and training refuses."""
+    from chatmusician.data.manifest import MANIFEST_FORMAT, ShardMismatch, check_shards
+    from chatmusician.model.loading import load_tokenizer
+
+    path, fast, _ = legacy_pair
+    other = llama2_dir(tiny_model_path, tmp_path, legacy=False)
+    shards = {"format": MANIFEST_FORMAT, "max_len": 64, "tokenizer": tokenizer_fingerprint(path, fast)}
+    run = tokenizer_fingerprint(other, load_tokenizer(other))
+    assert run["vocab_size"] == shards["tokenizer"]["vocab_size"] and run["legacy"] is False
+    with pytest.raises(ShardMismatch, match="tokenizer sha256"):
+        check_shards(shards, tokenizer_fingerprint=run, max_length=64)
+    check_shards(shards, tokenizer_fingerprint=tokenizer_fingerprint(path, fast), max_length=64)
