@@ -110,3 +110,15 @@ def test_one_resolver_for_local_paths_file_uris_and_remote_uris(tmp_path, monkey
     assert resolve("bucket/k", mock) == (mock, "bucket/k")
     fs, path = resolve("mock:///data/a*/b.parquet")
     assert type(fs).__name__ == "_MockFileSystem" and path == "data/a*/b.parquet"
+
+
+def test_a_checked_plan_refuses_shards_of_another_tokenizer_before_any_worker(tmp_path, tiny_model_path):
+    from chatmusician.data.manifest import checked_plan, tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(tiny_model_path)
+    write_manifest(str(tmp_path), manifest(tokenizer=fingerprint, max_len=128))
+    plan = checked_plan(str(tmp_path), model=tiny_model_path, max_length=128, mode="sft")
+    assert plan["rows"] == 610
+    write_manifest(str(tmp_path), manifest(max_len=128))  # FINGERPRINT: another tokenizer
+    with pytest.raises(ShardMismatch, match=f"shards {tmp_path} do not fit this run"):
+        checked_plan(str(tmp_path), model=tiny_model_path, max_length=128)

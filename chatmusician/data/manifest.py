@@ -189,3 +189,29 @@ def shard_plan(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str
 def val_path(path: str, filesystem: pafs.FileSystem | None = None) -> str | None:
     """``<path>/val`` when the data stage wrote a validation split there, else None."""
     return join(path, VAL_DIR) if has_manifest(join(path, VAL_DIR), filesystem) else None
+
+
+def checked_plan(
+    path: str,
+    *,
+    model: str,
+    max_length: int,
+    mode: str | None = None,
+    packing: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """:func:`shard_plan` of ``path`` after :func:`check_shards` against ``model``'s tokenizer (loaded here unless
+    ``tokenizer`` is given) and the run's ``max_length``, ``mode`` and ``packing``: what a trainer calls once, on
+    the driver, before it starts a worker."""
+    plan = shard_plan(path, filesystem)
+    fingerprint = tokenizer_fingerprint(model, tokenizer)
+    check_shards(
+        plan["manifest"],
+        tokenizer_fingerprint=fingerprint,
+        max_length=max_length,
+        mode=mode,
+        packing=packing,
+        where=f"shards {path}",
+    )
+    return plan
