@@ -23,6 +23,12 @@ streaming stage grows by about the same absolute amount at every size, so its gr
     .venv/bin/python -m benchmarks.tokenize [--scale 16] [--rss-mb 100 400] [--repeat 3]
     .venv/bin/python -m benchmarks.tokenize --rss-only --rss-mb 100 400
     .venv/bin/python -m benchmarks.tokenize --nodes 1 2 [--scale 8] [--cpus-per-node 1]
+    .venv/bin/python -m benchmarks.tokenize --encoders [--scale 8]
+
+``--encoders``: the data stage's two encoders on a LLaMA-2-style legacy tokenizer (the tiny SentencePiece model,
+``legacy: true``): sentencepiece per text between special tokens (``encoder: original``, the slow tokenizer's
+ids) vs the fast tokenizer (``encoder: fast``), ids laid out flat as the tasks do, same threads, best of
+``--repeat``.
 
 ``--nodes``: only the scaling section. Each count of simulated nodes (``ray.cluster_utils.Cluster``, each node
 ``--cpus-per-node`` CPUs, one tokenize task per CPU) runs write_shards (the tasks write their own shards) and,
@@ -290,6 +296,52 @@ def bench_nodes(args, tokenizer_dir: str) -> None:
         )
 
 
+def bench_encoders(scale: int, repeat: int, tokenizer_dir: str) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from chatmusician.data.config import TokenizeConfig
+    from chatmusician.data.tokenize import BackendTokenizer, encode_flat, tokenizer_spec
+    from chatmusician.model.loading import load_tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # both encoders on every core, as a task holding them runs
+    os.environ["RAYON_NUM_THREADS"] = str(CORES)
+    with tempfile.TemporaryDirectory() as tmp:
+        legacy = Path(tmp) / "legacy"
+        legacy.mkdir()
+        shutil.copy(Path(tokenizer_dir) / "tokenizer.model", legacy / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+        config |= {"unk_token": "<unk>", "add_bos_token": True, "legacy": True}
+        (legacy / "tokenizer_config.json").write_text(json.dumps(config))
+        make_corpus(Path(tmp) / "corpus.parquet", scale)
+        texts = pq.read_table(Path(tmp) / "corpus.parquet", columns=["text"])["text"].to_pylist()
+        fast = load_tokenizer(str(legacy))
+        chars = sum(map(len, texts))
+        encoders, seconds, rounds = {}, {}, []
+        for encoder in ("original", "fast"):
+            spec = tokenizer_spec(fast, TokenizeConfig(tokenizer=str(legacy), encoder=encoder))
+            encoders[encoder] = (BackendTokenizer.from_spec(spec, threads=CORES), spec["describe"]["encoder"])
+        for _ in range(repeat):  # rounds: both encoders side by side in time (other jobs share the cores)
+            took = {}
+            for encoder, (tok, _) in encoders.items():
+                start = time.perf_counter()
+                for i in range(0, len(texts), 512):
+                    encode_flat(texts[i : i + 512], tok)
+                took[encoder] = time.perf_counter() - start
+                seconds[encoder] = min(seconds.get(encoder, float("inf")), took[encoder])
+            rounds.append(took["fast"] / took["original"])
+        for encoder, (_, kind) in encoders.items():
+            print(
+                f"encoder {encoder:<8} ({kind}): {seconds[encoder]:.2f} s, "
+                f"{chars / seconds[encoder] / 1e6:.2f} M chars/s ({CORES} threads)"
+            )
+        print(
+            f"sentencepiece (the original's ids) vs fast: {seconds['fast'] / seconds['original']:.2f}x throughput "
+            f"(best of each; round by round {', '.join(f'{r:.2f}' for r in rounds)})"
+        )
+
+
 def tree_rss(pid: int) -> int:
     import psutil
 
@@ -385,6 +437,7 @@ def main() -> None:
         "--rss-mb", type=float, nargs="*", default=[100, 400], help="corpus sizes for memory, MB"
     )
     parser.add_argument("--rss-only", action="store_true", help="only the memory section")
+    parser.add_argument("--encoders", action="store_true", help="only the encoders on a legacy tokenizer")
     parser.add_argument(
         "--repeat",
         type=int,
@@ -405,6 +458,8 @@ def main() -> None:
         return rss_run(Path(args.rss_run), tokenizer_dir)
     if args.rss_only:
         return bench_rss(args.rss_mb)
+    if args.encoders:
+        return bench_encoders(args.scale, args.repeat, tokenizer_dir)
     if args.nodes_run is not None:
         return nodes_run(args.nodes_run, args.cpus_per_node, args.scale, args.repeat, tokenizer_dir)
     if args.nodes:
