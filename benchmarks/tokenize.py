@@ -342,14 +342,18 @@ def bench_encoders(scale: int, repeat: int, tokenizer_dir: str) -> None:
         )
 
 
-def tree_rss(pid: int) -> int:
+def tree_rss(pid: int, by_process: dict[int, tuple[int, str]] | None = None) -> int:
+    """RSS of a process and all its children; ``by_process``: each one's (rss, name) by pid, filled in."""
     import psutil
 
     proc = psutil.Process(pid)
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            rss = p.memory_info().rss
+            total += rss
+            if by_process is not None:
+                by_process[p.pid] = (rss, p.name())
         except psutil.Error:
             pass
     return total
@@ -380,23 +384,30 @@ def rss_run(path: Path, tokenizer_dir: str) -> None:
 
     small = path.with_name("warmup.parquet")
     make_corpus(small, 1)
-    peak, done = [0], threading.Event()
+    peak, done, peaks = [0], threading.Event(), {}
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(os.getpid()))
+            now: dict[int, tuple[int, str]] = {}
+            peak[0] = max(peak[0], tree_rss(os.getpid(), now))
+            for pid, seen in now.items():
+                peaks[pid] = max(peaks.get(pid, seen), seen)
             time.sleep(0.1)
 
     with local_ray():
         bench_pipeline(small, tokenizer_dir)  # warm-up: workers, imports, the tokenizer in each
         time.sleep(1.0)  # let the warm-up's blocks be released before the baseline is read
-        base = tree_rss(os.getpid())
+        bases: dict[int, tuple[int, str]] = {}
+        base = tree_rss(os.getpid(), bases)
         threading.Thread(target=sample, daemon=True).start()
         seconds, manifest = bench_pipeline(path, tokenizer_dir)
         done.set()
     chars = int(pc.sum(pc.utf8_length(pq.read_table(path, columns=["text"])["text"])).as_py())
     result = {"chars": chars, "bytes": path.stat().st_size, "seconds": seconds, "base_rss": base}
     result |= {"peak_rss": peak[0], "tokens": manifest["tokens"]["input"]}
+    # by pid (Ray renames a worker for each task it runs); a process new in the run grows by all of its RSS
+    growth = {f"{name}:{pid}": rss - bases.get(pid, (0, ""))[0] for pid, (rss, name) in peaks.items()}
+    result["top_growth"] = sorted(growth.items(), key=lambda kv: -kv[1])[:4]
     print(json.dumps(result))
 
 
@@ -417,7 +428,8 @@ def bench_rss(megabytes: list[float]) -> None:
         print(
             f"RSS at {r['chars'] / 1e6:6.0f} M chars ({r['tokens'] / 1e6:.0f} M tokens, {r['seconds']:.1f} s): baseline "
             f"{r['base_rss'] / 2**20:6.0f} MiB, peak {r['peak_rss'] / 2**20:6.0f} MiB, growth {growth / 2**20:5.0f} MiB "
-            f"= {r['growth_per_gb'] / 2**20:6.0f} MiB per GB of input"
+            f"= {r['growth_per_gb'] / 2**20:6.0f} MiB per GB of input; most by process (peak - baseline): "
+            + ", ".join(f"{name} {rss / 2**20:.0f} MiB" for name, rss in r["top_growth"])
         )
     if len(runs) >= 2:
         first, last = runs[0], runs[-1]
