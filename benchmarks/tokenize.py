@@ -14,11 +14,21 @@ Measured in one run, on the same cores, each producing the token ids of every te
              tokenizer load, Ray Data planning and scheduling, tasks, shard writing, manifest); not timed:
              ray.init and starting Ray's worker processes (a warm-up run pays those, and leaves the tokenizer
              loaded in the workers), as the original's interpreter and imports are not timed either
-plus peak RSS (driver + every Ray process) at 1x and 10x the corpus, and the padding fraction of packed vs
-unpacked rows at the training batch shape (8 rows, padded to the longest).
+plus the padding fraction of packed vs unpacked rows at the training batch shape (8 rows, padded to the
+longest), and memory: the growth of the RSS of the driver + every Ray process while write_shards runs over a
+corpus of ``--rss-mb`` megabytes (several hundred), over the baseline of the same warmed-up processes measured
+just before the run (Ray's ~2 GB of fixed overhead is in the baseline, not the growth), per GB of input; a
+streaming stage grows by about the same absolute amount at every size, so its growth per GB falls.
 
-    .venv/bin/python -m benchmarks.tokenize [--scale 16] [--rss-scales 1 10] [--repeat 3]
-    .venv/bin/python -m benchmarks.tokenize --nodes 2 4 [--scale 8] [--cpus-per-node 1]
+    .venv/bin/python -m benchmarks.tokenize [--scale 16] [--rss-mb 100 400] [--repeat 3]
+    .venv/bin/python -m benchmarks.tokenize --rss-only --rss-mb 100 400
+    .venv/bin/python -m benchmarks.tokenize --nodes 1 2 [--scale 8] [--cpus-per-node 1]
+    .venv/bin/python -m benchmarks.tokenize --encoders [--scale 8]
+
+``--encoders``: the data stage's two encoders on a LLaMA-2-style legacy tokenizer (the tiny SentencePiece model,
+``legacy: true``): sentencepiece per text between special tokens (``encoder: original``, the slow tokenizer's
+ids) vs the fast tokenizer (``encoder: fast``), ids laid out flat as the tasks do, same threads, best of
+``--repeat``.
 
 ``--nodes``: only the scaling section. Each count of simulated nodes (``ray.cluster_utils.Cluster``, each node
 ``--cpus-per-node`` CPUs, one tokenize task per CPU) runs write_shards (the tasks write their own shards) and,
@@ -286,46 +296,147 @@ def bench_nodes(args, tokenizer_dir: str) -> None:
         )
 
 
-def tree_rss(pid: int) -> int:
+def bench_encoders(scale: int, repeat: int, tokenizer_dir: str) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from chatmusician.data.config import TokenizeConfig
+    from chatmusician.data.tokenize import BackendTokenizer, encode_flat, tokenizer_spec
+    from chatmusician.model.loading import load_tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # both encoders on every core, as a task holding them runs
+    os.environ["RAYON_NUM_THREADS"] = str(CORES)
+    with tempfile.TemporaryDirectory() as tmp:
+        legacy = Path(tmp) / "legacy"
+        legacy.mkdir()
+        shutil.copy(Path(tokenizer_dir) / "tokenizer.model", legacy / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+        config |= {"unk_token": "<unk>", "add_bos_token": True, "legacy": True}
+        (legacy / "tokenizer_config.json").write_text(json.dumps(config))
+        make_corpus(Path(tmp) / "corpus.parquet", scale)
+        texts = pq.read_table(Path(tmp) / "corpus.parquet", columns=["text"])["text"].to_pylist()
+        fast = load_tokenizer(str(legacy))
+        chars = sum(map(len, texts))
+        encoders, seconds, rounds = {}, {}, []
+        for encoder in ("original", "fast"):
+            spec = tokenizer_spec(fast, TokenizeConfig(tokenizer=str(legacy), encoder=encoder))
+            encoders[encoder] = (BackendTokenizer.from_spec(spec, threads=CORES), spec["describe"]["encoder"])
+        for _ in range(repeat):  # rounds: both encoders side by side in time (other jobs share the cores)
+            took = {}
+            for encoder, (tok, _) in encoders.items():
+                start = time.perf_counter()
+                for i in range(0, len(texts), 512):
+                    encode_flat(texts[i : i + 512], tok)
+                took[encoder] = time.perf_counter() - start
+                seconds[encoder] = min(seconds.get(encoder, float("inf")), took[encoder])
+            rounds.append(took["fast"] / took["original"])
+        for encoder, (_, kind) in encoders.items():
+            print(
+                f"encoder {encoder:<8} ({kind}): {seconds[encoder]:.2f} s, "
+                f"{chars / seconds[encoder] / 1e6:.2f} M chars/s ({CORES} threads)"
+            )
+        print(
+            f"sentencepiece (the original's ids) vs fast: {seconds['fast'] / seconds['original']:.2f}x throughput "
+            f"(best of each; round by round {', '.join(f'{r:.2f}' for r in rounds)})"
+        )
+
+
+def tree_rss(pid: int, by_process: dict[int, tuple[int, str]] | None = None) -> int:
+    """RSS of a process and all its children; ``by_process``: each one's (rss, name) by pid, filled in."""
     import psutil
 
     proc = psutil.Process(pid)
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            rss = p.memory_info().rss
+            total += rss
+            if by_process is not None:
+                by_process[p.pid] = (rss, p.name())
         except psutil.Error:
             pass
     return total
 
 
-def rss_run(scale: int, tokenizer_dir: str) -> None:
-    """Child process: pipeline on ``scale``x corpus while a thread samples the RSS of this process tree."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "corpus.parquet"
-        chars = make_corpus(path, scale)
-        peak, done = [0], threading.Event()
+def write_corpus_mb(path: Path, megabytes: float) -> int:
+    """A corpus of about ``megabytes`` MB of text (the default corpus's rows, repeated), written row group by row
+    group so that writing it never holds it in memory; returns its size in characters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(os.getpid()))
-                time.sleep(0.2)
+    one = path.with_suffix(".one.parquet")
+    make_corpus(one, 1)
+    unit = pq.read_table(one)
+    one.unlink()
+    unit_chars = int(pc.sum(pc.utf8_length(unit["text"])).as_py())
+    copies = max(1, round(megabytes * 1e6 / unit_chars))
+    with pq.ParquetWriter(path, unit.schema) as writer:
+        for _ in range(copies):
+            writer.write_table(pa.Table.from_batches(unit.to_batches()), row_group_size=512)
+    return copies * unit_chars
 
+
+def rss_run(path: Path, tokenizer_dir: str) -> None:
+    """Child process: write_shards over ``path`` while a thread samples the RSS of this process tree; the
+    baseline is the same tree after a warm-up run on a small corpus (Ray up, workers started, tokenizer loaded)."""
+    import pyarrow.parquet as pq
+
+    small = path.with_name("warmup.parquet")
+    make_corpus(small, 1)
+    peak, done, peaks = [0], threading.Event(), {}
+
+    def sample():
+        while not done.is_set():
+            now: dict[int, tuple[int, str]] = {}
+            peak[0] = max(peak[0], tree_rss(os.getpid(), now))
+            for pid, seen in now.items():
+                peaks[pid] = max(peaks.get(pid, seen), seen)
+            time.sleep(0.1)
+
+    with local_ray():
+        bench_pipeline(small, tokenizer_dir)  # warm-up: workers, imports, the tokenizer in each
+        time.sleep(1.0)  # let the warm-up's blocks be released before the baseline is read
+        bases: dict[int, tuple[int, str]] = {}
+        base = tree_rss(os.getpid(), bases)
         threading.Thread(target=sample, daemon=True).start()
-        with local_ray():
-            bench_pipeline(path, tokenizer_dir)  # warm-up: workers, imports
-            seconds, manifest = bench_pipeline(path, tokenizer_dir)
+        seconds, manifest = bench_pipeline(path, tokenizer_dir)
         done.set()
-        print(
-            json.dumps(
-                {
-                    "scale": scale,
-                    "chars": chars,
-                    "seconds": seconds,
-                    "peak_rss": peak[0],
-                    "tokens": manifest["tokens"]["input"],
-                }
+    chars = int(pc.sum(pc.utf8_length(pq.read_table(path, columns=["text"])["text"])).as_py())
+    result = {"chars": chars, "bytes": path.stat().st_size, "seconds": seconds, "base_rss": base}
+    result |= {"peak_rss": peak[0], "tokens": manifest["tokens"]["input"]}
+    # by pid (Ray renames a worker for each task it runs); a process new in the run grows by all of its RSS
+    growth = {f"{name}:{pid}": rss - bases.get(pid, (0, ""))[0] for pid, (rss, name) in peaks.items()}
+    result["top_growth"] = sorted(growth.items(), key=lambda kv: -kv[1])[:4]
+    print(json.dumps(result))
+
+
+def bench_rss(megabytes: list[float]) -> None:
+    """RSS growth per GB of input at each corpus size, each in a fresh process tree."""
+    runs = []
+    for mb in megabytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "corpus.parquet"
+            write_corpus_mb(path, mb)
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-run", str(path)], capture_output=True, text=True, check=True
             )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for r in runs:
+        growth = max(r["peak_rss"] - r["base_rss"], 0)
+        r["growth_per_gb"] = growth / (r["chars"] / 1e9)
+        print(
+            f"RSS at {r['chars'] / 1e6:6.0f} M chars ({r['tokens'] / 1e6:.0f} M tokens, {r['seconds']:.1f} s): baseline "
+            f"{r['base_rss'] / 2**20:6.0f} MiB, peak {r['peak_rss'] / 2**20:6.0f} MiB, growth {growth / 2**20:5.0f} MiB "
+            f"= {r['growth_per_gb'] / 2**20:6.0f} MiB per GB of input; most by process (peak - baseline): "
+            + ", ".join(f"{name} {rss / 2**20:.0f} MiB" for name, rss in r["top_growth"])
+        )
+    if len(runs) >= 2:
+        first, last = runs[0], runs[-1]
+        grew = (last["peak_rss"] - last["base_rss"]) / max(first["peak_rss"] - first["base_rss"], 1)
+        print(
+            f"input {last['chars'] / first['chars']:.1f}x larger: RSS growth {grew:.2f}x "
+            f"(flat = 1x: streaming), per GB of input {last['growth_per_gb'] / max(first['growth_per_gb'], 1):.2f}x"
         )
 
 
@@ -334,7 +445,11 @@ def main() -> None:
     parser.add_argument(
         "--scale", type=int, default=16, help="corpus size, in copies of the Nottingham tunes"
     )
-    parser.add_argument("--rss-scales", type=int, nargs="*", default=[1, 10])
+    parser.add_argument(
+        "--rss-mb", type=float, nargs="*", default=[100, 400], help="corpus sizes for memory, MB"
+    )
+    parser.add_argument("--rss-only", action="store_true", help="only the memory section")
+    parser.add_argument("--encoders", action="store_true", help="only the encoders on a legacy tokenizer")
     parser.add_argument(
         "--repeat",
         type=int,
@@ -345,14 +460,18 @@ def main() -> None:
         "--nodes", type=int, nargs="*", default=None, help="only the scaling section: these node counts"
     )
     parser.add_argument("--cpus-per-node", type=int, default=1)
-    parser.add_argument("--rss-run", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-run", type=str, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--nodes-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from chatmusician.model.tiny import ensure_tiny
 
     tokenizer_dir = str(ensure_tiny("nano"))
     if args.rss_run is not None:
-        return rss_run(args.rss_run, tokenizer_dir)
+        return rss_run(Path(args.rss_run), tokenizer_dir)
+    if args.rss_only:
+        return bench_rss(args.rss_mb)
+    if args.encoders:
+        return bench_encoders(args.scale, args.repeat, tokenizer_dir)
     if args.nodes_run is not None:
         return nodes_run(args.nodes_run, args.cpus_per_node, args.scale, args.repeat, tokenizer_dir)
     if args.nodes:
@@ -402,18 +521,7 @@ def main() -> None:
     print(
         f"padding at batch 8 (pad to longest): packed {packed['padding_fraction'][key]:.3f}, unpacked {unpacked['padding_fraction'][key]:.3f}"
     )
-    peaks = []
-    for scale in args.rss_scales:
-        out = subprocess.run(
-            [sys.executable, __file__, "--rss-run", str(scale)], capture_output=True, text=True, check=True
-        )
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        peaks.append(result["peak_rss"])
-        print(
-            f"peak RSS at {scale:>3}x ({result['chars'] / 1e6:.0f} M chars): {result['peak_rss'] / 2**20:7.0f} MiB  ({result['seconds']:.1f} s)"
-        )
-    if len(peaks) >= 2:
-        print(f"RSS growth {args.rss_scales[-1]}x corpus: {peaks[-1] / peaks[0]:.2f}x (goal <= 1.2x)")
+    bench_rss(args.rss_mb)
 
 
 if __name__ == "__main__":

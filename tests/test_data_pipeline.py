@@ -3,7 +3,6 @@ byte-identical re-runs, no duplicate shards after a crash, the verbal:score rati
 
 import hashlib
 import json
-import re
 
 import numpy as np
 import pyarrow as pa
@@ -94,12 +93,19 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
 
     shards = [{k: np.asarray(v) for k, v in r.items()} for r in read_shards(str(tmp_path / "a")).take_all()]
     assert len(shards) == manifest["sequences"] == sum(s["rows"] for s in manifest["shards"])
-    # The tasks wrote the shards, one series per work item (part-<item>-<k>), each full but its last.
-    by_item = {}
-    for shard in manifest["shards"]:
-        assert re.fullmatch(r"part-\d{5}-\d{4}\.parquet", shard["file"]), shard
-        by_item.setdefault(shard["file"][:10], []).append(shard["rows"])
-    assert len(by_item) > 1 and all(rows[:-1] == [40] * (len(rows) - 1) for rows in by_item.values())
+    # The items' rows (4 work items) merged into files of shard_rows rows, numbered in order, all full but the
+    # last; the manifest lists each file's row groups as its footer does, so a trainer plans without reading them.
+    files = [s["file"] for s in manifest["shards"]]
+    assert files == [f"part-{k:05d}.parquet" for k in range(len(files))] and len(files) == -(
+        -len(shards) // 40
+    )
+    assert [s["rows"] for s in manifest["shards"][:-1]] == [40] * (len(files) - 1)
+    from chatmusician.data.manifest import shard_plan
+    from chatmusician.train.data_order import plan_chunks
+
+    plan = shard_plan(str(tmp_path / "a"))
+    assert plan["chunks"] == plan_chunks(plan["files"], plan["filesystem"]) and plan["rows"] == len(shards)
+    assert not (tmp_path / "a" / "_staging").exists()
     tokens = sum(len(r["input_ids"]) for r in shards)
     assert tokens == manifest["tokens"]["input"] == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["tokens"]["loss"] == sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in shards)
@@ -112,7 +118,7 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
         pa.int32()
     )
     # every document gets exactly one EOS appended: the shards hold the EOS already in the texts (the chat
-    # rows' "</s>") plus one per written document
+    # rows' "</s>") plus one per written document; never a BOS
     from chatmusician.model.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_model_path)
@@ -122,6 +128,8 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     in_texts = sum(tok(t, add_special_tokens=False).input_ids.count(tok.eos_token_id) for t in texts)
     assert in_texts == 2 * 60  # the control: the texts alone already hold EOS tokens
     assert sum(int((r["input_ids"] == tok.eos_token_id).sum()) for r in shards) == in_texts + rows["written"]
+    assert not any(int((r["input_ids"] == tok.bos_token_id).sum()) for r in shards)
+    assert manifest["tokenizer"]["bos"].startswith("never") and manifest["read_retries"] == 0
 
     # The stream handed to training equals the shards, in order.
     streamed = build_dataset(cfg).take_all()
@@ -133,17 +141,24 @@ def test_pt_shards_manifest_determinism_and_crash_rerun(ray_cluster, corpus, tin
     strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731
     assert strip(again) == strip(manifest)
 
-    # The driver receives counts and shard names only, never the token ids.
-    meta = build_dataset(cfg, with_stats=True, write_to=str(tmp_path / "c")).take_all()
-    assert {k for row in meta for k in row} == {"stats", "shards"}
-    assert digests(tmp_path / "c") == digests(tmp_path / "a")
+    # The driver receives counts and staged file names only, never the token ids.
+    from chatmusician.data.pipeline import plan_items, stage_dataset
+    from chatmusician.data.tokenize import tokenizer_spec
+
+    spec = tokenizer_spec(tok, cfg)
+    meta = stage_dataset(cfg, plan_items(cfg), (1.0, 1.0), spec, str(tmp_path / "c")).take_all()
+    assert {k for row in meta for k in row} == {"split", "stats", "staged", "retries"}
+    assert len([r for r in meta if r["staged"]]) == 4  # one staged file per work item (3 row groups, 1 file)
 
     # A crashed run left no manifest, a stale shard and a temp file: a re-run leaves exactly its own shards,
     # and the same manifest, byte for byte.
     first_manifest = (tmp_path / "a" / "manifest.json").read_bytes()
     (tmp_path / "a" / "manifest.json").unlink()
     (tmp_path / "a" / "part-00099.parquet").write_bytes(b"stale")
+    (tmp_path / "a" / "part-00003-0001.parquet").write_bytes(b"stale, the earlier per-item layout")
     (tmp_path / "a" / ".part-00007.parquet.tmp").write_bytes(b"partial")
+    (tmp_path / "a" / "_staging" / "train").mkdir(parents=True)
+    (tmp_path / "a" / "_staging" / "train" / "item-00000.parquet").write_bytes(b"partial")
     with pytest.raises(FileNotFoundError, match="did not finish"):
         read_shards(str(tmp_path / "a"))
     write_shards(cfg)
@@ -192,3 +207,35 @@ def test_a_pool_that_would_starve_reads_is_a_clear_error(ray_cluster, corpus, ti
 
     with pytest.raises(ValueError, match="CPUs"):
         build_dataset(pt_config(corpus, tiny_model_path, tmp_path, num_tokenizers=64))
+
+
+def test_hub_source_pinned_and_both_splits_from_one_read(ray_cluster, corpus, tiny_model_path, tmp_path):
+    """A hub stand-in source with a validation fraction: one read writes both splits, each equal to its stream,
+    the manifest records the commit read, and the shards pass the trainer's check only for a fitting run."""
+    import shutil
+
+    from chatmusician.data.hub import standin_commit
+    from chatmusician.data.manifest import ShardMismatch, check_shards, read_manifest, tokenizer_fingerprint
+    from chatmusician.data.pipeline import build_dataset, read_shards, write_shards
+
+    repo = tmp_path / "hub" / "datasets" / "m-a-p" / "MusicPile" / "data"
+    repo.mkdir(parents=True)
+    shutil.copy(corpus / "abc.parquet", repo / "train-00000-of-00001.parquet")
+    cfg = pt_config(
+        corpus, tiny_model_path, tmp_path / "out", sources=[{"path": "m-a-p/MusicPile"}],
+        hub_root=str(tmp_path / "hub"), val_fraction=0.25, shard_rows=8,
+    )  # fmt: skip
+    manifest = write_shards(cfg)
+    commit = standin_commit(str(tmp_path / "hub"), "m-a-p/MusicPile")
+    assert manifest["sources"] == [
+        {"path": "m-a-p/MusicPile", "format": "hub", "revision": None, "commit": commit}
+    ]
+    val = read_manifest(str(tmp_path / "out" / "val"))
+    assert manifest["val"]["sequences"] == val["sequences"] > 0 and val["split"] == "val"
+    for split, folder in (("train", tmp_path / "out"), ("val", tmp_path / "out" / "val")):
+        shards = [list(r["input_ids"]) for r in read_shards(str(folder)).take_all()]
+        assert shards == [list(r["input_ids"]) for r in build_dataset(cfg, split=split).take_all()]
+    fingerprint = tokenizer_fingerprint(tiny_model_path)
+    check_shards(manifest, tokenizer_fingerprint=fingerprint, max_length=128, mode="pt", packing="greedy")
+    with pytest.raises(ShardMismatch, match="max_len 128 tokens vs max_length 64"):
+        check_shards(manifest, tokenizer_fingerprint=fingerprint, max_length=64)

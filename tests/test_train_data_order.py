@@ -126,3 +126,50 @@ def test_window_shuffle_is_a_permutation_of_the_window(shard_files):
     plain = np.array(list(itertools.chain.from_iterable(_ids(_reader(shard_files, window=1).batches(), 7))))
     # window 1 keeps each (shuffled) chunk's rows in order; a window over the whole share mixes them
     assert sorted(rows) == sorted(plain) and list(rows) != list(plain)
+
+
+def _counting_filesystem():
+    """The local filesystem's input files, counted while open (a stand-in for file descriptors)."""
+    local = pafs.LocalFileSystem()
+    state = {"open": 0, "most": 0, "opens": 0}
+
+    class Tracked:
+        def __init__(self, f):
+            self.f = f
+            state["open"] += 1
+            state["opens"] += 1
+            state["most"] = max(state["most"], state["open"])
+
+        def close(self):
+            if not self.f.closed:
+                state["open"] -= 1
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    class FS:
+        def open_input_file(self, path):
+            return Tracked(local.open_input_file(path))
+
+    return FS(), state
+
+
+def test_the_reader_keeps_a_bounded_number_of_files_open_and_reads_the_same_rows(tmp_path):
+    """Ten one-group files in a shuffled order: at most two open at once, each closed when evicted, and the
+    rows exactly those of a reader that may keep every file open."""
+    files = []
+    for k in range(10):
+        ids = [[k * 4 + i] for i in range(4)]
+        pq.write_table(pa.table({"input_ids": ids, "labels": ids}), tmp_path / f"part-{k:05d}.parquet")
+        files.append(str(tmp_path / f"part-{k:05d}.parquet"))
+    chunks = plan_chunks(files, pafs.LocalFileSystem())
+    fs, state = _counting_filesystem()
+    opts = {"rank": 0, "world": 1, "micro_batch_size": 4, "seed": 5, "window": 12}
+    bounded = ShardRowReader(files, fs, chunks, max_open_files=2, **opts)
+    wide = ShardRowReader(files, pafs.LocalFileSystem(), chunks, max_open_files=100, **opts)
+    assert _ids(bounded.batches(), 20) == _ids(wide.batches(), 20)  # two epochs
+    assert state["most"] == 2 and len(bounded._open) == 2
+    assert state["opens"] > 10  # files were closed and opened again rather than all kept open
+    bounded.close()
+    assert state["open"] == 0

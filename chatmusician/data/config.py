@@ -20,6 +20,8 @@ class SourceConfig:
     """auto (hub id when the path looks like owner/name and is no local path, else from the extension) | hub | parquet | jsonl | json | abc."""
     split: str = "train"
     """Hub datasets: read only the files whose path names this split (when any file does)."""
+    revision: str | None = None
+    """Hub datasets: branch, tag or commit sha (None = main), resolved once to the commit that every task reads and the manifest records; pass that sha to re-read the same rows."""
     weight: float = 1.0
     """Sampling weight = expected uses of each row: 0.5 keeps a deterministic half, 2 repeats every row twice."""
     src_weights: dict[str, float] = field(default_factory=dict)
@@ -47,7 +49,11 @@ class TokenizeConfig:
     text_field: str = "text"
     """pt: the text column."""
     add_eos: bool = True
-    """pt: end every document with EOS (documents are joined with EOS); False gives the original's ids exactly."""
+    """pt: end every document with EOS (documents are joined with EOS); False gives the original's ids exactly (its pt rows had none)."""
+    encoder: Literal["original", "fast"] = "original"
+    """original: the ids of the original's slow LLaMA tokenizer (a legacy tokenizer: sentencepiece on each text between special tokens, from tokenizer.model; else the fast tokenizer, whose ids then match) | fast: the fast tokenizer's ids (with legacy, one space token fewer after each </s> and at a leading space)."""
+    legacy: bool | None = None
+    """LLaMA's `legacy` tokenization (a space token added after each special token and at a text's start); None = what the tokenizer's config says (transformers 5 reads a missing key as False, the original's 4.x as True)."""
     sft_template: Literal["auto", "always", "never"] = "auto"
     """sft: auto (rows already in chat form, like MusicPile-sft, verbatim as the original; raw rows wrapped in `Human: … </s> ` / `Assistant: … </s> `) | always (wrap every row) | never (every row verbatim)."""
     sft_truncate: bool = True
@@ -78,6 +84,10 @@ class TokenizeConfig:
     """CPUs each tokenize task reserves; a task holding 2 or more runs that many tokenizer threads."""
     read_cpus: float = 0.25
     """CPUs each read task of the verbal_score_ratio counting pass reserves (the main pass reads inside its tokenize tasks)."""
+    read_retries: int = 5
+    """Retries of a read that failed transiently (HTTP 429/5xx, reset connections), with exponential backoff; counted in the manifest."""
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry of a read, doubled after each."""
     reject_samples: int = 20
     """How many rejected row ids (with reasons) the manifest keeps."""
     progress: bool = True

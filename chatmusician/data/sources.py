@@ -3,21 +3,18 @@ parquet: the same rows from Arrow kernels) with every bad row turned into a reas
 Mixture weights and the verbal:score ratio are per-row, deterministic decisions (a hash of the row id), so they
 stream and reproduce.
 
-Everything here is Ray-free: :func:`plan` lists work items (one parquet row group or one file each) and
+Everything here is Ray-free: :func:`plan` (data/plan.py) lists work items (one parquet row group or one file) and
 :func:`read_item_tables` turns one item into Arrow tables; the pipeline runs it in Ray Data tasks.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,13 +23,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from chatmusician.data.config import SourceConfig, TokenizeConfig
+from chatmusician.data.plan import (  # noqa: F401 - this module's names before the split; callers import them here
+    COMPRESSIONS,
+    EXTENSIONS,
+    SourceError,
+    WorkItem,
+    check_local_sources,
+    file_format,
+    filesystem,
+    is_hub_id,
+    item_dicts,
+    list_files,
+    pin,
+    plan,
+    retry_policy,
+    source_format,
+    split_files,
+)
+from chatmusician.data.retry import RetryCount, RetryPolicy, read_lines, with_retries
+from chatmusician.data.schema import READ_COLUMNS, READ_SCHEMA
 from chatmusician.prompts import sft_source_target
 
-EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".abc": "abc"}
-COMPRESSIONS = (".gz", ".bz2", ".zst")  # pyarrow decompresses these streams by extension
 REJECT_REASONS = ("missing_field", "not_string", "empty", "invalid_utf8", "too_long", "malformed_json")
 SFT_FIELDS = ("instruction", "input", "output")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TUNE_START = re.compile(rb"(?m)^X:")
 # Python's whitespace (what str.isspace and str.strip use), for telling blank texts apart in Arrow kernels
 _WHITESPACE = (
@@ -41,151 +54,6 @@ _WHITESPACE = (
     + "\u2028\u2029\u202f\u205f\u3000"
 )
 _BLANK_RE2 = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in _WHITESPACE) + "]*$"
-
-
-class SourceError(ValueError):
-    """A source that cannot be read at all (no files, unknown format): a config error, reported before any work."""
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One read task: a whole file, or one row group of a parquet file."""
-
-    source: int
-    path: str
-    format: str
-    row_group: int = -1
-    first_row: int = 0
-
-
-# --- resolving sources ---------------------------------------------------------------------------------------
-
-
-def is_hub_id(path: str) -> bool:
-    """``owner/name`` that is no URI and no existing local path."""
-    return "://" not in path and bool(_HUB_ID.match(path)) and not Path(path).exists()
-
-
-def file_format(path: str) -> str | None:
-    name = path.lower()
-    for ext in COMPRESSIONS:
-        name = name.removesuffix(ext)
-    return EXTENSIONS.get(Path(name).suffix)
-
-
-def source_format(src: SourceConfig) -> str:
-    if src.format != "auto":
-        return src.format
-    return "hub" if is_hub_id(src.path) else "auto"  # "auto" left: decided per file by extension
-
-
-def hub_filesystem(hub_root: str | None) -> pafs.FileSystem:
-    """The hub as a pyarrow filesystem whose paths are ``datasets/<owner>/<name>/...``: the real hub (fsspec
-    HfFileSystem, streaming byte ranges, nothing downloaded first) or a local directory laid out the same way."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    if hub_root is None:
-        from huggingface_hub import HfFileSystem
-
-        return PyFileSystem(FSSpecHandler(HfFileSystem()))
-    from fsspec.implementations.dirfs import DirFileSystem
-    from fsspec.implementations.local import LocalFileSystem
-
-    return PyFileSystem(FSSpecHandler(DirFileSystem(path=str(hub_root), fs=LocalFileSystem())))
-
-
-def filesystem(src: SourceConfig, hub_root: str | None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a source; remote URIs (s3://, gs://, hdfs://) go through pyarrow."""
-    if source_format(src) == "hub":
-        return hub_filesystem(hub_root), f"datasets/{src.path}"
-    if "://" in src.path:  # from_uri cannot parse globs: resolve the folder above the first wildcard
-        prefix = re.split(r"[*?\[]", src.path, maxsplit=1)[0].rsplit("/", 1)[0]
-        fs, base = pafs.FileSystem.from_uri(prefix)
-        return fs, base.rstrip("/") + src.path[len(prefix) :]
-    return pafs.LocalFileSystem(), str(Path(src.path).expanduser().absolute())
-
-
-def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    """A file, every readable file under a directory (recursively, hidden and ``_`` files skipped), or a glob."""
-    if any(c in path for c in "*?["):
-        base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        return sorted(i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, path))
-    info = fs.get_file_info(path)
-    if info.is_file:
-        return [path]
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(
-            i.path
-            for i in infos
-            if i.is_file
-            and file_format(i.path)
-            and not any(part.startswith((".", "_")) for part in i.path[len(path) :].split("/"))
-        )
-    return []
-
-
-def split_files(files: list[str], split: str) -> list[str]:
-    """Hub repos name splits in paths (``data/train-0000.parquet``, ``train/x.jsonl``): keep that split's files."""
-    token = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
-    chosen = [f for f in files if token.search(f.split("/", 3)[-1])]
-    return chosen or files
-
-
-def plan(cfg: TokenizeConfig) -> list[WorkItem]:
-    """Every source's work items, interleaved round-robin across sources so that a mixture streams mixed."""
-    if not cfg.sources:
-        raise SourceError("no sources given: set sources: [{path: ...}]")
-    per_source: list[list[WorkItem]] = []
-    for i, src in enumerate(cfg.sources):
-        fs, path = filesystem(src, cfg.hub_root)
-        files = list_files(fs, path)
-        if source_format(src) == "hub":
-            files = split_files([f for f in files if file_format(f)], src.split)
-        if not files:
-            raise SourceError(f"source {i} ({src.path!r}): no files found")
-        items = []
-        for f in files:
-            fmt = src.format if src.format not in ("auto", "hub") else file_format(f)
-            if fmt is None:
-                raise SourceError(
-                    f"source {i}: cannot tell the format of {f!r}; set format: parquet|jsonl|json|abc"
-                )
-            if fmt == "parquet":
-                meta = pq.ParquetFile(fs.open_input_file(f)).metadata
-                first = 0
-                for g in range(meta.num_row_groups):
-                    items.append(WorkItem(i, f, fmt, g, first))
-                    first += meta.row_group(g).num_rows
-            else:
-                items.append(WorkItem(i, f, fmt))
-        per_source.append(items)
-    mixed = []
-    for k in range(max(len(items) for items in per_source)):
-        mixed += [items[k] for items in per_source if k < len(items)]
-    return mixed
-
-
-def check_local_sources(cfg: TokenizeConfig) -> None:
-    """Before any cluster work: every local source exists and holds readable files (hub and remote sources are
-    listed later, by :func:`plan`); SourceError otherwise, saying what to pass."""
-    if not cfg.sources:
-        raise SourceError("no sources given: pass --config FILE.yaml with sources: [{path: ...}]")
-    for i, src in enumerate(cfg.sources):
-        if source_format(src) == "hub" or "://" in src.path:
-            continue
-        fs, path = filesystem(src, cfg.hub_root)
-        if not list_files(fs, path):
-            what = (
-                "does not exist"
-                if fs.get_file_info(path).type == pafs.FileType.NotFound
-                else "holds no files"
-            )
-            raise SourceError(
-                f"source {i} ({src.path!r}) {what}: pass a file, folder or glob of "
-                ".parquet/.jsonl/.json/.abc files, or a hub id owner/name"
-            )
 
 
 # --- reading raw rows -----------------------------------------------------------------------------------------
@@ -197,15 +65,28 @@ def needed_columns(cfg: TokenizeConfig, src: SourceConfig) -> list[str]:
     return [*SFT_FIELDS, "src"] if cfg.mode == "sft" else [src.text_field or cfg.text_field, "src"]
 
 
-def read_row_group(fs: pafs.FileSystem, item: WorkItem, columns: list[str]) -> pa.Table:
-    """The item's row group, with those of ``columns`` that the file has."""
-    pf = pq.ParquetFile(fs.open_input_file(item.path))
-    present = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
-    return pf.read_row_group(item.row_group, columns=present)
+def read_row_group(
+    fs: pafs.FileSystem,
+    item: WorkItem,
+    columns: list[str],
+    policy: RetryPolicy = RetryPolicy(0),
+    counter: RetryCount | None = None,
+) -> pa.Table:
+    """The item's row group, with those of ``columns`` that the file has; a transient error retries it."""
+
+    def read():
+        with fs.open_input_file(item.path) as f:
+            pf = pq.ParquetFile(f)
+            present = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
+            return pf.read_row_group(item.row_group, columns=present)
+
+    return with_retries(read, policy, counter)
 
 
-def iter_parquet(fs: pafs.FileSystem, item: WorkItem, columns: list[str]) -> Iterator[RawRow]:
-    table = read_row_group(fs, item, columns)
+def iter_parquet(
+    fs: pafs.FileSystem, item: WorkItem, columns: list[str], policy: RetryPolicy, counter: RetryCount | None
+) -> Iterator[RawRow]:
+    table = read_row_group(fs, item, columns, policy, counter)
     present = table.column_names
     # Strings as bytes: invalid UTF-8 from foreign writers must become a reject, not a decode error here.
     values = {}
@@ -214,7 +95,7 @@ def iter_parquet(fs: pafs.FileSystem, item: WorkItem, columns: list[str]) -> Ite
         is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
         values[name] = col.cast(pa.large_binary()).to_pylist() if is_text else col.to_pylist()
     for k in range(table.num_rows):
-        yield f"{item.path}:{item.first_row + k}", {name: v[k] for name, v in values.items()}
+        yield f"{item.row_key}:{item.first_row + k}", {name: v[k] for name, v in values.items()}
 
 
 def parse_json_line(line: bytes) -> Mapping[str, Any] | str:
@@ -227,46 +108,66 @@ def parse_json_line(line: bytes) -> Mapping[str, Any] | str:
     return row if isinstance(row, dict) else "malformed_json"
 
 
-def iter_json(fs: pafs.FileSystem, item: WorkItem) -> Iterator[RawRow]:
-    """JSON lines, or one JSON array of objects (``.json`` files are either, as on the hub)."""
-    with io.BufferedReader(fs.open_input_stream(item.path)) as f:
-        if f.peek(64).lstrip()[:1] == b"[":
-            raw = f.read()
-            try:
-                rows = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                rows = "invalid_utf8"
-            except ValueError:
-                rows = "malformed_json"
-            if isinstance(rows, str):
-                yield f"{item.path}:0", rows
-                return
-            for k, row in enumerate(rows):
-                yield f"{item.path}:{k}", row if isinstance(row, dict) else "malformed_json"
+def _read_all(fs: pafs.FileSystem, path: str, policy: RetryPolicy, counter: RetryCount | None) -> bytes:
+    def read():
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return with_retries(read, policy, counter)
+
+
+def _starts_with_bracket(fs: pafs.FileSystem, path: str, policy, counter) -> bool:
+    def peek():
+        with io.BufferedReader(fs.open_input_stream(path)) as f:
+            return f.peek(64).lstrip()[:1] == b"["
+
+    return with_retries(peek, policy, counter)
+
+
+def iter_json(
+    fs: pafs.FileSystem, item: WorkItem, policy: RetryPolicy, counter: RetryCount | None
+) -> Iterator[RawRow]:
+    """JSON lines (streamed, resumed after a transient error), or one JSON array of objects (``.json`` files
+    are either, as on the hub)."""
+    if _starts_with_bracket(fs, item.path, policy, counter):
+        raw = _read_all(fs, item.path, policy, counter)
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            rows = "invalid_utf8"
+        except ValueError:
+            rows = "malformed_json"
+        if isinstance(rows, str):
+            yield f"{item.row_key}:0", rows
             return
-        for k, line in enumerate(f):
-            if line.strip():
-                yield f"{item.path}:{k}", parse_json_line(line)
+        for k, row in enumerate(rows):
+            yield f"{item.row_key}:{k}", row if isinstance(row, dict) else "malformed_json"
+        return
+    for k, line in enumerate(read_lines(fs, item.path, policy, counter)):
+        if line.strip():
+            yield f"{item.row_key}:{k}", parse_json_line(line)
 
 
-def iter_abc(fs: pafs.FileSystem, item: WorkItem) -> Iterator[RawRow]:
+def iter_abc(
+    fs: pafs.FileSystem, item: WorkItem, policy: RetryPolicy, counter: RetryCount | None
+) -> Iterator[RawRow]:
     """One row per tune (split at ``X:`` lines), as ``{"text": tune}``."""
-    with fs.open_input_stream(item.path) as f:
-        data = f.read()
+    data = _read_all(fs, item.path, policy, counter)
     starts = [m.start() for m in _TUNE_START.finditer(data)]
     for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(data)], strict=True)):
-        yield f"{item.path}:{k}", {"text": data[a:b].strip()}
+        yield f"{item.row_key}:{k}", {"text": data[a:b].strip()}
 
 
-def iter_raw_rows(item: WorkItem, cfg: TokenizeConfig) -> Iterator[RawRow]:
+def iter_raw_rows(item: WorkItem, cfg: TokenizeConfig, counter: RetryCount | None = None) -> Iterator[RawRow]:
     src = cfg.sources[item.source]
     fs, _ = filesystem(src, cfg.hub_root)
+    policy = retry_policy(cfg)
     if item.format == "parquet":
-        return iter_parquet(fs, item, needed_columns(cfg, src))
+        return iter_parquet(fs, item, needed_columns(cfg, src), policy, counter)
     if item.format in ("jsonl", "json"):
-        return iter_json(fs, item)
+        return iter_json(fs, item, policy, counter)
     if item.format == "abc":
-        return iter_abc(fs, item)
+        return iter_abc(fs, item, policy, counter)
     raise SourceError(f"unknown format {item.format!r}")
 
 
@@ -360,23 +261,12 @@ def ratio_multipliers(n_verbal: float, n_score: float, ratio: tuple[float, float
 
 # --- the read task --------------------------------------------------------------------------------------------
 
-READ_COLUMNS = ("row_id", "src", "reject", "repeats", "is_score", "text", "source", "target")
-READ_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("src", pa.string()),
-        ("reject", pa.string()),
-        ("repeats", pa.int32()),
-        ("is_score", pa.bool_()),
-        ("text", pa.large_string()),
-        ("source", pa.large_string()),
-        ("target", pa.large_string()),
-    ]
-)
-
 
 def read_item(
-    item: WorkItem | Mapping[str, Any], cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)
+    item: WorkItem | Mapping[str, Any],
+    cfg: TokenizeConfig,
+    class_weights: tuple[float, float] = (1.0, 1.0),
+    counter: RetryCount | None = None,
 ) -> Iterator[dict[str, list]]:
     """One work item -> column batches of ``cfg.read_rows`` rows: valid rows carry their text and how many
     times to use them (``repeats``); bad rows carry only their id and ``reject`` reason."""
@@ -384,7 +274,7 @@ def read_item(
     src = cfg.sources[item.source]
     text_field = src.text_field or cfg.text_field
     batch: dict[str, list] = {c: [] for c in READ_COLUMNS}
-    for row_id, raw in iter_raw_rows(item, cfg):
+    for row_id, raw in iter_raw_rows(item, cfg, counter):
         fields = (
             raw
             if isinstance(raw, str)
@@ -409,19 +299,24 @@ def read_item(
 
 
 def read_item_tables(
-    item: WorkItem | Mapping[str, Any], cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)
+    item: WorkItem | Mapping[str, Any],
+    cfg: TokenizeConfig,
+    class_weights: tuple[float, float] = (1.0, 1.0),
+    counter: RetryCount | None = None,
 ) -> Iterator[pa.Table]:
     """:func:`read_item` as Arrow tables (:data:`READ_SCHEMA`); parquet row groups in pt mode take
     :func:`read_parquet_pt` when they can (the same rows)."""
     item = item if isinstance(item, WorkItem) else WorkItem(**item)
     table = (
-        read_parquet_pt(item, cfg, class_weights) if item.format == "parquet" and cfg.mode == "pt" else None
+        read_parquet_pt(item, cfg, class_weights, counter)
+        if item.format == "parquet" and cfg.mode == "pt"
+        else None
     )
     if table is not None:
         for start in range(0, table.num_rows, cfg.read_rows):
             yield table.slice(start, cfg.read_rows)
         return
-    for batch in read_item(item, cfg, class_weights):
+    for batch in read_item(item, cfg, class_weights, counter):
         yield pa.Table.from_pydict(batch, schema=READ_SCHEMA)
 
 
@@ -444,14 +339,18 @@ def _utf8_column(table: pa.Table, name: str) -> pa.Array | None:
 
 
 def read_parquet_pt(
-    item: WorkItem, cfg: TokenizeConfig, class_weights: tuple[float, float] = (1.0, 1.0)
+    item: WorkItem,
+    cfg: TokenizeConfig,
+    class_weights: tuple[float, float] = (1.0, 1.0),
+    counter: RetryCount | None = None,
 ) -> pa.Table | None:
     """:func:`read_item` for one parquet row group in pt mode, with Arrow kernels instead of a loop over rows
     (reading was ~10 % of a tokenize task's time): the same rows, reasons and repeats, as one table. None when
     the text or ``src`` column is not valid UTF-8 text, so that the per-row path names the reason."""
     src = cfg.sources[item.source]
     text_field = src.text_field or cfg.text_field
-    table = read_row_group(filesystem(src, cfg.hub_root)[0], item, [text_field, "src"])
+    fs = filesystem(src, cfg.hub_root)[0]
+    table = read_row_group(fs, item, [text_field, "src"], retry_policy(cfg), counter)
     text, srcs = _utf8_column(table, text_field), _utf8_column(table, "src")
     if text is None or srcs is None:
         return None
@@ -469,7 +368,7 @@ def read_parquet_pt(
     text = pc.if_else(ok, text, "")  # rejected rows carry only their id and reason
     srcs = pc.if_else(ok, pc.fill_null(srcs, ""), "")
     score = pc.and_(ok, is_score_column(text))
-    row_ids = [f"{item.path}:{item.first_row + k}" for k in range(table.num_rows)]
+    row_ids = [f"{item.row_key}:{item.first_row + k}" for k in range(table.num_rows)]
     counts = [
         repeats(row_id, src.weight * src.src_weights.get(s, 1.0) * class_weights[c], cfg.seed) if good else 0
         for row_id, s, c, good in zip(
@@ -479,7 +378,3 @@ def read_parquet_pt(
     none = pa.repeat(pa.scalar("", pa.large_string()), table.num_rows)  # pt rows have no source/target
     columns = [row_ids, srcs.cast(pa.string()), reject, pa.array(counts, pa.int32()), score, text, none, none]
     return pa.table(columns, schema=READ_SCHEMA)
-
-
-def item_dicts(items: list[WorkItem]) -> list[dict[str, Any]]:
-    return [asdict(i) for i in items]

@@ -1,6 +1,13 @@
 """Tokenize pt documents and sft samples into ``(input_ids, labels)``, and a whole read batch into packed
 training rows plus its statistics. Pure functions over a Hugging Face (fast) tokenizer: no Ray, so the
-trainer and the tests call them directly; the pipeline calls :func:`process_batch` inside actors.
+trainer and the tests call them directly; the pipeline calls :func:`process_batch` inside tasks.
+
+Which ids (``TokenizeConfig.encoder``): the original's data_preprocess.py ran LLaMA's slow tokenizer, which with
+``legacy`` (LLaMA-2's behaviour before transformers 4.35, and what its config meant then) encodes each text
+between special tokens on its own, so sentencepiece's dummy prefix adds a space token after every ``</s>`` and
+before a leading space. The fast tokenizer adds that prefix only where the text does not start with a space,
+so its ids differ exactly there: :class:`LegacySentencePiece` gives the slow ids instead. No BOS is ever added
+(the original called ``tokenizer(..., add_special_tokens=False)`` and ``tokenize``).
 
 Layouts (the original's data_preprocess.py, with its limits made configurable):
 - pt: ``ids(text) + [EOS]``, labels = the same ids (HF shifts them inside the model).
@@ -13,10 +20,12 @@ Layouts (the original's data_preprocess.py, with its limits made configurable):
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,16 +33,48 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from chatmusician.data.packing import IGNORE_INDEX, Doc, FlatDocs, flat_rows_to_table, pack_flat
-from chatmusician.data.sources import READ_SCHEMA
+from chatmusician.data.schema import READ_SCHEMA
+
+
+class LegacySentencePiece:
+    """LLaMA's slow tokenizer with ``legacy=True`` as ``tokenize`` + ``convert_tokens_to_ids`` run it: the text
+    split at its special tokens (``<unk>``, ``<s>``, ``</s>``: their ids), every other part encoded by
+    sentencepiece on its own (with its dummy-prefix space). The sentencepiece library, not a re-implementation."""
+
+    def __init__(self, model_proto: bytes, special: dict[str, int], threads: int = 1):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.special, self.threads = special, threads
+        self.split = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        layouts, parts = [], []  # per text: special ids (int) or the index of a part to encode (str marker)
+        for text in texts:
+            layout = []
+            for k, piece in enumerate(self.split.split(text)):
+                if k % 2:
+                    layout.append(self.special[piece])
+                elif piece:
+                    layout.append(str(len(parts)))
+                    parts.append(piece)
+            layouts.append(layout)
+        encoded = self.sp.encode(parts, num_threads=self.threads) if parts else []
+        return [
+            list(chain.from_iterable([x] if isinstance(x, int) else encoded[int(x)] for x in layout))
+            for layout in layouts
+        ]
 
 
 @dataclass
 class BackendTokenizer:
-    """What the data stage uses of a Hugging Face fast tokenizer: its Rust ``tokenizers`` backend and the EOS
-    id. Built from ``backend_tokenizer.to_str()``, it loads in a fraction of a second without transformers."""
+    """What the data stage uses of a Hugging Face fast tokenizer: its Rust ``tokenizers`` backend, the EOS id,
+    and, for the original's legacy ids, sentencepiece. Built from a :func:`tokenizer_spec`, it loads in a
+    fraction of a second without transformers."""
 
     backend_tokenizer: Any
     eos_token_id: int
+    sentencepiece: LegacySentencePiece | None = None
 
     @classmethod
     def from_str(cls, serialized: str, eos_token_id: int) -> BackendTokenizer:
@@ -41,26 +82,66 @@ class BackendTokenizer:
 
         return cls(Tokenizer.from_str(serialized), eos_token_id)
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], threads: int = 1) -> BackendTokenizer:
+        tok = cls.from_str(spec["json"], spec["eos_token_id"])
+        if spec["sentencepiece"] is not None:
+            tok.sentencepiece = LegacySentencePiece(spec["sentencepiece"], spec["special"], threads)
+        return tok
 
-def _encode(texts: Sequence[str], tokenizer) -> list:
+
+def tokenizer_spec(tokenizer, cfg) -> dict[str, Any]:
+    """What tasks need to rebuild the data stage's encoder from a loaded HF tokenizer and ``cfg``
+    (``encoder``, ``legacy``), and ``describe``: what the manifest says about the ids it gives."""
+    legacy = cfg.legacy if cfg.legacy is not None else bool(getattr(tokenizer, "legacy", False))
+    model_file = getattr(tokenizer, "vocab_file", None)
+    has_model = bool(model_file) and Path(model_file).is_file()
+    use_sp = cfg.encoder == "original" and legacy and has_model
+    if use_sp:
+        ids = "original: the slow legacy tokenizer's (sentencepiece per text between special tokens)"
+    elif not legacy:
+        ids = "fast: the tokenizer is not legacy (the original's LLaMA-2 run was), so its fast ids are used as they are"
+    else:
+        why = "encoder: fast" if cfg.encoder == "fast" else "no tokenizer.model to run sentencepiece on"
+        ids = f"fast ({why}): one space token fewer than the original's after each special token and at a leading space"
+    return {
+        "json": tokenizer.backend_tokenizer.to_str(),
+        "eos_token_id": tokenizer.eos_token_id,
+        "sentencepiece": Path(model_file).read_bytes() if use_sp else None,
+        "special": dict(tokenizer.added_tokens_encoder),
+        "describe": {
+            "encoder": "sentencepiece" if use_sp else "fast",
+            "ids": ids,
+            "ids_legacy": legacy,
+            "bos": "never added (as the original: add_special_tokens=False and tokenize)",
+            "eos": "pt: one after each document when add_eos; sft: after the target unless it ends with </s>",
+        },
+    }
+
+
+def _ids(texts: Sequence[str], tokenizer) -> list[Sequence[int]]:
     if not len(texts):
         return []
-    return tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    sp = getattr(tokenizer, "sentencepiece", None)
+    if sp is not None:
+        return sp.encode(list(texts))
+    return [
+        e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    ]
 
 
 def encode_batch(texts: Sequence[str], tokenizer) -> list[list[int]]:
     """Token ids of each text with no special tokens added (``</s>`` written as text still maps to EOS)."""
-    return [e.ids for e in _encode(texts, tokenizer)]
+    return [list(ids) for ids in _ids(texts, tokenizer)]
 
 
 def encode_flat(texts: Sequence[str], tokenizer, suffix: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """:func:`encode_batch` laid end to end: (int32 ids of every text, each followed by ``suffix``; lengths).
     One pass from the tokenizer's lists into one array, no per-text arrays."""
-    encodings = _encode(texts, tokenizer)
+    ids = _ids(texts, tokenizer)
     suffix = list(suffix)
-    # len(Encoding) is len(ids) without building the list
-    lengths = np.fromiter((len(e) for e in encodings), np.int64, len(encodings)) + len(suffix)
-    pieces = chain.from_iterable((e.ids, suffix) for e in encodings)
+    lengths = np.fromiter((len(i) for i in ids), np.int64, len(ids)) + len(suffix)
+    pieces = chain.from_iterable((i, suffix) for i in ids)
     return np.fromiter(chain.from_iterable(pieces), np.int32, int(lengths.sum())), lengths
 
 

@@ -18,19 +18,15 @@ without reading them. Pure numpy + pyarrow: no Ray here.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from chatmusician.data.manifest import Chunk
 
-class Chunk(NamedTuple):
-    """One parquet row group of a shard file."""
-
-    file: int
-    """Index into the plan's file list."""
-    row_group: int
-    rows: int
+__all__ = ["Chunk", "Piece", "ShardRowReader", "epoch_order", "eval_pieces", "plan_chunks"]
 
 
 class Piece(NamedTuple):
@@ -125,7 +121,9 @@ def split_pieces(pieces: list[Piece], size: int) -> Iterator[list[Piece]]:
 
 
 def plan_chunks(files: list[str], filesystem) -> list[Chunk]:
-    """The row groups of ``files`` (read from the parquet footers), in file order."""
+    """The row groups of ``files`` read from their parquet footers, one file after another. For shards without
+    a manifest only: a trainer plans from the manifest (chatmusician.data.manifest.shard_plan), which lists
+    them without opening a file."""
     import pyarrow.parquet as pq
 
     chunks = []
@@ -156,11 +154,15 @@ class ShardRowReader:
         shuffle: bool = True,
         columns: tuple[str, ...] = ("input_ids", "labels", "position_ids"),
         check_rows: bool = True,
+        max_open_files: int = 4,
     ):
         self.files, self.fs, self.chunks = files, filesystem, chunks
         self.rank, self.world, self.micro = rank, world, micro_batch_size
         self.seed, self.window, self.shuffle = seed, window, shuffle
-        self._open: dict[int, Any] = {}
+        # A few open files, least recently used closed first: an epoch touches most shard files, and one handle
+        # per file ever touched ran out of descriptors (NFS, ulimit -n) or held thousands of S3 connections.
+        self.max_open_files = max(1, max_open_files)
+        self._open: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # file index -> (handle, ParquetFile)
         available = self._file(0).schema_arrow.names if files else []
         self.columns = [c for c in columns if c in available]
         self.micro_per_epoch = rows_per_rank(sum(c.rows for c in chunks), world) // micro_batch_size
@@ -170,20 +172,29 @@ class ShardRowReader:
     def _file(self, index: int):
         import pyarrow.parquet as pq
 
-        if index not in self._open:
-            self._open[index] = pq.ParquetFile(self.files[index], filesystem=self.fs)
-        return self._open[index]
+        if index in self._open:
+            self._open.move_to_end(index)
+            return self._open[index][1]
+        while len(self._open) >= self.max_open_files:
+            self._open.popitem(last=False)[1][0].close()
+        handle = self.fs.open_input_file(self.files[index])
+        self._open[index] = (handle, pq.ParquetFile(handle))
+        return self._open[index][1]
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].close()
 
     def read(self, pieces: list[Piece]):
-        """The rows of ``pieces`` as one pyarrow table, in piece order."""
+        """The rows of ``pieces`` as one pyarrow table, in piece order; read file by file, so that a window of
+        pieces from many files opens each of them once."""
         import pyarrow as pa
 
-        parts = [
-            self._file(p.chunk.file)
-            .read_row_group(p.chunk.row_group, columns=self.columns)
-            .slice(p.start, p.rows)
-            for p in pieces
-        ]
+        parts: list[Any] = [None] * len(pieces)
+        for k in sorted(range(len(pieces)), key=lambda k: pieces[k].chunk.file):
+            p = pieces[k]
+            group = self._file(p.chunk.file).read_row_group(p.chunk.row_group, columns=self.columns)
+            parts[k] = group.slice(p.start, p.rows)
         return pa.concat_tables(parts)
 
     def epoch_rows(self, epoch: int, skip_rows: int = 0):
