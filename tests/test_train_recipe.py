@@ -481,3 +481,17 @@ def test_resume_refuses_a_run_whose_shape_changed(combo_run, base_config):
     ) as err:
         train(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_training_refuses_shards_that_do_not_fit_the_run(base_config, abc_shards):
+    """The shards' manifest against the run, on the driver, before any worker: rows longer than max_length, the
+    wrong tokenize mode for the command (pt shards given to sft), each one line naming both sides."""
+    from chatmusician.train.config import SFTConfig, TrainConfigError
+    from chatmusician.train.recipe import train
+
+    with pytest.raises(TrainConfigError, match=r"max_len 64 tokens vs max_length 32") as err:
+        train(replace(base_config, run_name="too_short", max_length=32))
+    assert "\n" not in str(err.value)
+    sft = SFTConfig(**{f: getattr(base_config, f) for f in base_config.__dataclass_fields__})
+    with pytest.raises(TrainConfigError, match=r"mode pt vs sft"):
+        train(replace(sft, run_name="wrong_mode"))

@@ -142,15 +142,10 @@ def local_run_dir(cfg) -> Path | None:
 def storage_location(cfg, filesystem=None) -> tuple[Any, str]:
     """(pyarrow filesystem, root path) of ``cfg.storage_path``: a local folder or ``file://`` path (made
     absolute), a URI such as ``s3://bucket/prefix`` (its filesystem), or, with ``filesystem`` given, a path
-    inside that filesystem (how tests stand in for s3 with a local one)."""
-    import pyarrow.fs as pafs
+    inside that filesystem (how tests stand in for s3 with a local one). The data stage's one resolver."""
+    from chatmusician.data.manifest import resolve
 
-    if filesystem is not None:
-        return filesystem, cfg.storage_path
-    run_dir = local_run_dir(cfg)
-    if run_dir is not None:
-        return pafs.LocalFileSystem(), str(run_dir.parent)
-    return pafs.FileSystem.from_uri(cfg.storage_path)
+    return resolve(cfg.storage_path, filesystem)
 
 
 def fail_once(marker: str | Path) -> None:

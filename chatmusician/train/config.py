@@ -7,6 +7,7 @@ Dataclasses only (no torch/ray imports) so that ``--help`` stays fast. ``configs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from chatmusician.data.config import TokenizeConfig
 
@@ -140,6 +141,8 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """Continual pretraining on MusicPile (A800 nodes, bf16, ZeRO-2, LoRA) with Ray Train + DeepSpeed."""
 
+    MODE: ClassVar[str] = "pt"  # the shards' tokenize mode this run trains on (checked against the manifest)
+
     run_name: str = "pretrain"
     """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
     profile: str = "a800"
@@ -149,6 +152,8 @@ class PretrainConfig(TrainConfig):
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on MusicPile-sft (V100 nodes, fp16, ZeRO-2, LoRA) with Ray Train + DeepSpeed."""
+
+    MODE: ClassVar[str] = "sft"
 
     run_name: str = "sft"
     """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""

@@ -11,41 +11,34 @@ from typing import Any
 from chatmusician.train.config import TrainConfig, TrainConfigError
 
 
-def shard_plan(path: str) -> dict[str, Any]:
-    """What workers need to read a shards folder themselves: its files, filesystem and row groups, plus a
-    fingerprint of its rows (what a checkpoint's data position counts in)."""
-    from chatmusician.data.pipeline import MANIFEST, output_filesystem, read_manifest
-    from chatmusician.train.data_order import plan_chunks
+def shard_plan(path: str, cfg: TrainConfig, where: str = "shards") -> dict[str, Any]:
+    """What workers need to read a shards folder themselves, from its manifest alone (files and row groups:
+    no footer is read, so a launch or a Tune trial costs one small read however many files there are), after
+    checking the shards fit this run (tokenizer, vocabulary, mode, ``max_len`` <= ``max_length``: one line
+    naming both sides), plus a fingerprint of its rows (what a checkpoint's data position counts in)."""
+    from chatmusician.data.manifest import ShardMismatch, ShardsNotFinished, checked_plan
 
-    fs, root = output_filesystem(path)
-    if not fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+    try:
+        plan = checked_plan(path, model=cfg.model, max_length=cfg.max_length, mode=getattr(cfg, "MODE", None))
+    except ShardsNotFinished:
         raise TrainConfigError(
-            f"{path}: no {MANIFEST}; not a finished `chatmusician tokenize` output (re-run it, or fix data.shards)"
-        )
-    manifest = read_manifest(path)
-    files = [f"{root}/{s['file']}" for s in manifest["shards"]]
-    chunks = plan_chunks(files, fs)
-    return {
-        "files": files,
-        "filesystem": fs,
-        "chunks": chunks,
-        "rows": sum(c.rows for c in chunks),
-        "manifest": manifest,
-        "fingerprint": _digest({"shards": manifest["shards"], "sequences": manifest.get("sequences")}),
+            f"{path}: no manifest.json; not a finished `chatmusician tokenize` output (re-run it, or fix data.shards)"
+        ) from None
+    except ShardMismatch as err:
+        raise TrainConfigError(f"{where}: {err}") from None
+    manifest = plan["manifest"]
+    return plan | {
+        "fingerprint": _digest({"shards": manifest["shards"], "sequences": manifest.get("sequences")})
     }
 
 
 def val_shards_path(cfg: TrainConfig) -> str | None:
     """The validation shards: ``data.val_shards``, else ``<shards>/val`` when the data stage wrote it."""
+    from chatmusician.data.manifest import val_path
+
     if cfg.data.val_shards:
         return cfg.data.val_shards
-    if cfg.data.shards:
-        from chatmusician.data.pipeline import MANIFEST, output_filesystem
-
-        fs, root = output_filesystem(cfg.data.shards)
-        if fs.get_file_info(f"{root}/val/{MANIFEST}").is_file:
-            return f"{cfg.data.shards.rstrip('/')}/val"
-    return None
+    return val_path(cfg.data.shards) if cfg.data.shards else None
 
 
 def stream_dataset(cfg: TrainConfig):

@@ -126,7 +126,7 @@ def trainer_for(
         resolve_hook(cfg.eval_hook)  # a bad path is a config error now, not a worker crash later
     loop_config: dict[str, Any] = {"cfg": cfg}
     if datasets is None and cfg.data.shards:
-        plan = inputs.shard_plan(cfg.data.shards)
+        plan = inputs.shard_plan(cfg.data.shards, cfg)
         loop_config |= {"train_plan": plan, "data_plan": plan["fingerprint"]}
         total_steps = cfg.max_steps or total_steps_for(plan["rows"], cfg)
     else:
@@ -138,7 +138,7 @@ def trainer_for(
         total_steps = cfg.max_steps or total_steps_for(datasets["train"].count(), cfg)
     val_path = inputs.val_shards_path(cfg)
     if val_path:
-        loop_config["val_plan"] = inputs.shard_plan(val_path)
+        loop_config["val_plan"] = inputs.shard_plan(val_path, cfg, "validation shards")
     loop_config["total_steps"] = total_steps
 
     storage = checkpointing.storage_location(cfg, storage_filesystem)
