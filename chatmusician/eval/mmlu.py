@@ -1,11 +1,12 @@
-"""MMLU 5-shot (and an lm-eval twin of MusicTheoryBench) through lm-evaluation-harness, in-process on the same
-model object (``HFLM(pretrained=<model or PeftModel>, tokenizer=...)``): the implementation users trust.
+"""The lm-evaluation-harness cross-check: MMLU 5-shot (and an lm-eval twin of MusicTheoryBench), in-process on
+the same model object (``HFLM(pretrained=<model or PeftModel>, tokenizer=...)``). The paper's MMLU number is
+:mod:`chatmusician.eval.mmlu_ppl` (OpenCompass's ``mmlu_ppl_ac766d``); this one is labelled as lm-eval's.
 
 * Hub id (``cais/mmlu``): lm-eval's own ``mmlu`` group. Local files in the HF schema (``question, subject,
   choices, answer``): one task per subject built with lm-eval's MMLU template (same prompt, description,
   ``first_n`` dev shots) over per-subject files written to a scratch folder.
 * Both means are reported: ``weighted`` by subject size (lm-eval's group aggregate) and ``unweighted`` over
-  subjects (OpenCompass's ``mmlu`` summary, what the paper's table used).
+  subjects (the shape of OpenCompass's ``mmlu`` summary; the paper's number comes from :mod:`mmlu_ppl`).
 
 Where lm-eval's scoring and OpenCompass's whole-sequence PPL can disagree (for MusicTheoryBench, whose lm-eval
 task below reproduces the OpenCompass strings exactly): lm-eval ranks ``log p(" X" | context)``, the answer
@@ -37,7 +38,7 @@ MMLU_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{ch
 MTB_TEXT = "{{input}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
 
 
-def _subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
+def subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
     """subject -> split -> rows, from local MMLU files (a folder's files are split by dev/test/validation)."""
     import datasets
 
@@ -63,7 +64,7 @@ def _subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
 def local_mmlu_tasks(path: str, scratch: Path) -> list[dict[str, Any]]:
     """lm-eval task configs (dicts) for local MMLU files: lm-eval's MMLU template, one task per subject."""
     tasks = []
-    for subject, splits in sorted(_subject_rows(path).items()):
+    for subject, splits in sorted(subject_rows(path).items()):
         files = {}
         for split, rows in splits.items():
             f = scratch / f"{subject}.{split}.jsonl"

@@ -42,18 +42,27 @@ def _ppl(
     def token_len(text: str) -> int:  # OpenCompass's get_token_len: tokenizer.encode, BOS when added
         return len(tokenizer(text)["input_ids"])
 
-    candidates = [
-        mtb.candidate_texts(p["question"], p["shots"], token_len, cfg.mtb.max_seq_len) for p in payloads
+    built = [
+        mtb.candidates(
+            p["question"],
+            p["shots"],
+            token_len,
+            cfg.mtb.max_seq_len,
+            p.get("few_shot"),
+            p.get("literal", True),
+        )  # fmt: skip
+        for p in payloads
     ]
     method = scoring.one_pass if cfg.mtb.one_pass else scoring.four_pass
-    scored = method(model, tokenizer, candidates, cfg.mtb.max_seq_len, batch_size)
+    scored = method(model, tokenizer, [texts for texts, _, _ in built], cfg.mtb.max_seq_len, batch_size)
     return [
         {
             "scores": [s if math.isfinite(s) else None for s in sc.scores],
             "pred": mtb.LETTERS[sc.pred],
             "method": sc.method,
+            "shots_kept": kept,  # per candidate: the prompts can be rebuilt for the predictions files
         }  # fmt: skip
-        for sc in scored
+        for sc, (_, kept, _) in zip(scored, built, strict=True)
     ]
 
 

@@ -81,17 +81,20 @@ def markdown(out: Mapping[str, Any]) -> str:
         "",
     ]
     if "mtb" in out:
-        subjects = sorted({s for r in out["mtb"].values() for s in r["subjects"]})
+        rows = list(mtb_rows(out["mtb"]))
+        subjects = sorted({s for _, r in rows for s in r["subjects"]})
         lines += ["## MusicTheoryBench", "",
-                  "| mode | accuracy | CI | " + " | ".join(subjects) + " | subject mean | shuffles | format errors |",
+                  "| mode | order | accuracy | CI | " + " | ".join(subjects) + " | subject mean | format errors |",
                   "|---" * (6 + len(subjects)) + "|"]  # fmt: skip
-        for mode, r in out["mtb"].items():
+        for label, r in rows:
             ci = f"{_pct(r['ci'][0])}–{_pct(r['ci'][1])} ({int(100 * r['ci_level'])} %)"
             subj = " | ".join(_pct(r["subjects"].get(s)) for s in subjects)
-            shuffles = f"{len(r['shuffle_accuracy'])} (sd {_pct(r['shuffle_std'])})"
-            lines.append(f"| {mode} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
-                         f"{shuffles} | {r['format_errors']} |")  # fmt: skip
-        lines.append("")
+            lines.append(f"| {label} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
+                         f"{r['format_errors']} |")  # fmt: skip
+        changed = {m: r["safe_format"]["questions_changed"] for m, r in out["mtb"].items()}
+        lines += ["", "Questions whose prompts OpenCompass's `safe_format` changes (`{A}`-style texts replaced): "
+                  + ", ".join(f"{m} {n}" for m, n in changed.items())
+                  + ("" if next(iter(out["mtb"].values()))["safe_format"]["applied"] else " (not applied)"), ""]  # fmt: skip
     if "mmlu" in out:
         m = out["mmlu"]
         lines += ["## MMLU (lm-evaluation-harness)", "", "| subjects | weighted by size | unweighted mean |",
@@ -110,6 +113,14 @@ def markdown(out: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {agg['tunes']} | {vals} | {agg.get('tokens', 0):.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def mtb_rows(mtb: Mapping[str, Any]):
+    """(``mode | order`` label, summary) per reported MusicTheoryBench row: the original order, then shuffles."""
+    for mode, r in mtb.items():
+        yield f"{mode} | original (OpenCompass)", r["original"]
+        if "shuffled" in r:
+            yield f"{mode} | {len(r['shuffled']['shuffle_accuracy'])} shuffles (paper §4.3)", r["shuffled"]
 
 
 def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
@@ -131,7 +142,7 @@ def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"MusicTheoryBench {mode}")
+    ax.set_title(f"MusicTheoryBench {mode}")  # mode: the row's label
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,7 +156,9 @@ def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     (root / "results.md").write_text(markdown(out), encoding="utf-8")
     for mode, result in out.get("mtb", {}).items():
-        subject_chart(mode, result, root / f"mtb_{mode}.png")
+        subject_chart(f"{mode}, original order", result["original"], root / f"mtb_{mode}.png")
+        if "shuffled" in result:
+            subject_chart(f"{mode}, shuffles", result["shuffled"], root / f"mtb_{mode}_shuffled.png")
     (root / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     fingerprint = {
         "model": model_fingerprint(cfg.model),

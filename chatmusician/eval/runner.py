@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chatmusician.eval import abc_quality, mtb
+from chatmusician.eval import abc_quality, mtb, predictions
 from chatmusician.eval.config import MTB_MODES, EvalConfig
 from chatmusician.eval.replica import Replica, load_for_eval, process
 
@@ -42,17 +42,19 @@ def check_config(cfg: EvalConfig) -> None:
 
 def mtb_items(
     dev: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], modes: Sequence[str], shuffles: int,
-    seed: int,
+    seed: int, shots: int = 5, literal: bool = True,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """One work item per (mode, shuffle, question); the question carries its shuffled options and gold."""
+    """One work item per (mode, shuffle, question); the question carries its shuffled options and gold. Few-shot
+    modes take the first ``shots`` dev rows (OpenCompass's ``fix_id_list``)."""
     items = []
     for mode in modes:
         kind = "ppl" if mode.startswith("ppl") else "gen"
-        shots = list(dev) if mode.endswith("few_shot") else []
+        few = mode.endswith("few_shot")
         for shuffle in mtb.shuffle_ids(shuffles):
             for q in test:
                 question = mtb.shuffle_question(q, mtb.permutation(q["id"], shuffle, seed))
-                payload = {"question": question, "shots": shots}
+                payload = {"bench": "mtb", "question": question, "shots": list(dev[:shots]) if few else [],
+                           "few_shot": few, "literal": literal}  # fmt: skip
                 items.append({"key": json.dumps([mode, shuffle, q["id"]]), "kind": kind,
                               "payload": json.dumps(payload)})  # fmt: skip
     return items
@@ -115,9 +117,12 @@ def execute(cfg: EvalConfig, items: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def mtb_results(
-    cfg: EvalConfig, test: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
-    """Per mode: accuracy summary (see :func:`mtb.summarize`), one-pass share, and every answer."""
+    cfg: EvalConfig, test: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
+    dev: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """Per mode: ``original`` (the original option order: the released code's number), ``shuffled`` (the seeded
+    orders averaged: the paper's stated method; absent with ``shuffles: 0``), the one-pass share, how many
+    questions OpenCompass's ``safe_format`` changes, and every answer."""
     by_id = {q["id"]: q for q in test}
     records: dict[str, list[dict]] = defaultdict(list)
     for r in results:
@@ -127,11 +132,18 @@ def mtb_results(
         records[mode].append({"id": qid, "subject": by_id[qid]["subject"], "shuffle": shuffle,
                               "target": gold, **res})  # fmt: skip
     out = {}
+    args = (cfg.mtb.ci_level, cfg.mtb.bootstrap, cfg.mtb.seed)
     for mode in cfg.mtb.modes:
         recs = sorted(records[mode], key=lambda r: (r["shuffle"], r["id"]))
-        summary = mtb.summarize(recs, cfg.mtb.ci_level, cfg.mtb.bootstrap, cfg.mtb.seed)
+        few = mode.endswith("few_shot")
+        shots = list(dev[: cfg.mtb.shots]) if few else []
+        summary: dict[str, Any] = {"original": mtb.summarize([r for r in recs if r["shuffle"] < 0], *args)}
+        if cfg.mtb.shuffles:
+            summary["shuffled"] = mtb.summarize([r for r in recs if r["shuffle"] >= 0], *args)
         if mode.startswith("ppl"):
             summary["one_pass_share"] = sum(r.get("method") == "one_pass" for r in recs) / max(1, len(recs))
+        changed = sum(mtb.safe_format_changes(q, shots, few) for q in test)
+        summary["safe_format"] = {"applied": cfg.mtb.safe_format, "questions_changed": changed}
         summary["answers_detail"] = recs
         out[mode] = summary
     return out
@@ -163,13 +175,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     check_config(cfg)
     start = time.perf_counter()
     items: list[dict] = []
+    dev: list[dict] = []
     test: list[dict] = []
     prompts: list[dict] = []
     if cfg.mtb.enabled:
         dev, test = mtb.load_questions(cfg.mtb.path, cfg.mtb.subjects, cfg.mtb.limit)
         if any(m.endswith("few_shot") for m in cfg.mtb.modes) and not dev:
             raise ValueError(f"{cfg.mtb.path}: few-shot modes need the dev split")
-        items += mtb_items(dev, test, cfg.mtb.modes, cfg.mtb.shuffles, cfg.mtb.seed)
+        items += mtb_items(dev, test, cfg.mtb.modes, cfg.mtb.shuffles, cfg.mtb.seed, cfg.mtb.shots,
+                           cfg.mtb.safe_format)  # fmt: skip
     if cfg.abc_quality.enabled:
         prompts = abc_quality.load_prompts(cfg.abc_quality.prompts)
         items += abc_items(prompts, cfg.abc_quality.n_per_prompt, cfg.mtb.seed)
@@ -177,7 +191,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     results = execute(cfg, items)
     out: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter}
     if cfg.mtb.enabled:
-        out["mtb"] = mtb_results(cfg, test, [r for r in results if r["kind"] != "abc"])
+        out["mtb"] = mtb_results(cfg, test, [r for r in results if r["kind"] != "abc"], dev)
     if cfg.abc_quality.enabled:
         out["abc_quality"] = abc_results(cfg, prompts, [r for r in results if r["kind"] == "abc"])
     if cfg.mmlu.enabled:
@@ -185,7 +199,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
         out["mmlu"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
     out["wall_s"] = time.perf_counter() - start
-    report.write(cfg, out)
+    root = report.write(cfg, out)
+    if cfg.mtb.enabled:
+        predictions.write(root, predictions.mtb_files(cfg, test, dev, out["mtb"]))
     return out
 
 
