@@ -43,7 +43,8 @@ class MTBConfig:
     one_pass: bool = True
     """Score the four candidates with one forward pass over their shared prefix where tokenization allows."""
     max_seq_len: int = 2048
-    """OpenCompass's max_seq_len: shots are dropped from the end until the prompt fits, then tokens are cut."""
+    """The model config's max_seq_len (OpenCompass; MMLU too): shots dropped from the end until the prompt fits, then
+    tokens cut."""
     ci_level: float = 0.95
     """Confidence level of the bootstrap interval over questions."""
     bootstrap: int = 2000

@@ -72,6 +72,35 @@ def mtb_files(
     return files
 
 
+def mmlu_files(
+    cfg, data: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], results: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{relative path: file content}``: one OpenCompass PPL predictions file per MMLU subject."""
+    from chatmusician.eval import mmlu_ppl
+
+    files: dict[str, dict[str, Any]] = defaultdict(dict)
+    literal = cfg.mmlu.safe_format
+    for r in results["answers_detail"]:
+        subject = r["subject"]
+        q = data[subject]["test"][r["index"]]
+        shots = list(data[subject].get("dev", []))[: cfg.mmlu.num_fewshot]
+        tmpl = mmlu_ppl.templates(subject)
+        kept = r["shots_kept"]
+        ice = [
+            mmlu_ppl.opencompass.generate_ice(shots[:k], mmlu_ppl.ICE_TEMPLATES, literal=literal)
+            for k in kept
+        ]
+        prompts = [
+            mmlu_ppl.opencompass.label_prompt(tmpl[x], i, q, literal)
+            for x, i in zip(mmlu_ppl.LETTERS, ice, strict=True)
+        ]
+        full = mmlu_ppl.opencompass.generate_ice(shots, mmlu_ppl.ICE_TEMPLATES, literal=literal)
+        files[f"predictions/mmlu/{subject}.json"][str(r["index"])] = ppl_record(
+            prompts, r["scores"], full, ice, mmlu_ppl.LETTERS, r["pred"], r["target"]
+        )
+    return dict(files)
+
+
 def write(root: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
     """Write each file (OpenCompass's ``dump_results_dict``: JSON, indent 4, non-ASCII kept)."""
     for rel, content in files.items():

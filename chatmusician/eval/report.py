@@ -97,8 +97,15 @@ def markdown(out: Mapping[str, Any]) -> str:
                   + ("" if next(iter(out["mtb"].values()))["safe_format"]["applied"] else " (not applied)"), ""]  # fmt: skip
     if "mmlu" in out:
         m = out["mmlu"]
-        lines += ["## MMLU (lm-evaluation-harness)", "", "| subjects | weighted by size | unweighted mean |",
-                  "|---|---|---|", f"| {len(m['subjects'])} | {_pct(m['weighted'])} | {_pct(m['unweighted'])} |", ""]  # fmt: skip
+        lines += ["## MMLU (OpenCompass `mmlu_ppl_ac766d`, 5 fixed shots, whole-sequence PPL: the paper's)", "",
+                  "| subjects | questions | unweighted mean (the paper's) | weighted by size |", "|---|---|---|---|",
+                  f"| {len(m['subjects'])} | {sum(m['sizes'].values())} | {_pct(m['unweighted'])} | "
+                  f"{_pct(m['weighted'])} |", ""]  # fmt: skip
+    if "mmlu_lm_eval" in out:
+        m = out["mmlu_lm_eval"]
+        lines += ["### Cross-check: lm-evaluation-harness MMLU (answer-only log-likelihood, no BOS; not the paper's)",
+                  "", "| subjects | unweighted mean | weighted by size |", "|---|---|---|",
+                  f"| {len(m['subjects'])} | {_pct(m['unweighted'])} | {_pct(m['weighted'])} |", ""]  # fmt: skip
         if "mtb_lm_eval" in m:
             lines += ["lm-eval MusicTheoryBench task (answer-only log-likelihood): "
                       + ", ".join(f"{k} {_pct(v)}" for k, v in m["mtb_lm_eval"].items()), ""]  # fmt: skip

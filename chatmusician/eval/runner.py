@@ -1,10 +1,10 @@
-"""``chatmusician eval``: MusicTheoryBench (PPL + generation), MMLU (lm-eval) and ABC quality as Ray Data batch
-inference over a pool of model replicas.
+"""``chatmusician eval``: MusicTheoryBench (PPL + generation), MMLU (OpenCompass PPL; lm-eval as a cross-check)
+and ABC quality as Ray Data batch inference over a pool of model replicas.
 
 What it supports: the original's OpenCompass protocol for MusicTheoryBench (zero-/few-shot PPL, one-pass
 scoring where tokenization allows), the paper's seeded option shuffles with per-subject accuracy and a
-bootstrap interval, generation mode with letter extraction and format errors counted apart, MMLU 5-shot through
-lm-evaluation-harness on the same model, and ABC quality (parse success through the validator and abc2midi,
+bootstrap interval, generation mode with letter extraction and format errors counted apart, MMLU as the paper
+scored it (OpenCompass's ``mmlu_ppl_ac766d`` through the same scorer; lm-eval optional), and ABC quality (parse success through the validator and abc2midi,
 key/meter, bar consistency, repeats, structure), optionally through constrained decoding.
 
 Shape: plan work items (pure) -> stream them through ``Replica`` actors (``ray.data.ActorPoolStrategy``: each
@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chatmusician.eval import abc_quality, mtb, predictions
+from chatmusician.eval import abc_quality, mmlu_ppl, mtb, predictions
 from chatmusician.eval.config import MTB_MODES, EvalConfig
 from chatmusician.eval.replica import Replica, load_for_eval, process
 
@@ -57,6 +57,23 @@ def mtb_items(
                            "few_shot": few, "literal": literal}  # fmt: skip
                 items.append({"key": json.dumps([mode, shuffle, q["id"]]), "kind": kind,
                               "payload": json.dumps(payload)})  # fmt: skip
+    return items
+
+
+def mmlu_items(
+    data: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], shots: int, literal: bool = True,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One ``ppl`` work item per MMLU test question (the first ``limit`` of each subject), with its subject's
+    first ``shots`` dev rows."""
+    items = []
+    for subject, splits in data.items():
+        dev = list(splits.get("dev", []))[:shots]
+        for i, q in enumerate(list(splits["test"])[:limit]):
+            payload = {"bench": "mmlu", "subject": subject, "question": q, "shots": dev, "literal": literal}
+            items.append(
+                {"key": json.dumps(["mmlu", subject, i]), "kind": "ppl", "payload": json.dumps(payload)}
+            )
     return items
 
 
@@ -149,6 +166,33 @@ def mtb_results(
     return out
 
 
+def mmlu_results(
+    cfg: EvalConfig, data: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+    results: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """Per-subject accuracy and both means (:func:`mmlu_ppl.summarize`), the one-pass share, the questions
+    ``safe_format`` changes, and every answer (``index``: the question's place in its subject's test split)."""
+    recs = []
+    for r in results:
+        _, subject, i = json.loads(r["key"])
+        gold = data[subject]["test"][i]["target"]
+        recs.append({"subject": subject, "index": i, "target": gold, **json.loads(r["result"])})
+    recs.sort(key=lambda r: (r["subject"], r["index"]))
+    changed = 0
+    for subject, splits in data.items():
+        dev = list(splits.get("dev", []))[: cfg.mmlu.num_fewshot]
+        for q in list(splits["test"])[: cfg.mmlu.limit]:
+            texts = [mmlu_ppl.candidates(subject, q, dev, literal=flag)[0] for flag in (True, False)]
+            changed += texts[0] != texts[1]
+    return {
+        "protocol": "OpenCompass mmlu_ppl_ac766d (the paper's)",
+        **mmlu_ppl.summarize(recs),
+        "one_pass_share": sum(r.get("method") == "one_pass" for r in recs) / max(1, len(recs)),
+        "safe_format": {"applied": cfg.mmlu.safe_format, "questions_changed": changed},
+        "answers_detail": recs,
+    }
+
+
 def abc_results(
     cfg: EvalConfig, prompts: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
@@ -184,24 +228,33 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise ValueError(f"{cfg.mtb.path}: few-shot modes need the dev split")
         items += mtb_items(dev, test, cfg.mtb.modes, cfg.mtb.shuffles, cfg.mtb.seed, cfg.mtb.shots,
                            cfg.mtb.safe_format)  # fmt: skip
+    mmlu_data: dict[str, Any] = {}
+    if cfg.mmlu.enabled:
+        mmlu_data = mmlu_ppl.load(cfg.mmlu.path)
+        items += mmlu_items(mmlu_data, cfg.mmlu.num_fewshot, cfg.mmlu.safe_format, cfg.mmlu.limit)
     if cfg.abc_quality.enabled:
         prompts = abc_quality.load_prompts(cfg.abc_quality.prompts)
         items += abc_items(prompts, cfg.abc_quality.n_per_prompt, cfg.mtb.seed)
     print(f"[eval] {len(items)} work items on {cfg.pool.replicas} replica(s)", file=sys.stderr, flush=True)
     results = execute(cfg, items)
     out: dict[str, Any] = {"model": cfg.model, "adapter": cfg.adapter}
+    mtb_rows = [r for r in results if r["kind"] != "abc" and json.loads(r["key"])[0] != "mmlu"]
     if cfg.mtb.enabled:
-        out["mtb"] = mtb_results(cfg, test, [r for r in results if r["kind"] != "abc"], dev)
+        out["mtb"] = mtb_results(cfg, test, mtb_rows, dev)
     if cfg.abc_quality.enabled:
         out["abc_quality"] = abc_results(cfg, prompts, [r for r in results if r["kind"] == "abc"])
     if cfg.mmlu.enabled:
+        out["mmlu"] = mmlu_results(cfg, mmlu_data, [r for r in results if json.loads(r["key"])[0] == "mmlu"])
+    if cfg.mmlu.enabled and cfg.mmlu.lm_eval:  # the labelled cross-check
         from chatmusician.eval import mmlu
 
-        out["mmlu"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
+        out["mmlu_lm_eval"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
     out["wall_s"] = time.perf_counter() - start
     root = report.write(cfg, out)
     if cfg.mtb.enabled:
         predictions.write(root, predictions.mtb_files(cfg, test, dev, out["mtb"]))
+    if cfg.mmlu.enabled:
+        predictions.write(root, predictions.mmlu_files(cfg, mmlu_data, out["mmlu"]))
     return out
 
 
