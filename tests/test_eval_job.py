@@ -136,3 +136,40 @@ def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
         ours = [s.pred for s in scoring.one_pass(model, tokenizer, cands)]
         accuracy = sum(mtb.LETTERS[p] == q["target"] for p, q in zip(ours, test, strict=True)) / len(test)
         assert summary["mtb_lm_eval"][task] == pytest.approx(accuracy)
+
+
+def test_several_models_get_a_comparison_table_and_results_csvs(tiny_model_path, tmp_path):
+    from chatmusician.config import parse_config
+
+    cfg = parse_config(EvalConfig, ["--models", f"{tiny_model_path},{tiny_model_path}/"])
+    assert cfg.models == f"{tiny_model_path},{tiny_model_path}/"
+    cfg.output_dir, cfg.device, cfg.pool.use_ray = str(tmp_path / "runs"), "cpu", False
+    cfg.mtb.modes, cfg.mtb.limit, cfg.mtb.bootstrap = ["ppl_zero_shot"], 3, 10
+    cfg.mmlu.enabled, cfg.mmlu.limit = True, 2
+    runner.run(cfg)
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert folders == ["0-tiny-llama-nano-" + Path(tiny_model_path).name.split("-")[-1],
+                       "1-tiny-llama-nano-" + Path(tiny_model_path).name.split("-")[-1]]  # fmt: skip
+    first = tmp_path / "runs" / folders[0]
+    subjects = (first / "mtb_subjects.csv").read_text().splitlines()
+    assert subjects[0] == "mode,order,subject,questions,accuracy"
+    assert subjects[1].startswith("ppl_zero_shot,original,knowledge,3,")
+    assert (first / "mmlu_subjects.csv").read_text().splitlines()[1].startswith("high_school_mathematics,2,")
+    table = (tmp_path / "runs" / "comparison.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| MTB ppl_zero_shot original order |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert len(cells) == 2 and cells[0] == cells[1]  # the same model twice: the same numbers
+    assert "| MMLU unweighted mean (OpenCompass PPL) |" in table
+    # an earlier results folder joins a later run's table
+    again = EvalConfig(
+        model=tiny_model_path, output_dir=str(tmp_path / "later"), device="cpu", compare=str(first)
+    )
+    again.pool.use_ray, again.mtb.modes, again.mtb.limit, again.mtb.bootstrap = (
+        False,
+        ["ppl_zero_shot"],
+        3,
+        10,
+    )
+    runner.run(again)
+    header = (tmp_path / "later" / "comparison.csv").read_text().splitlines()[0]
+    assert header == f"metric,{tiny_model_path},{first}"

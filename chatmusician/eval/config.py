@@ -102,6 +102,10 @@ class AbcQualityConfig:
     """Generate through the ABC grammar (chatmusician.model.constrained) instead of free sampling."""
     check_midi: bool = True
     """Parse success also needs abc2midi (sandboxed) to write a usable MIDI file."""
+    distinct_n: int = 4
+    """Diversity: n of the distinct-n over each prompt's samples (music tokens)."""
+    train_tunes: str | None = None
+    """Memorisation: the training tunes (ABC file or folder, or JSONL with a text field); none: not checked."""
 
 
 @dataclass
@@ -129,6 +133,10 @@ class EvalConfig:
 
     model: str = "m-a-p/ChatMusician"
     """Model to evaluate: hub id or local path."""
+    models: str | None = None
+    """Several models, comma-separated: each evaluated into output_dir/<n>-<name>, then comparison.md/.csv."""
+    compare: str | None = None
+    """Earlier results folders, comma-separated, put in comparison.md/.csv beside this run."""
     tokenizer: str | None = None
     """Tokenizer hub id or path; default: the model's."""
     adapter: str | None = None

@@ -14,8 +14,9 @@ in hf-lin/ChatMusician):
   keeps the first ``max_seq_len`` tokens.
 
 The lowest perplexity wins, the first candidate on ties. Templates are filled as OpenCompass fills them
-(:mod:`chatmusician.eval.opencompass`): ``safe_format`` over every column of the row, in the order
-``id, instruction, stem, options, subject, answer, abc_score, analysis, input, A, B, C, D, target``, also inside
+(:mod:`chatmusician.eval.opencompass`): ``safe_format`` over every column of the row, in the order the original
+loader leaves them (``dataset.map(convert_dataset)``: the hub's ``id, instruction, stem, options, subject,
+answer, split, abc_score, analysis``, then ``input, A, B, C, D, target``), also inside
 inserted text, so an ABC grace note ``{A}`` becomes option A's text as it did in the original's prompts
 (``literal=False`` fills each field once instead); a few-shot prompt whose every shot was dropped keeps
 OpenCompass's ``"\n"`` in their place.
@@ -69,7 +70,7 @@ def convert_row(row: Mapping[str, Any]) -> dict[str, Any]:
     abc = row.get("abc_score")
     if abc:
         stem = f"{stem.replace(ABC_SENTENCE, '').strip()}\n{abc}"
-    columns = {k: row[k] for k in FIELDS if k in row}  # what OpenCompass's safe_format also replaces
+    columns = dict(row)  # every column in the row's order: what OpenCompass's safe_format also replaces
     return {"id": str(row.get("id", "")), "subject": str(row.get("subject", "")), "input": stem, **opts,
             "target": answer, "columns": columns}  # fmt: skip
 

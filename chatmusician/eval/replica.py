@@ -81,7 +81,7 @@ def _abc(model, tokenizer, payloads: Sequence[Mapping[str, Any]], cfg: EvalConfi
         chat_prompts([p["prompt"] for p in payloads]),
         constrained=q.constrained,
         constraints=[p.get("request") for p in payloads],
-        seed=int(payloads[0]["seed"]),
+        seeds=[int(p["seed"]) for p in payloads],  # each item its own: batching does not change answers
         **kwargs,
     )
     return [{"text": t, "tokens": n} for t, n in answers]

@@ -3,7 +3,9 @@ config plus a model fingerprint saved beside them so that a result can be reprod
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import platform
@@ -156,12 +158,45 @@ def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def csv_files(out: Mapping[str, Any]) -> dict[str, str]:
+    """Per-subject and per-family results as CSV (file name -> text), for spreadsheets and plots."""
+    from chatmusician.eval.abc_quality import METRICS
+
+    files = {}
+    if "mtb" in out:
+        rows = [[mode, order, subject, r["subject_counts"][subject], acc]
+                for mode, result in out["mtb"].items()
+                for order, r in (("original", result["original"]), ("shuffled", result.get("shuffled"))) if r
+                for subject, acc in r["subjects"].items()]  # fmt: skip
+        files["mtb_subjects.csv"] = _csv(["mode", "order", "subject", "questions", "accuracy"], rows)
+    if "mmlu" in out:
+        m = out["mmlu"]
+        rows = [[s, m["sizes"][s], acc] for s, acc in m["subjects"].items()]
+        files["mmlu_subjects.csv"] = _csv(["subject", "questions", "accuracy"], rows)
+    if "abc_quality" in out:
+        q = out["abc_quality"]
+        groups = [("all", q["all"]), *q["families"].items()]
+        rows = [[name, agg["tunes"], *[agg.get(m) for m in METRICS]] for name, agg in groups]
+        files["abc_quality_families.csv"] = _csv(["family", "tunes", *METRICS], rows)
+    return files
+
+
 def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
     """Write every output file into ``cfg.output_dir`` and return it."""
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     (root / "results.md").write_text(markdown(out), encoding="utf-8")
+    for name, text in csv_files(out).items():
+        (root / name).write_text(text, encoding="utf-8")
     for mode, result in out.get("mtb", {}).items():
         subject_chart(f"{mode}, original order", result["original"], root / f"mtb_{mode}.png")
         if "shuffled" in result:

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from chatmusician.eval import abc_quality, mmlu_ppl, mtb, predictions
+from chatmusician.eval import abc_quality, compare, mmlu_ppl, mtb, predictions
 from chatmusician.eval.config import MTB_MODES, EvalConfig
 from chatmusician.eval.replica import Replica, load_for_eval, process
 
@@ -77,12 +81,19 @@ def mmlu_items(
     return items
 
 
+def item_seed(seed: int, name: str, k: int) -> int:
+    """The sampling seed of sample ``k`` of prompt ``name``: its own, whatever the batch it lands in."""
+    return zlib.crc32(f"{seed}:{name}:{k}".encode())
+
+
 def abc_items(prompts: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
     return [
         {
             "key": json.dumps(["abc", p["name"], k]),
             "kind": "abc",
-            "payload": json.dumps({"prompt": p["prompt"], "seed": seed + k, "request": p["request"]}),
+            "payload": json.dumps(
+                {"prompt": p["prompt"], "seed": item_seed(seed, p["name"], k), "request": p["request"]}
+            ),
         }  # fmt: skip
         for p in prompts
         for k in range(n)
@@ -206,6 +217,12 @@ def abc_results(
         metrics = abc_quality.tune_metrics(res["text"], p["request"], midi_ok)
         rows.append({"name": name, "family": p["family"], "sample": k, "tokens": res["tokens"],
                      "text": res["text"], **metrics})  # fmt: skip
+    abc_quality.diversity(rows, cfg.abc_quality.distinct_n)
+    if cfg.abc_quality.train_tunes:
+        abc_quality.memorisation(rows, abc_quality.load_train_tunes(cfg.abc_quality.train_tunes))
+    for r in rows:  # what they were computed from, not results
+        for key in ("body", "music_tokens"):
+            r.pop(key, None)
     return {**abc_quality.summarize(rows), "constrained": cfg.abc_quality.constrained, "tunes_detail": rows}
 
 
@@ -258,6 +275,28 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def model_configs(cfg: EvalConfig) -> list[tuple[str, EvalConfig]]:
+    """(name, config) per model: ``cfg`` itself, or one copy per entry of ``models`` writing into its own
+    subfolder of ``output_dir``."""
+    models = _split(cfg.models)
+    if not models:
+        return [(cfg.model, cfg)]
+    out = []
+    for i, model in enumerate(models):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1]) or "model"
+        out.append(
+            (
+                model,
+                replace(cfg, model=model, models=None, output_dir=str(Path(cfg.output_dir) / f"{i}-{slug}")),
+            )
+        )
+    return out
+
+
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """CLI / ``ray job submit`` entry: join the cluster (``RAY_ADDRESS``) or start a local Ray, evaluate, print
     the summary table, and shut down only what it started."""
@@ -268,8 +307,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     from chatmusician.ray_local import ray_session
 
+    runs: dict[str, dict[str, Any]] = {}
     with ray_session() if cfg.pool.use_ray else nullcontext():
-        out = evaluate(cfg)
-    print(report.markdown(out))
-    print(f"[eval] results in {cfg.output_dir}", file=sys.stderr)
+        for name, sub in model_configs(cfg):
+            runs[name] = out = evaluate(sub)
+            print(report.markdown(out))
+            print(f"[eval] results in {sub.output_dir}", file=sys.stderr)
+    for folder in _split(cfg.compare):
+        runs[folder] = compare.load(folder)
+    if len(runs) > 1:
+        print(f"[eval] comparison in {compare.write(cfg.output_dir, runs)}", file=sys.stderr)
     return out
