@@ -13,6 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MTB_FIXTURE = str(FIXTURES / "mtb")
 MMLU_FIXTURE = str(FIXTURES / "mmlu")
 MMLU_CSV_FIXTURE = str(FIXTURES / "mmlu_csv")
+PAPER_FIGURES = str(Path(__file__).parent / "paper_figures.yaml")
 MTB_MODES = ("ppl_zero_shot", "ppl_few_shot", "gen_zero_shot", "gen_few_shot")
 
 
@@ -137,6 +138,8 @@ class EvalConfig:
     """Several models, comma-separated: each evaluated into output_dir/<n>-<name>, then comparison.md/.csv."""
     compare: str | None = None
     """Earlier results folders, comma-separated, put in comparison.md/.csv beside this run."""
+    paper_figures: str | None = PAPER_FIGURES
+    """YAML of the paper's figures per model id, shown beside this run's in results.md (none: not shown)."""
     tokenizer: str | None = None
     """Tokenizer hub id or path; default: the model's."""
     adapter: str | None = None

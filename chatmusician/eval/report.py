@@ -24,6 +24,10 @@ def _pct(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _num(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
 def file_fingerprint(path: Path) -> str:
     """sha256 of a file: whole for small text files, size + first and last MiB for weight files."""
     h = hashlib.sha256()
@@ -76,16 +80,28 @@ def environment() -> dict[str, str]:
     return versions
 
 
-def markdown(out: Mapping[str, Any]) -> str:
-    """The summary as markdown tables (accuracies in %)."""
+_SHARES = ("bar_alignment_error", "unit_as_requested", "scale_consistency", "groove_consistency", "empty_beat_rate",
+           "distinct_n", "self_similarity", "nearest_train_similarity", "memorised")  # fmt: skip
+_VALUES = ("pitch_range", "pitch_class_entropy")
+
+
+def markdown(out: Mapping[str, Any], figures: Mapping[str, Any] | None = None) -> str:
+    """The summary as markdown: the paper's table layout first (with the paper's figures where ``figures``
+    has them for this model), then the details, then the music metrics (accuracies and shares in %)."""
+    from chatmusician.eval import paper
+
     lines = [
         f"# Evaluation of `{out.get('model')}`" + (f" + `{out['adapter']}`" if out.get("adapter") else ""),
         "",
     ]
+    if "mtb" in out or "mmlu" in out:
+        lines += ["## In the paper's layout (PPL; accuracy in %)", "", *paper.table(out, figures), "",
+                  "MusicTheoryBench per subject; MMLU the unweighted mean over subjects (OpenCompass's summary). "
+                  "Predictions per question, in OpenCompass's layout: `predictions/`.", ""]  # fmt: skip
     if "mtb" in out:
         rows = list(mtb_rows(out["mtb"]))
         subjects = sorted({s for _, r in rows for s in r["subjects"]})
-        lines += ["## MusicTheoryBench", "",
+        lines += ["## MusicTheoryBench in detail", "",
                   "| mode | order | accuracy | CI | " + " | ".join(subjects) + " | subject mean | format errors |",
                   "|---" * (6 + len(subjects)) + "|"]  # fmt: skip
         for label, r in rows:
@@ -113,13 +129,19 @@ def markdown(out: Mapping[str, Any]) -> str:
                       + ", ".join(f"{k} {_pct(v)}" for k, v in m["mtb_lm_eval"].items()), ""]  # fmt: skip
     if "abc_quality" in out:
         q = out["abc_quality"]
+        groups = [("all", q["all"]), *q["families"].items()]
         cols = ("parse_success", "syntax_ok", "midi_ok", "key_as_requested", "meter_as_requested",
                 "bar_consistency", "has_repeats", "distinct_bar_ratio", "repeated_bigram_share")  # fmt: skip
         lines += [f"## ABC quality ({'constrained' if q['constrained'] else 'free'} decoding)", "",
                   "| family | tunes | " + " | ".join(cols) + " | tokens |", "|---" * (len(cols) + 3) + "|"]  # fmt: skip
-        for name, agg in [("all", q["all"]), *q["families"].items()]:
+        for name, agg in groups:
             vals = " | ".join(_pct(agg.get(c)) for c in cols)
             lines.append(f"| {name} | {agg['tunes']} | {vals} | {agg.get('tokens', 0):.0f} |")
+        lines += ["", "### Music metrics (definitions and sources: README, Evaluation)", "",
+                  "| family | " + " | ".join(_SHARES + _VALUES) + " |", "|---" * (len(_SHARES + _VALUES) + 1) + "|"]  # fmt: skip
+        for name, agg in groups:
+            vals = [_pct(agg.get(c)) for c in _SHARES] + [_num(agg.get(c)) for c in _VALUES]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -194,7 +216,9 @@ def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
-    (root / "results.md").write_text(markdown(out), encoding="utf-8")
+    from chatmusician.eval.paper import load_figures
+
+    (root / "results.md").write_text(markdown(out, load_figures(cfg.paper_figures)), encoding="utf-8")
     for name, text in csv_files(out).items():
         (root / name).write_text(text, encoding="utf-8")
     for mode, result in out.get("mtb", {}).items():
