@@ -173,3 +173,19 @@ def test_several_models_get_a_comparison_table_and_results_csvs(tiny_model_path,
     runner.run(again)
     header = (tmp_path / "later" / "comparison.csv").read_text().splitlines()[0]
     assert header == f"metric,{tiny_model_path},{first}"
+
+
+def test_a_failing_lm_eval_cross_check_is_reported_and_loses_nothing(tiny_model_path, tmp_path, monkeypatch):
+    from chatmusician.eval import mmlu
+
+    def broken(cfg):
+        raise RuntimeError("no tasks")
+
+    monkeypatch.setattr(mmlu, "run", broken)
+    cfg = EvalConfig(model=tiny_model_path, output_dir=str(tmp_path), device="cpu")
+    cfg.pool.use_ray, cfg.mtb.enabled = False, False
+    cfg.mmlu.enabled, cfg.mmlu.lm_eval, cfg.mmlu.path, cfg.mmlu.limit = True, True, MMLU_FIXTURE, 1
+    out = runner.evaluate(cfg)
+    assert out["mmlu"]["sizes"] == {"high_school_mathematics": 1, "world_religions": 1}
+    assert out["mmlu_lm_eval"] == {"error": "RuntimeError: no tasks"}
+    assert "cross-check failed: RuntimeError: no tasks" in (tmp_path / "results.md").read_text()

@@ -126,3 +126,20 @@ def test_a_question_holding_a_column_name_is_filled_as_opencompass_fills_it(data
     texts = mmlu_ppl.candidates("logic", q, [])[0]
     assert texts[0] == oc.generate_label_prompt_item(prompt_template, q, "\n", "A")
     assert "Which is xy here?\nA. xy\n" in texts[0]
+
+
+def test_the_lm_eval_cross_check_reads_both_layouts_too(tmp_path):
+    from chatmusician.eval import mmlu
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "hf").mkdir()
+    from_csv = mmlu.local_mmlu_tasks(MMLU_CSV_FIXTURE, tmp_path / "csv")
+    from_hf = mmlu.local_mmlu_tasks(MMLU_FIXTURE, tmp_path / "hf")
+    assert [t["task"] for t in from_csv] == ["cm_mmlu_high_school_mathematics", "cm_mmlu_world_religions"]
+    for a, b in zip(from_csv, from_hf, strict=True):
+        for split in ("dev", "test"):
+            rows = [json.loads(line) for line in open(a["dataset_kwargs"]["data_files"][split])]
+            assert rows == [json.loads(line) for line in open(b["dataset_kwargs"]["data_files"][split])]
+    original = [json.loads(line) for line in open(f"{MMLU_FIXTURE}/test.jsonl")]
+    written = [json.loads(line) for t in from_csv for line in open(t["dataset_kwargs"]["data_files"]["test"])]
+    assert sorted(written, key=json.dumps) == sorted(original, key=json.dumps)

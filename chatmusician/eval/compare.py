@@ -29,7 +29,7 @@ def rows(out: Mapping[str, Any]) -> dict[str, float | None]:
     if "mmlu" in out:
         values["MMLU unweighted mean (OpenCompass PPL)"] = out["mmlu"]["unweighted"]
         values["MMLU weighted mean (OpenCompass PPL)"] = out["mmlu"]["weighted"]
-    if "mmlu_lm_eval" in out:
+    if "unweighted" in out.get("mmlu_lm_eval", {}):
         values["MMLU unweighted mean (lm-eval cross-check)"] = out["mmlu_lm_eval"]["unweighted"]
     for name in METRICS:
         value = ((out.get("abc_quality") or {}).get("all") or {}).get(name)

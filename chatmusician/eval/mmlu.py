@@ -23,9 +23,7 @@ BOS, lm-eval adds none by default for causal models; (4) ``acc_norm`` divides by
 from __future__ import annotations
 
 import json
-import re
 import tempfile
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,40 +36,20 @@ MMLU_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{ch
 MTB_TEXT = "{{input}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
 
 
-def subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
-    """subject -> split -> rows, from local MMLU files (a folder's files are split by dev/test/validation)."""
-    import datasets
-
-    local = Path(path)
-    files = (
-        [local]
-        if local.is_file()
-        else sorted(p for p in local.rglob("*") if p.suffix in {".json", ".jsonl", ".parquet"})
-    )
-    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for f in files:
-        split = next(
-            (s for s in ("dev", "validation", "test") if re.search(rf"(^|[_.-]){s}([_.-]|$)", f.name)), "test"
-        )
-        ds = datasets.load_dataset("parquet" if f.suffix == ".parquet" else "json", data_files=str(f))[
-            "train"
-        ]
-        for row in ds:
-            out[row["subject"]][split].append(dict(row))
-    return out
-
-
 def local_mmlu_tasks(path: str, scratch: Path) -> list[dict[str, Any]]:
-    """lm-eval task configs (dicts) for local MMLU files: lm-eval's MMLU template, one task per subject."""
+    """lm-eval task configs (dicts) for local MMLU files, Hendrycks' CSVs or the cais/mmlu schema (read by
+    :func:`mmlu_ppl.load`): lm-eval's MMLU template, one task per subject."""
+    from chatmusician.eval import mmlu_ppl
+
     tasks = []
-    for subject, splits in sorted(subject_rows(path).items()):
+    for subject, splits in mmlu_ppl.load(path).items():
         files = {}
         for split, rows in splits.items():
             f = scratch / f"{subject}.{split}.jsonl"
-            f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            hf = [{"question": r["input"], "subject": subject, "choices": [r[x] for x in mmlu_ppl.LETTERS],
+                   "answer": mmlu_ppl.LETTERS.index(r["target"])} for r in rows]  # fmt: skip
+            f.write_text("".join(json.dumps(r) + "\n" for r in hf), encoding="utf-8")
             files[split] = str(f)
-        if "test" not in files:
-            continue
         tasks.append({
             "task": f"cm_mmlu_{subject}",
             "dataset_path": "json",

@@ -86,6 +86,29 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
+    """subject -> split -> rows, from local MMLU files (a folder's files are split by dev/test/validation)."""
+    import datasets
+
+    local = Path(path)
+    files = (
+        [local]
+        if local.is_file()
+        else sorted(p for p in local.rglob("*") if p.suffix in {".json", ".jsonl", ".parquet"})
+    )
+    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for f in files:
+        split = next(
+            (s for s in ("dev", "validation", "test") if re.search(rf"(^|[_.-]){s}([_.-]|$)", f.name)), "test"
+        )
+        ds = datasets.load_dataset("parquet" if f.suffix == ".parquet" else "json", data_files=str(f))[
+            "train"
+        ]
+        for row in ds:
+            out[row["subject"]][split].append(dict(row))
+    return out
+
+
 def _csv_subjects(root: Path) -> dict[str, dict[str, list[dict[str, str]]]]:
     out: dict[str, dict[str, list[dict[str, str]]]] = defaultdict(dict)
     for f in sorted(root.rglob("*.csv")):
@@ -102,8 +125,6 @@ def load(path: str) -> dict[str, dict[str, list[dict[str, str]]]]:
     if local.is_dir() and any(local.rglob("*_test.csv")):
         subjects = _csv_subjects(local)
     elif local.exists():
-        from chatmusician.eval.mmlu import subject_rows
-
         subjects = {s: {split: [from_hf(r) for r in rows] for split, rows in splits.items()}
                     for s, splits in subject_rows(path).items()}  # fmt: skip
     else:

@@ -119,7 +119,9 @@ def markdown(out: Mapping[str, Any], figures: Mapping[str, Any] | None = None) -
                   "| subjects | questions | unweighted mean (the paper's) | weighted by size |", "|---|---|---|---|",
                   f"| {len(m['subjects'])} | {sum(m['sizes'].values())} | {_pct(m['unweighted'])} | "
                   f"{_pct(m['weighted'])} |", ""]  # fmt: skip
-    if "mmlu_lm_eval" in out:
+    if "mmlu_lm_eval" in out and "error" in out["mmlu_lm_eval"]:
+        lines += [f"lm-evaluation-harness cross-check failed: {out['mmlu_lm_eval']['error']}", ""]
+    elif "mmlu_lm_eval" in out:
         m = out["mmlu_lm_eval"]
         lines += ["### Cross-check: lm-evaluation-harness MMLU (answer-only log-likelihood, no BOS; not the paper's)",
                   "", "| subjects | unweighted mean | weighted by size |", "|---|---|---|",

@@ -262,10 +262,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out["abc_quality"] = abc_results(cfg, prompts, [r for r in results if r["kind"] == "abc"])
     if cfg.mmlu.enabled:
         out["mmlu"] = mmlu_results(cfg, mmlu_data, [r for r in results if json.loads(r["key"])[0] == "mmlu"])
-    if cfg.mmlu.enabled and cfg.mmlu.lm_eval:  # the labelled cross-check
+    if cfg.mmlu.enabled and cfg.mmlu.lm_eval:  # the labelled cross-check: its failure must not lose the rest
         from chatmusician.eval import mmlu
 
-        out["mmlu_lm_eval"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
+        try:
+            out["mmlu_lm_eval"] = mmlu.run_remote(cfg) if cfg.pool.use_ray else mmlu.run(cfg)
+        except Exception as err:  # noqa: BLE001 - reported in results.json/results.md and on stderr
+            out["mmlu_lm_eval"] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"[eval] lm-eval cross-check failed: {err}", file=sys.stderr, flush=True)
     out["wall_s"] = time.perf_counter() - start
     root = report.write(cfg, out)
     if cfg.mtb.enabled:
