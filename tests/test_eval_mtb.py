@@ -208,3 +208,30 @@ def test_few_shot_items_take_the_first_five_dev_rows_and_always_the_original_ord
     assert all([s["id"] for s in p["shots"]] == [d["id"] for d in dev[:5]] for p in few)
     assert {json.loads(i["key"])[1] for i in items} == {-1, 0, 1}
     assert all(p["question"] == test[k] for p, k in zip(payloads[:2], (0, 1), strict=True))  # -1: as given
+
+
+def test_results_count_the_questions_safe_format_changes_in_ppl_modes():
+    from chatmusician.eval.config import EvalConfig
+    from chatmusician.eval.report import markdown
+    from chatmusician.eval.runner import mtb_results
+
+    test = [mtb.convert_row(GRACE), mtb.convert_row(ROW)]
+    cfg = EvalConfig(model="unused")
+    cfg.mtb.modes, cfg.mtb.bootstrap = ["ppl_zero_shot", "gen_zero_shot"], 0
+    results = [
+        {
+            "key": json.dumps([mode, -1, q["id"]]),
+            "kind": "x",
+            "result": json.dumps({"pred": "A", "text": "A"}),
+        }
+        for mode in cfg.mtb.modes
+        for q in test
+    ]
+    out = mtb_results(cfg, test, results)
+    assert out["ppl_zero_shot"]["safe_format"] == {"applied": True, "questions_changed": 1}
+    assert (
+        "safe_format" not in out["gen_zero_shot"]
+    )  # the chat template is filled by this project, not a config
+    assert "`safe_format` changes" in markdown({"model": "m", "mtb": out}) and "ppl_zero_shot 1" in markdown(
+        {"model": "m", "mtb": out}
+    )

@@ -135,11 +135,8 @@ def tune_metrics(
     if not found.found:
         out = {"found": False, "syntax_ok": False, "midi_ok": False, "parse_success": False,
                "key_present": False, "meter_present": False, "has_repeats": False}  # fmt: skip
-        return out | {
-            f"{k}_as_requested": False
-            for k in ("key", "meter", "unit")
-            if k in request or f"{k}_length" in request
-        }
+        asked = [k for k in ("key", "meter", "unit") if k in request or f"{k}_length" in request]
+        return out | {f"{k}_as_requested": False for k in asked}
     tune_text = found.tunes[0]
     tune = parse_tune(tune_text)
     syntax_ok = not has_errors(validate_tune(tune_text))

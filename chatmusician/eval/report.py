@@ -109,10 +109,12 @@ def markdown(out: Mapping[str, Any], figures: Mapping[str, Any] | None = None) -
             subj = " | ".join(_pct(r["subjects"].get(s)) for s in subjects)
             lines.append(f"| {label} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
                          f"{r['format_errors']} |")  # fmt: skip
-        changed = {m: r["safe_format"]["questions_changed"] for m, r in out["mtb"].items()}
-        lines += ["", "Questions whose prompts OpenCompass's `safe_format` changes (`{A}`-style texts replaced): "
-                  + ", ".join(f"{m} {n}" for m, n in changed.items())
-                  + ("" if next(iter(out["mtb"].values()))["safe_format"]["applied"] else " (not applied)"), ""]  # fmt: skip
+        changed = [f"{m} {r['safe_format']['questions_changed']}" + ("" if r["safe_format"]["applied"] else " (not applied)")
+                   for m, r in out["mtb"].items() if "safe_format" in r]  # fmt: skip
+        if changed:
+            lines += ["", "Questions whose PPL prompts OpenCompass's `safe_format` changes (`{A}`-style texts in the "
+                      "data replaced by option texts, as the original's were): " + ", ".join(changed)]  # fmt: skip
+        lines.append("")
     if "mmlu" in out:
         m = out["mmlu"]
         lines += ["## MMLU (OpenCompass `mmlu_ppl_ac766d`, 5 fixed shots, whole-sequence PPL: the paper's)", "",

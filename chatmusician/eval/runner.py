@@ -170,8 +170,11 @@ def mtb_results(
             summary["shuffled"] = mtb.summarize([r for r in recs if r["shuffle"] >= 0], *args)
         if mode.startswith("ppl"):
             summary["one_pass_share"] = sum(r.get("method") == "one_pass" for r in recs) / max(1, len(recs))
-        changed = sum(mtb.safe_format_changes(q, shots, few) for q in test)
-        summary["safe_format"] = {"applied": cfg.mtb.safe_format, "questions_changed": changed}
+        if mode.startswith(
+            "ppl"
+        ):  # generation mode fills the chat template itself: no OpenCompass config to follow
+            changed = sum(mtb.safe_format_changes(q, shots, few) for q in test)
+            summary["safe_format"] = {"applied": cfg.mtb.safe_format, "questions_changed": changed}
         summary["answers_detail"] = recs
         out[mode] = summary
     return out
