@@ -167,3 +167,16 @@ def test_each_item_samples_from_its_own_seed_whatever_shares_its_batch(tiny_mode
     assert reordered == [batch[2], batch[0]]
     again = generate_counted(model, tokenizer, prompts[1:2], seeds=[8], **kwargs)
     assert again != alone  # the seed, not the batch, decides
+
+
+def test_the_models_own_generation_config_does_not_stack_on_the_samplers_settings(tiny_model_path):
+    from chatmusician.eval.generation import generate_counted, sampling_kwargs
+    from chatmusician.model.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
+    prompts = ["Human: Write a jig. </s> Assistant: "]
+    kwargs = sampling_kwargs(16)  # greedy, no penalty
+    plain = generate_counted(model, tokenizer, prompts, **kwargs)
+    model.generation_config.repetition_penalty = 50.0  # as a checkpoint's generation_config.json may say
+    model.generation_config.no_repeat_ngram_size = 1
+    assert generate_counted(model, tokenizer, prompts, **kwargs) == plain

@@ -69,6 +69,7 @@ def generate_counted(
     serving engine's ``RowSampler``). ``constrained`` routes through the ABC grammar, row i also held to
     ``constraints[i]`` (``{key, meter, ...}``: what it asked for); its mask runs before the draw."""
     import torch
+    from transformers import GenerationConfig
 
     from chatmusician.model.constrained import finish, logits_processor
     from chatmusician.model.sampling import RowSampler, RowSampling
@@ -102,11 +103,16 @@ def generate_counted(
         processor, states = logits_processor(tokenizer, wanted, budget)
         chain += [processor] if processor is not None else []
     chain.append(RowSampler([replace(sampling, seed=int(s)) for s in seeds], device))
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget, do_sample=False,
-            eos_token_id=eos, pad_token_id=pad, logits_processor=chain,
-        )  # fmt: skip
+    # transformers fills every setting a passed config leaves unset from model.generation_config (a checkpoint's
+    # repetition penalty, beams, banned n-grams...): set aside while the sampler applies every setting itself
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config, logits_processor=chain)  # fmt: skip
+    finally:
+        model.generation_config = saved
     answers = []
     for state, row in zip(states, out[:, width:].tolist(), strict=True):
         answer, reason = finish(state, row, eos)
