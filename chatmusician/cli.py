@@ -82,7 +82,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": (
         "chatmusician.eval.config:EvalConfig",
         "chatmusician.eval.runner:run",
-        "Evaluate: MusicTheoryBench (PPL + generation), MMLU (lm-eval), ABC quality (Ray Data batch inference).",
+        "Evaluate: MusicTheoryBench (PPL + generation), MMLU (OpenCompass PPL), ABC quality (Ray Data batch inference).",
     ),
     "serve": (
         "chatmusician.serve.config:ServeAppConfig",

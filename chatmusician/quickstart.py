@@ -443,7 +443,7 @@ def eval_stage(cfg: QuickstartConfig, console: Console, model: str, out: Path) -
     result = evaluate(e)
     summary: dict[str, Any] = {"dir": e.output_dir}
     for mode, r in (result.get("mtb") or {}).items():
-        summary[f"mtb_{mode}"] = r.get("accuracy")
+        summary[f"mtb_{mode}"] = r["original"].get("accuracy")  # the original order: OpenCompass's number
     abc = (result.get("abc_quality") or {}).get("all", {})
     summary["abc_parse_success"] = abc.get("parse_success")
     summary["abc_tunes"] = abc.get("tunes")

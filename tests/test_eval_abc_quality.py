@@ -66,7 +66,7 @@ def test_prompt_set_covers_every_task_family():
     }
     jig = next(p for p in prompts if p["name"] == "jig-G")
     assert jig["prompt"].startswith("Using ABC notation, recreate the given text as a musical score.")
-    assert jig["request"] == {"key": "G", "meter": "6/8"}
+    assert jig["request"] == {"key": "G", "meter": "6/8", "unit_length": "1/8"}
 
 
 def test_a_bad_prompt_file_names_the_problem(tmp_path):
@@ -82,29 +82,43 @@ def test_midi_check_runs_abc2midi_in_the_sandbox():
     assert not q.midi_check("no music here")
 
 
-def test_constrained_generation_goes_through_the_grammar_with_each_prompts_request(monkeypatch):
+def test_constrained_generation_masks_before_each_rows_draw_with_each_prompts_request(
+    monkeypatch, tiny_model_path
+):
+    import torch
+
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.eval import replica
     from chatmusician.eval.config import EvalConfig
     from chatmusician.eval.runner import abc_items, abc_results
     from chatmusician.model import constrained
+    from chatmusician.model.loading import load_model, load_tokenizer
 
+    model, tokenizer = load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
+    only = tokenizer("G", add_special_tokens=False)["input_ids"][-1]
     calls = []
 
-    def fake_outputs(model, tokenizer, prompts, constraints, **kwargs):
-        calls.append((list(prompts), list(constraints), kwargs))
-        return [constrained.Generated(JIG, [7] * 30, "stop"), constrained.Generated("", [], "length")]
+    class OnlyG:  # a "grammar" that allows one token: what comes out shows it ran before the draw
+        def __call__(self, input_ids, scores):
+            masked = torch.full_like(scores, float("-inf"))
+            masked[:, only] = scores[:, only]
+            return masked
 
-    monkeypatch.setattr(constrained, "generate_outputs", fake_outputs)
+    def fake_processor(tok, constraints, budget):
+        calls.append((list(constraints), budget))
+        return OnlyG(), [None] * len(constraints)
+
+    monkeypatch.setattr(constrained, "logits_processor", fake_processor)
     prompts = [p for p in q.load_prompts() if p["name"] in ("jig-G", "form-AABB")]
     cfg = EvalConfig(model="unused")
-    cfg.abc_quality.constrained, cfg.abc_quality.check_midi, cfg.abc_quality.max_new_tokens = True, False, 64
-    out = abc_results(cfg, prompts, replica.process(None, None, abc_items(prompts, 1, seed=3), cfg))
-    ((sent, constraints, kwargs),) = calls
-    assert sent[0] == "Human: " + prompts[0]["prompt"] + " </s> Assistant: "
-    assert constraints == [AbcConstraints(key="G", meter="6/8"), AbcConstraints()]  # form asks for no key
-    assert kwargs["max_new_tokens"] == 64 and kwargs["do_sample"] and kwargs["temperature"] == 0.2
+    cfg.abc_quality.constrained, cfg.abc_quality.check_midi, cfg.abc_quality.max_new_tokens = True, False, 6
+    out = abc_results(cfg, prompts, replica.process(model, tokenizer, abc_items(prompts, 1, seed=3), cfg))
+    ((constraints, budget),) = calls
+    assert constraints == [
+        AbcConstraints(key="G", meter="6/8", unit_length="1/8"),
+        AbcConstraints(),
+    ]  # form: no key
+    assert budget == 6
     rows = {r["name"]: r for r in out["tunes_detail"]}
-    assert rows["jig-G"]["tokens"] == 31 and rows["jig-G"]["key_as_requested"]  # 30 ids + EOS
-    assert rows["form-AABB"]["tokens"] == 0 and not rows["form-AABB"]["found"]
-    assert out["constrained"] and out["all"]["found"] == 0.5
+    assert rows["jig-G"]["text"] == tokenizer.decode([only] * 6) and rows["jig-G"]["tokens"] == 6
+    assert out["constrained"] and out["all"]["found"] == 0.0

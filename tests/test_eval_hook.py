@@ -27,7 +27,7 @@ def test_hook_reports_the_zero_shot_ppl_accuracy_and_restores_train_mode(tiny_mo
     full = mtb_results(
         cfg, test, replica.process(model, tokenizer, mtb_items(dev, test, cfg.mtb.modes, 0, 0), cfg)
     )
-    expected = full["ppl_zero_shot"]
+    expected = full["ppl_zero_shot"]["original"]
     assert metrics["mtb_accuracy"] == pytest.approx(expected["accuracy"])
     assert metrics["mtb_questions"] == 6
     assert {k: metrics[f"mtb_{k}"] for k in expected["subjects"]} == pytest.approx(expected["subjects"])

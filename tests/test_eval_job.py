@@ -53,6 +53,14 @@ def test_config_mistakes_are_reported_before_any_work():
         runner.check_config(cfg)
 
 
+def original_scores(out, qid):
+    return next(
+        r["scores"]
+        for r in out["mtb"]["ppl_zero_shot"]["answers_detail"]
+        if r["id"] == qid and r["shuffle"] < 0
+    )
+
+
 @pytest.mark.integration
 def test_ray_data_replica_pool_gives_the_single_process_answers(ray_cluster, tiny_model_path, tmp_path):
     local_cfg = small_config(tiny_model_path, tmp_path / "local", use_ray=False, batch_size=4)
@@ -60,9 +68,11 @@ def test_ray_data_replica_pool_gives_the_single_process_answers(ray_cluster, tin
     local = runner.evaluate(local_cfg)
     pooled = runner.evaluate(pool_cfg)
     for mode in ("ppl_zero_shot", "gen_zero_shot"):
-        a, b = local["mtb"][mode], pooled["mtb"][mode]
+        a, b = local["mtb"][mode]["shuffled"], pooled["mtb"][mode]["shuffled"]
         assert a["questions"] == 4 and a["answers"] == 8  # 4 questions x 2 shuffles
-        assert [r["pred"] for r in a["answers_detail"]] == [r["pred"] for r in b["answers_detail"]]
+        assert local["mtb"][mode]["original"]["answers"] == 4  # and the original order beside them
+        details = [local["mtb"][mode]["answers_detail"], pooled["mtb"][mode]["answers_detail"]]
+        assert [r["pred"] for r in details[0]] == [r["pred"] for r in details[1]]
         assert a["accuracy"] == b["accuracy"] and a["ci"] == b["ci"]
     for ra, rb in zip(local["mtb"]["ppl_zero_shot"]["answers_detail"], pooled["mtb"]["ppl_zero_shot"]["answers_detail"], strict=True):  # fmt: skip
         assert ra["scores"] == pytest.approx(rb["scores"], abs=1e-5)
@@ -71,10 +81,20 @@ def test_ray_data_replica_pool_gives_the_single_process_answers(ray_cluster, tin
     # the files a result is reproduced from
     out = tmp_path / "pool"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["mtb"]["ppl_zero_shot"]["accuracy"] == pooled["mtb"]["ppl_zero_shot"]["accuracy"]
-    assert "| ppl_zero_shot |" in (out / "results.md").read_text()
+    original = pooled["mtb"]["ppl_zero_shot"]["original"]
+    assert saved["mtb"]["ppl_zero_shot"]["original"]["accuracy"] == original["accuracy"]
+    assert "| ppl_zero_shot | original (OpenCompass) |" in (out / "results.md").read_text()
     for mode in ("ppl_zero_shot", "gen_zero_shot"):
         assert (out / f"mtb_{mode}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # OpenCompass's predictions layout, one file per subject, the original order's answers
+    preds = json.loads((out / "predictions/mtb_ppl_zero_shot/knowledge.json").read_text())
+    assert list(preds) == ["0", "1", "2", "3"]
+    first = preds["0"]
+    assert first["prediction"] in "ABCD" and first["gold"] == "C"
+    assert first["label: B"]["prompt"] == mtb.candidate_text(mtb.load_questions(MTB_FIXTURE)[1][0], "B")
+    assert [first[f"label: {x}"]["PPL"] for x in "ABCD"] == original_scores(pooled, "test-0")
+    gen = json.loads((out / "predictions/mtb_gen_zero_shot/knowledge.json").read_text())["0"]
+    assert set(gen) == {"origin_prompt", "prediction", "gold"}
     assert load_config(EvalConfig, out / "config.yaml") == pool_cfg
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     again = json.loads((tmp_path / "local" / "fingerprint.json").read_text())
@@ -92,10 +112,10 @@ def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
     cfg.mmlu.path, cfg.mmlu.lm_eval_mtb, cfg.mtb.path = MMLU_FIXTURE, True, MTB_FIXTURE
     cfg.mmlu.limit = 4  # per task: all of MMLU's fixture, the first 4 MTB questions
     summary, raw = mmlu.evaluate_model(model, tokenizer, cfg, log_samples=True)
-    assert summary["sizes"] == {"high_school_mathematics": 4, "world_religions": 2}
+    assert summary["sizes"] == {"high_school_mathematics": 4, "world_religions": 3}
     subj = summary["subjects"]
     assert summary["weighted"] == pytest.approx(
-        (4 * subj["high_school_mathematics"] + 2 * subj["world_religions"]) / 6
+        (4 * subj["high_school_mathematics"] + 3 * subj["world_religions"]) / 7
     )
     assert summary["unweighted"] == pytest.approx(sum(subj.values()) / 2)
     # MMLU 5-shot with lm-eval's own template: five dev shots before the question
@@ -116,3 +136,56 @@ def test_mmlu_and_the_mtb_twin_through_lm_eval(tiny_model_path, tmp_path):
         ours = [s.pred for s in scoring.one_pass(model, tokenizer, cands)]
         accuracy = sum(mtb.LETTERS[p] == q["target"] for p, q in zip(ours, test, strict=True)) / len(test)
         assert summary["mtb_lm_eval"][task] == pytest.approx(accuracy)
+
+
+def test_several_models_get_a_comparison_table_and_results_csvs(tiny_model_path, tmp_path):
+    from chatmusician.config import parse_config
+
+    cfg = parse_config(EvalConfig, ["--models", f"{tiny_model_path},{tiny_model_path}/"])
+    assert cfg.models == f"{tiny_model_path},{tiny_model_path}/"
+    cfg.output_dir, cfg.device, cfg.pool.use_ray = str(tmp_path / "runs"), "cpu", False
+    cfg.mtb.modes, cfg.mtb.limit, cfg.mtb.bootstrap = ["ppl_zero_shot"], 3, 10
+    cfg.mmlu.enabled, cfg.mmlu.limit = True, 2
+    runner.run(cfg)
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert folders == ["0-tiny-llama-nano-" + Path(tiny_model_path).name.split("-")[-1],
+                       "1-tiny-llama-nano-" + Path(tiny_model_path).name.split("-")[-1]]  # fmt: skip
+    first = tmp_path / "runs" / folders[0]
+    subjects = (first / "mtb_subjects.csv").read_text().splitlines()
+    assert subjects[0] == "mode,order,subject,questions,accuracy"
+    assert subjects[1].startswith("ppl_zero_shot,original,knowledge,3,")
+    assert (first / "mmlu_subjects.csv").read_text().splitlines()[1].startswith("high_school_mathematics,2,")
+    table = (tmp_path / "runs" / "comparison.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| MTB ppl_zero_shot original order |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert len(cells) == 2 and cells[0] == cells[1]  # the same model twice: the same numbers
+    assert "| MMLU unweighted mean (OpenCompass PPL) |" in table
+    # an earlier results folder joins a later run's table
+    again = EvalConfig(
+        model=tiny_model_path, output_dir=str(tmp_path / "later"), device="cpu", compare=str(first)
+    )
+    again.pool.use_ray, again.mtb.modes, again.mtb.limit, again.mtb.bootstrap = (
+        False,
+        ["ppl_zero_shot"],
+        3,
+        10,
+    )
+    runner.run(again)
+    header = (tmp_path / "later" / "comparison.csv").read_text().splitlines()[0]
+    assert header == f"metric,{tiny_model_path},{first}"
+
+
+def test_a_failing_lm_eval_cross_check_is_reported_and_loses_nothing(tiny_model_path, tmp_path, monkeypatch):
+    from chatmusician.eval import mmlu
+
+    def broken(cfg):
+        raise RuntimeError("no tasks")
+
+    monkeypatch.setattr(mmlu, "run", broken)
+    cfg = EvalConfig(model=tiny_model_path, output_dir=str(tmp_path), device="cpu")
+    cfg.pool.use_ray, cfg.mtb.enabled = False, False
+    cfg.mmlu.enabled, cfg.mmlu.lm_eval, cfg.mmlu.path, cfg.mmlu.limit = True, True, MMLU_FIXTURE, 1
+    out = runner.evaluate(cfg)
+    assert out["mmlu"]["sizes"] == {"high_school_mathematics": 1, "world_religions": 1}
+    assert out["mmlu_lm_eval"] == {"error": "RuntimeError: no tasks"}
+    assert "cross-check failed: RuntimeError: no tasks" in (tmp_path / "results.md").read_text()

@@ -7,6 +7,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import opencompass_reference as oc
 import pytest
 import torch
 
@@ -14,11 +15,14 @@ from chatmusician.eval import mtb, replica, scoring
 from chatmusician.eval.config import MTB_FIXTURE, EvalConfig
 from chatmusician.eval.runner import mtb_items, mtb_results
 
+OC_PAD: list[int] = []  # OpenCompass's pad id for the tiny tokenizer, from its own files
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_path):
     from chatmusician.model.loading import load_model, load_tokenizer
 
+    OC_PAD[:] = [oc.pad_token_id(tiny_model_path)]
     return load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
 
 
@@ -31,7 +35,7 @@ def direct_opencompass(model, tokenizer, text: str, max_seq_len: int | None = No
     """OpenCompass's HuggingFace._get_ppl for one text, written out plainly (batch_padding=False)."""
     kwargs = {"truncation": True, "max_length": max_seq_len} if max_seq_len else {}
     ids = torch.tensor([tokenizer(text, **kwargs)["input_ids"]])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = OC_PAD[0] if OC_PAD else tokenizer.eos_token_id
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].double()
     labels = ids[0, 1:]
@@ -143,23 +147,27 @@ def test_accuracy_is_exactly_the_share_of_questions_whose_gold_is_the_favourite(
         for k in mtb.shuffle_ids(shuffles)
         for q in test
     ]
-    expected = golds.count("C") / len(golds)
+    original = sum(q["target"] == "C" for q in test) / len(test)
+    assert original == 2 / 12
     for mode in cfg.mtb.modes:
-        assert out[mode]["accuracy"] == pytest.approx(expected)
+        assert out[mode]["original"]["accuracy"] == pytest.approx(original)  # always reported
         assert out[mode]["one_pass_share"] == 1.0
         assert {r["pred"] for r in out[mode]["answers_detail"]} == {"C"}
     if shuffles == 0:
-        assert expected == sum(q["target"] == "C" for q in test) / len(test) == 2 / 12
+        assert "shuffled" not in out["ppl_zero_shot"]
     else:
-        assert len(out["ppl_zero_shot"]["shuffle_accuracy"]) == 5
-        assert sum(out["ppl_zero_shot"]["shuffle_accuracy"]) / 5 == pytest.approx(expected)
+        shuffled = golds[len(test) :]  # the seeded orders only, apart from the original
+        r = out["ppl_zero_shot"]["shuffled"]
+        assert r["accuracy"] == pytest.approx(shuffled.count("C") / len(shuffled))
+        assert len(r["shuffle_accuracy"]) == 5
+        assert sum(r["shuffle_accuracy"]) / 5 == pytest.approx(r["accuracy"])
 
 
 def test_generation_mode_counts_format_errors_apart_from_wrong_answers(tiny, questions, monkeypatch):
     model, tokenizer = tiny
     dev, test = questions
     test = test[:4]  # golds C, A, C, B
-    canned = ["Answer: C", "(b)", "I am not sure.", "B."]
+    canned = ["Answer: C", "(B)", "I am not sure.", "B."]
     seen = []
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
@@ -172,11 +180,27 @@ def test_generation_mode_counts_format_errors_apart_from_wrong_answers(tiny, que
     out = mtb_results(
         cfg, test, replica.process(model, tokenizer, mtb_items(dev, test, cfg.mtb.modes, 0, 0), cfg)
     )
-    r = out["gen_few_shot"]
-    assert [a["pred"] for a in r["answers_detail"]] == ["C", "B", None, "B"]
+    r = out["gen_few_shot"]["original"]
+    assert [a["pred"] for a in out["gen_few_shot"]["answers_detail"]] == ["C", "B", None, "B"]
     assert (r["accuracy"], r["format_errors"], r["wrong"]) == (0.5, 1, 1)
     # the original's chat template, the dev rows as earlier turns
     assert seen[0].startswith("Human: " + mtb.HINT + "\n" + dev[0]["input"])
     assert " </s> Assistant: Answer: C </s> Human: " in seen[0]
     assert seen[0].endswith("\nD. " + test[0]["D"] + " </s> Assistant: ")
-    assert json.loads(mtb_items(dev, test, ["gen_few_shot"], 0, 0)[0]["payload"])["shots"] == dev
+    assert json.loads(mtb_items(dev, test, ["gen_few_shot"], 0, 0)[0]["payload"])["shots"] == dev[:5]
+
+
+def test_the_ignored_id_is_the_tokenizers_own_pad_else_eos_not_the_loaders_unk(tiny):
+    model, tokenizer = tiny
+    # the loader pads with <unk> for training; OpenCompass ignores the tokenizer's own pad, else EOS
+    assert tokenizer.pad_token_id == tokenizer.unk_token_id != tokenizer.eos_token_id
+    assert scoring.pad_id_of(tokenizer) == OC_PAD[0] == tokenizer.eos_token_id
+    # a prompt holding the texts <unk> and </s> (as ABC or web text can): <unk> is scored, </s> is not
+    texts = [f"Q: <unk> then </s> ok\nAnswer: {x}" for x in "ABCD"]
+    ids = tokenizer(texts[0])["input_ids"]
+    assert tokenizer.unk_token_id in ids and tokenizer.eos_token_id in ids
+    (got,) = scoring.one_pass(model, tokenizer, [texts])
+    direct = oc.get_ppl(model, tokenizer, texts, OC_PAD[0], None)
+    assert got.scores == pytest.approx(direct, abs=1e-5)
+    unk_ignored = oc.get_ppl(model, tokenizer, texts, tokenizer.unk_token_id, None)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(got.scores, unk_ignored, strict=True))

@@ -207,10 +207,11 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         assert (shared / "models" / "chat" / "config.json").is_file()
 
         log = submit("chain-evaluate", "ray_jobs.evaluate", "--config", eval_cfg)
-        assert "| ppl_zero_shot |" in log and "| ppl_few_shot |" in log  # the results table in the job's log
+        assert "| ppl_zero_shot | original" in log and "| ppl_few_shot | original" in log  # the results table
         results = json.loads((shared / "eval" / "results.json").read_text())
+        mtb = results["mtb"]
         assert (
-            results["mtb"]["ppl_zero_shot"]["questions"] == results["mtb"]["ppl_few_shot"]["questions"] == 2
+            mtb["ppl_zero_shot"]["original"]["questions"] == mtb["ppl_few_shot"]["original"]["questions"] == 2
         )
 
         deployed = subprocess.run(

@@ -12,6 +12,8 @@ from pathlib import Path
 FIXTURES = Path(__file__).parent / "fixtures"
 MTB_FIXTURE = str(FIXTURES / "mtb")
 MMLU_FIXTURE = str(FIXTURES / "mmlu")
+MMLU_CSV_FIXTURE = str(FIXTURES / "mmlu_csv")
+PAPER_FIGURES = str(Path(__file__).parent / "paper_figures.yaml")
 MTB_MODES = ("ppl_zero_shot", "ppl_few_shot", "gen_zero_shot", "gen_few_shot")
 
 
@@ -30,13 +32,20 @@ class MTBConfig:
     limit: int | None = None
     """Evaluate only the first N test questions (smoke runs)."""
     shuffles: int = 0
-    """Seeded option shuffles averaged (the paper's 5); 0: the options in their original order only (OpenCompass)."""
+    """Seeded option shuffles averaged (the paper's 5, §4.3), reported beside the original order, which is always
+    scored (what the released OpenCompass configs score)."""
+    shots: int = 5
+    """Few-shot modes: the first N dev rows (OpenCompass's ``FixKRetriever(fix_id_list=[0..4])``)."""
+    safe_format: bool = True
+    """Fill templates as OpenCompass does (``str.replace`` of every ``{column}``, also inside inserted text, so
+    ABC grace notes ``{A}`` become option texts, as in the original's prompts); false: each field once."""
     seed: int = 0
     """Seed of the option shuffles, the bootstrap and generation sampling."""
     one_pass: bool = True
     """Score the four candidates with one forward pass over their shared prefix where tokenization allows."""
     max_seq_len: int = 2048
-    """OpenCompass's max_seq_len: shots are dropped from the end until the prompt fits, then tokens are cut."""
+    """The model config's max_seq_len (OpenCompass; MMLU too): shots dropped from the end until the prompt fits, then
+    tokens cut."""
     ci_level: float = 0.95
     """Confidence level of the bootstrap interval over questions."""
     bootstrap: int = 2000
@@ -49,20 +58,25 @@ class MTBConfig:
 
 @dataclass
 class MMLUConfig:
-    """MMLU 5-shot through lm-evaluation-harness, in-process on the same model object."""
+    """MMLU as the paper scored it (OpenCompass's ``mmlu_ppl_ac766d``: 5 fixed shots, whole-sequence PPL), with
+    lm-evaluation-harness as an optional, labelled cross-check."""
 
     enabled: bool = False
-    """Run MMLU (and the lm-eval twin of MusicTheoryBench when lm_eval_mtb is set)."""
+    """Run MMLU."""
     path: str = MMLU_FIXTURE
-    """Hub id (cais/mmlu, config all) or a local folder/file in the HF schema (question, subject, choices, answer)."""
+    """Hendrycks' CSV folder ({dev,test}/<subject>_<split>.csv), hub id cais/mmlu, or local files in its schema."""
     num_fewshot: int = 5
-    """Shots from the dev split (first N of the subject, as lm-eval's MMLU does)."""
+    """Shots: the subject's first N dev rows (OpenCompass's fix_id_list=[0..4]; lm-eval's first_n)."""
     limit: int | None = None
     """At most N test questions per subject."""
+    safe_format: bool = True
+    """Fill templates with OpenCompass's safe_format (see mtb.safe_format)."""
+    lm_eval: bool = False
+    """Also run lm-eval's MMLU (answer-only log-likelihood, no BOS, left truncation): reported apart, labelled."""
     batch_size: int = 8
     """lm-eval's batch size for loglikelihood requests."""
     lm_eval_mtb: bool = False
-    """Also run the shipped lm-eval task definition of MusicTheoryBench (answer-only log-likelihood)."""
+    """With lm_eval: also run the shipped lm-eval task definition of MusicTheoryBench."""
 
 
 @dataclass
@@ -89,6 +103,10 @@ class AbcQualityConfig:
     """Generate through the ABC grammar (chatmusician.model.constrained) instead of free sampling."""
     check_midi: bool = True
     """Parse success also needs abc2midi (sandboxed) to write a usable MIDI file."""
+    distinct_n: int = 4
+    """Diversity: n of the distinct-n over each prompt's samples (music tokens)."""
+    train_tunes: str | None = None
+    """Memorisation: the training tunes (ABC file or folder, or JSONL with a text field); none: not checked."""
 
 
 @dataclass
@@ -111,11 +129,17 @@ class PoolConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluate a model on MusicTheoryBench (PPL + generation), MMLU (lm-eval) and ABC quality, as Ray Data
+    """Evaluate a model on MusicTheoryBench (PPL + generation), MMLU (OpenCompass PPL) and ABC quality, as Ray Data
     batch inference; writes results.json, results.md, per-subject bar charts and a reproducibility record."""
 
     model: str = "m-a-p/ChatMusician"
     """Model to evaluate: hub id or local path."""
+    models: str | None = None
+    """Several models, comma-separated: each evaluated into output_dir/<n>-<name>, then comparison.md/.csv."""
+    compare: str | None = None
+    """Earlier results folders, comma-separated, put in comparison.md/.csv beside this run."""
+    paper_figures: str | None = PAPER_FIGURES
+    """YAML of the paper's figures per model id, shown beside this run's in results.md (none: not shown)."""
     tokenizer: str | None = None
     """Tokenizer hub id or path; default: the model's."""
     adapter: str | None = None
@@ -129,7 +153,7 @@ class EvalConfig:
     mtb: MTBConfig = field(default_factory=MTBConfig)
     """MusicTheoryBench settings."""
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
-    """MMLU (lm-evaluation-harness) settings."""
+    """MMLU settings."""
     abc_quality: AbcQualityConfig = field(default_factory=AbcQualityConfig)
     """ABC quality settings."""
     pool: PoolConfig = field(default_factory=PoolConfig)

@@ -1,13 +1,15 @@
 """Batch generation for the evaluation: chat-templated prompts in, answer texts out.
 
-Every generating evaluation (MusicTheoryBench generation mode, ABC quality) goes through :func:`generate`, so
-constrained decoding is one switch: ``constrained=True`` hands the same prompts and sampling arguments to
-``chatmusician.model.constrained.generate`` (the ABC grammar) instead of plain ``model.generate``.
+Every generating evaluation (MusicTheoryBench generation mode, ABC quality) goes through :func:`generate`: one
+batched ``model.generate`` whose last logits processor draws each row from its own seeded generator (the serving
+engine's ``RowSampler``), so results do not depend on how Ray Data cuts batches. Constrained decoding is one
+switch: ``constrained=True`` puts the ABC grammar's mask (``chatmusician.model.constrained``) before the draw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from chatmusician.prompts import build_chat_prompt
@@ -39,10 +41,42 @@ def chat_prompts(
     return [build_chat_prompt(m, h) for m, h in zip(messages, histories, strict=True)]
 
 
-def _plain_generate(model, tokenizer, prompts: Sequence[str], **kwargs: Any) -> list[tuple[str, int]]:
+class _Suppress:
+    """Logits processor that rules one token out (LLaMA pads with ``<unk>``: never part of an answer)."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token_id] = float("-inf")
+        return scores
+
+
+def generate_counted(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    constrained: bool = False,
+    constraints: Sequence[Mapping[str, Any] | None] | None = None,
+    seeds: Sequence[int] | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> list[tuple[str, int]]:
+    """(answer text up to EOS, generated token count, EOS included) for already-templated ``prompts``;
+    ``kwargs`` are :func:`sampling_kwargs`' arguments. Row i samples from its own generator seeded ``seeds[i]``
+    (default: ``seed`` for every row), so an item's answer does not depend on which items share its batch (the
+    serving engine's ``RowSampler``). ``constrained`` routes through the ABC grammar, row i also held to
+    ``constraints[i]`` (``{key, meter, ...}``: what it asked for); its mask runs before the draw."""
     import torch
     from transformers import GenerationConfig
 
+    from chatmusician.model.constrained import finish, logits_processor
+    from chatmusician.model.sampling import RowSampler, RowSampling
+
+    if not prompts:
+        return []
+    seeds = list(seeds) if seeds is not None else [seed if seed is not None else 0] * len(prompts)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has no BOS
@@ -53,52 +87,37 @@ def _plain_generate(model, tokenizer, prompts: Sequence[str], **kwargs: Any) -> 
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
     device = next(model.parameters()).device
-    config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **kwargs)
-    if pad != eos:
-        config.suppress_tokens = [pad]  # LLaMA pads with <unk>: never part of an answer
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-        )
-    answers = []
-    for row in out[:, width:].tolist():
-        n = len(row)
-        if eos in row:
-            row = row[: row.index(eos)]
-            n = len(row) + 1  # EOS counts: it was generated
-        elif pad != eos and pad in row:  # finished rows are padded on the right
-            n = row.index(pad)
-        answers.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
-    return answers
-
-
-def generate_counted(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    constrained: bool = False,
-    constraints: Sequence[Mapping[str, Any] | None] | None = None,
-    seed: int | None = None,
-    **kwargs: Any,
-) -> list[tuple[str, int]]:
-    """(answer text up to EOS, generated token count, EOS included) for already-templated ``prompts``;
-    ``kwargs`` are ``generate``'s sampling arguments (see :func:`sampling_kwargs`). ``constrained`` routes
-    through the ABC grammar, row i also held to ``constraints[i]`` (``{key, meter, ...}``: what it asked for)."""
-    import torch
-
-    if not prompts:
-        return []
-    if seed is not None:
-        torch.manual_seed(seed)
+    budget = kwargs["max_new_tokens"]
+    sampling = RowSampling(
+        temperature=kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0,
+        top_p=kwargs.get("top_p", 1.0),
+        top_k=kwargs.get("top_k", 0),
+        repetition_penalty=kwargs.get("repetition_penalty", 1.0),
+    )
+    states: list = [None] * len(prompts)
+    chain: list = [_Suppress(pad)] if pad != eos else []
     if constrained:
         from chatmusician.abc.grammar import AbcConstraints
-        from chatmusician.model import constrained as grammar
 
         wanted = [AbcConstraints.from_mapping(dict(c or {})) for c in constraints or [None] * len(prompts)]
-        outs = grammar.generate_outputs(model, tokenizer, list(prompts), wanted, **kwargs)
-        return [(g.text, len(g.ids) + (g.finish_reason == "stop")) for g in outs]
-    return _plain_generate(model, tokenizer, prompts, **kwargs)
+        processor, states = logits_processor(tokenizer, wanted, budget)
+        chain += [processor] if processor is not None else []
+    chain.append(RowSampler([replace(sampling, seed=int(s)) for s in seeds], device))
+    # transformers fills every setting a passed config leaves unset from model.generation_config (a checkpoint's
+    # repetition penalty, beams, banned n-grams...): set aside while the sampler applies every setting itself
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config, logits_processor=chain)  # fmt: skip
+    finally:
+        model.generation_config = saved
+    answers = []
+    for state, row in zip(states, out[:, width:].tolist(), strict=True):
+        answer, reason = finish(state, row, eos)
+        answers.append((tokenizer.decode(answer, skip_special_tokens=True), len(answer) + (reason == "stop")))
+    return answers
 
 
 def generate(model, tokenizer, prompts: Sequence[str], **kwargs: Any) -> list[str]:

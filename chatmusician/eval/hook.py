@@ -26,12 +26,12 @@ def mtb_ppl_metrics(
 ) -> dict[str, float]:
     """Zero- (or few-) shot MTB accuracy of ``model`` by one-pass PPL scoring, overall and per subject."""
     dev, test = mtb.load_questions(path, limit=limit)
-    shots = dev if few_shot else []
+    shots = dev[:5] if few_shot else []  # OpenCompass's fix_id_list=[0..4]
 
     def token_len(text: str) -> int:
         return len(tokenizer(text)["input_ids"])
 
-    candidates = [mtb.candidate_texts(q, shots, token_len, max_seq_len) for q in test]
+    candidates = [mtb.candidate_texts(q, shots, token_len, max_seq_len, few_shot) for q in test]
     scored = scoring.one_pass(model, tokenizer, candidates, max_seq_len, batch_size)
     records = [
         {

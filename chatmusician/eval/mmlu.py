@@ -1,11 +1,12 @@
-"""MMLU 5-shot (and an lm-eval twin of MusicTheoryBench) through lm-evaluation-harness, in-process on the same
-model object (``HFLM(pretrained=<model or PeftModel>, tokenizer=...)``): the implementation users trust.
+"""The lm-evaluation-harness cross-check: MMLU 5-shot (and an lm-eval twin of MusicTheoryBench), in-process on
+the same model object (``HFLM(pretrained=<model or PeftModel>, tokenizer=...)``). The paper's MMLU number is
+:mod:`chatmusician.eval.mmlu_ppl` (OpenCompass's ``mmlu_ppl_ac766d``); this one is labelled as lm-eval's.
 
 * Hub id (``cais/mmlu``): lm-eval's own ``mmlu`` group. Local files in the HF schema (``question, subject,
   choices, answer``): one task per subject built with lm-eval's MMLU template (same prompt, description,
   ``first_n`` dev shots) over per-subject files written to a scratch folder.
 * Both means are reported: ``weighted`` by subject size (lm-eval's group aggregate) and ``unweighted`` over
-  subjects (OpenCompass's ``mmlu`` summary, what the paper's table used).
+  subjects (the shape of OpenCompass's ``mmlu`` summary; the paper's number comes from :mod:`mmlu_ppl`).
 
 Where lm-eval's scoring and OpenCompass's whole-sequence PPL can disagree (for MusicTheoryBench, whose lm-eval
 task below reproduces the OpenCompass strings exactly): lm-eval ranks ``log p(" X" | context)``, the answer
@@ -22,9 +23,7 @@ BOS, lm-eval adds none by default for causal models; (4) ``acc_norm`` divides by
 from __future__ import annotations
 
 import json
-import re
 import tempfile
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,40 +36,20 @@ MMLU_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{ch
 MTB_TEXT = "{{input}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
 
 
-def _subject_rows(path: str) -> dict[str, dict[str, list[dict]]]:
-    """subject -> split -> rows, from local MMLU files (a folder's files are split by dev/test/validation)."""
-    import datasets
-
-    local = Path(path)
-    files = (
-        [local]
-        if local.is_file()
-        else sorted(p for p in local.rglob("*") if p.suffix in {".json", ".jsonl", ".parquet"})
-    )
-    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for f in files:
-        split = next(
-            (s for s in ("dev", "validation", "test") if re.search(rf"(^|[_.-]){s}([_.-]|$)", f.name)), "test"
-        )
-        ds = datasets.load_dataset("parquet" if f.suffix == ".parquet" else "json", data_files=str(f))[
-            "train"
-        ]
-        for row in ds:
-            out[row["subject"]][split].append(dict(row))
-    return out
-
-
 def local_mmlu_tasks(path: str, scratch: Path) -> list[dict[str, Any]]:
-    """lm-eval task configs (dicts) for local MMLU files: lm-eval's MMLU template, one task per subject."""
+    """lm-eval task configs (dicts) for local MMLU files, Hendrycks' CSVs or the cais/mmlu schema (read by
+    :func:`mmlu_ppl.load`): lm-eval's MMLU template, one task per subject."""
+    from chatmusician.eval import mmlu_ppl
+
     tasks = []
-    for subject, splits in sorted(_subject_rows(path).items()):
+    for subject, splits in mmlu_ppl.load(path).items():
         files = {}
         for split, rows in splits.items():
             f = scratch / f"{subject}.{split}.jsonl"
-            f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            hf = [{"question": r["input"], "subject": subject, "choices": [r[x] for x in mmlu_ppl.LETTERS],
+                   "answer": mmlu_ppl.LETTERS.index(r["target"])} for r in rows]  # fmt: skip
+            f.write_text("".join(json.dumps(r) + "\n" for r in hf), encoding="utf-8")
             files[split] = str(f)
-        if "test" not in files:
-            continue
         tasks.append({
             "task": f"cm_mmlu_{subject}",
             "dataset_path": "json",

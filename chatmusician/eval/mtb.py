@@ -13,9 +13,13 @@ in hf-lin/ChatMusician):
   left, drop the last shot (per candidate in A..D order, carried over to the next candidate); the scorer then
   keeps the first ``max_seq_len`` tokens.
 
-The lowest perplexity wins, the first candidate on ties. One difference from OpenCompass: the template fields
-are filled by concatenation, not by successive ``str.replace`` of ``{field}`` names, which differs only for
-texts that themselves contain ``{input}``, ``{A}`` … literally.
+The lowest perplexity wins, the first candidate on ties. Templates are filled as OpenCompass fills them
+(:mod:`chatmusician.eval.opencompass`): ``safe_format`` over every column of the row, in the order the original
+loader leaves them (``dataset.map(convert_dataset)``: the hub's ``id, instruction, stem, options, subject,
+answer, split, abc_score, analysis``, then ``input, A, B, C, D, target``), also inside
+inserted text, so an ABC grace note ``{A}`` becomes option A's text as it did in the original's prompts
+(``literal=False`` fills each field once instead); a few-shot prompt whose every shot was dropped keeps
+OpenCompass's ``"\n"`` in their place.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatmusician.eval import opencompass
+
 LETTERS = ("A", "B", "C", "D")
 HINT = (
     "Read the following questions from the four options (A, B, C and D) given in each question. "
@@ -36,6 +42,11 @@ HINT = (
 ABC_SENTENCE = "Use the example below to answer the question that follows."
 ANSWER_CUE = "\nAnswer: "
 FIELDS = ("id", "instruction", "stem", "options", "subject", "answer", "abc_score", "analysis")
+_QUESTION = "{input}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer: "
+TEMPLATES = {x: f"{HINT}\n{opencompass.ICE_TOKEN}{_QUESTION}{x}" for x in LETTERS}
+"""The original's ``prompt_template`` (label -> template; ``</E>`` marks where the shots go)."""
+ICE_TEMPLATES = {x: f"{_QUESTION}{x}\n" for x in LETTERS}
+"""The original's ``ice_template`` (a shot answered with its gold label)."""
 
 
 class MTBError(ValueError):
@@ -59,8 +70,9 @@ def convert_row(row: Mapping[str, Any]) -> dict[str, Any]:
     abc = row.get("abc_score")
     if abc:
         stem = f"{stem.replace(ABC_SENTENCE, '').strip()}\n{abc}"
+    columns = dict(row)  # every column in the row's order: what OpenCompass's safe_format also replaces
     return {"id": str(row.get("id", "")), "subject": str(row.get("subject", "")), "input": stem, **opts,
-            "target": answer}  # fmt: skip
+            "target": answer, "columns": columns}  # fmt: skip
 
 
 def _split_files(path: Path, split: str) -> list[str]:
@@ -114,15 +126,28 @@ def question_block(q: Mapping[str, Any]) -> str:
     return f"{q['input']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}{ANSWER_CUE}"
 
 
-def shots_text(shots: Sequence[Mapping[str, Any]]) -> str:
+def entry(q: Mapping[str, Any]) -> dict[str, Any]:
+    """The row as OpenCompass's template sees it: the dataset columns, then ``input, A..D, target``."""
+    return {**q.get("columns", {}), **{k: q[k] for k in ("input", *LETTERS, "target")}}
+
+
+def shots_text(shots: Sequence[Mapping[str, Any]], literal: bool = True) -> str:
     """In-context examples as OpenCompass's retriever joins them (separator ``\\n``, end token ``\\n``)."""
-    return "\n".join(f"{question_block(s)}{s['target']}\n" for s in shots) + "\n"
+    return opencompass.generate_ice([entry(s) for s in shots], ICE_TEMPLATES, literal=literal)
 
 
-def candidate_text(q: Mapping[str, Any], letter: str, shots: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The full sequence scored for one candidate letter (zero-shot when ``shots`` is empty)."""
-    ice = shots_text(shots) if shots else ""
-    return f"{HINT}\n{ice}{question_block(q)}{letter}"
+def candidate_text(
+    q: Mapping[str, Any],
+    letter: str,
+    shots: Sequence[Mapping[str, Any]] = (),
+    few_shot: bool | None = None,
+    literal: bool = True,
+) -> str:
+    """The full sequence scored for one candidate letter; ``few_shot`` defaults to whether shots are given (a
+    few-shot prompt with no shot left has ``"\\n"`` where they were, as OpenCompass's retriever gives)."""
+    few = bool(shots) if few_shot is None else few_shot
+    ice = shots_text(shots, literal) if few else ""
+    return opencompass.label_prompt(TEMPLATES[letter], ice, entry(q), literal)
 
 
 def candidate_texts(
@@ -130,19 +155,39 @@ def candidate_texts(
     shots: Sequence[Mapping[str, Any]] = (),
     token_len: Callable[[str], int] | None = None,
     max_seq_len: int | None = None,
+    few_shot: bool | None = None,
+    literal: bool = True,
 ) -> list[str]:
     """The four candidates with OpenCompass's shot-dropping rule applied (``token_len`` counts tokens the way
     the model's tokenizer does, BOS included when it adds one)."""
-    shots = list(shots)
-    texts = []
-    for letter in LETTERS:
-        text = candidate_text(q, letter, shots)
-        if token_len is not None and max_seq_len is not None:
-            while shots and token_len(text) > max_seq_len:
-                shots = shots[:-1]
-                text = candidate_text(q, letter, shots)
-        texts.append(text)
-    return texts
+    return candidates(q, shots, token_len, max_seq_len, few_shot, literal)[0]
+
+
+def candidates(
+    q: Mapping[str, Any],
+    shots: Sequence[Mapping[str, Any]] = (),
+    token_len: Callable[[str], int] | None = None,
+    max_seq_len: int | None = None,
+    few_shot: bool | None = None,
+    literal: bool = True,
+) -> tuple[list[str], list[int], str]:
+    """(the four candidates, the shots each kept, the full in-context text) as ``PPLInferencer`` builds them."""
+    few = bool(shots) if few_shot is None else few_shot
+    return opencompass.ppl_prompts(
+        entry(q), [entry(s) for s in shots], TEMPLATES, ICE_TEMPLATES if few else None, token_len,
+        max_seq_len, literal,
+    )  # fmt: skip
+
+
+def safe_format_changes(
+    q: Mapping[str, Any], shots: Sequence[Mapping[str, Any]] = (), few_shot: bool = False
+) -> bool:
+    """Whether OpenCompass's ``safe_format`` gives this question (with all its shots) other prompts than
+    filling each field once: the questions whose original prompts held replaced ``{A}``-style texts."""
+    return any(
+        candidate_text(q, x, shots, few_shot, True) != candidate_text(q, x, shots, few_shot, False)
+        for x in LETTERS
+    )
 
 
 def chat_question(q: Mapping[str, Any]) -> str:
@@ -180,36 +225,18 @@ def shuffle_question(q: Mapping[str, Any], perm: Sequence[int]) -> dict[str, Any
 
 
 def shuffle_ids(shuffles: int) -> list[int]:
-    """Shuffle indices of a run: ``[-1]`` (original order) when ``shuffles`` is 0, else ``0..shuffles-1``."""
-    return list(range(shuffles)) if shuffles > 0 else [-1]
+    """Shuffle indices of a run: ``-1`` (the original order, what the released OpenCompass configs score) always,
+    then ``0..shuffles-1`` (the seeded orders the paper averages, §4.3)."""
+    return [-1, *range(shuffles)]
 
 
 # --- generation-mode answers ---------------------------------------------------------------------------------
 
-_ANSWER_IS = re.compile(
-    r"answer\s*(?:is|:)?\s*[:\-]?\s*(?:option\s*)?\(?\s*([A-Da-d])\s*\)?(?![A-Za-z])", re.I
-)
-_LEADING = re.compile(r"^\s*(?:option\s*)?\(?\s*([A-Da-d])\s*(?:[.):,]|\s*$)", re.I)
-_PARENS = re.compile(r"\(\s*([A-Da-d])\s*\)")
-_MARKED = re.compile(r"(?<![A-Za-z])([A-D])[.)](?!\w)")
-_BARE = re.compile(r"(?<![A-Za-z'])([A-D])(?![A-Za-z'])")
-
 
 def extract_letter(text: str) -> str | None:
-    """The option letter a free-text answer chose, or None (a format error).
-
-    In order: ``Answer: C`` / ``the answer is (c)``; a leading ``C.``, ``(C)``, ``c)`` or a lone letter; ``(C)``
-    anywhere; ``C.`` / ``C)`` anywhere; one distinct capital letter standing alone (an article ``A`` before a
-    lowercase word does not count)."""
-    for pattern in (_ANSWER_IS, _LEADING, _PARENS, _MARKED):
-        if m := pattern.search(text):
-            return m.group(1).upper()
-    letters = {
-        m.group(1)
-        for m in _BARE.finditer(text)
-        if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end() :]))
-    }
-    return letters.pop() if len(letters) == 1 else None
+    """The option letter a free-text answer chose as OpenCompass reads it (``first_option_postprocess`` over
+    ``ABCD``), or None (a format error)."""
+    return opencompass.first_option_postprocess(text, "".join(LETTERS)) or None
 
 
 # --- summaries -----------------------------------------------------------------------------------------------

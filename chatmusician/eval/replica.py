@@ -1,7 +1,7 @@
 """A model replica of the evaluation: loads the model once, then answers batches of work items.
 
 Work items are rows ``{key, kind, payload}`` (``payload`` a JSON string, so that one Arrow schema carries every
-kind): ``ppl`` (score the four candidates of a question), ``gen`` (answer a question in free text) and ``abc``
+kind): ``ppl`` (score the four candidates of a MusicTheoryBench or MMLU question), ``gen`` (answer a question in free text) and ``abc``
 (compose a tune). The same :func:`process` serves the Ray Data actor (:class:`Replica`) and the
 single-process loop, so both give the same answers.
 """
@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chatmusician.eval import mtb, scoring
+from chatmusician.eval import mmlu_ppl, mtb, scoring
 from chatmusician.eval.config import EvalConfig
 from chatmusician.eval.generation import chat_prompts, generate, generate_counted, sampling_kwargs
 
@@ -42,18 +42,23 @@ def _ppl(
     def token_len(text: str) -> int:  # OpenCompass's get_token_len: tokenizer.encode, BOS when added
         return len(tokenizer(text)["input_ids"])
 
-    candidates = [
-        mtb.candidate_texts(p["question"], p["shots"], token_len, cfg.mtb.max_seq_len) for p in payloads
-    ]
+    def build(p: Mapping[str, Any]) -> tuple[list[str], list[int], str]:
+        literal, limit = p.get("literal", True), cfg.mtb.max_seq_len
+        if p.get("bench") == "mmlu":
+            return mmlu_ppl.candidates(p["subject"], p["question"], p["shots"], token_len, limit, literal)
+        return mtb.candidates(p["question"], p["shots"], token_len, limit, p.get("few_shot"), literal)
+
+    built = [build(p) for p in payloads]
     method = scoring.one_pass if cfg.mtb.one_pass else scoring.four_pass
-    scored = method(model, tokenizer, candidates, cfg.mtb.max_seq_len, batch_size)
+    scored = method(model, tokenizer, [texts for texts, _, _ in built], cfg.mtb.max_seq_len, batch_size)
     return [
         {
             "scores": [s if math.isfinite(s) else None for s in sc.scores],
             "pred": mtb.LETTERS[sc.pred],
             "method": sc.method,
+            "shots_kept": kept,  # per candidate: the prompts can be rebuilt for the predictions files
         }  # fmt: skip
-        for sc in scored
+        for sc, (_, kept, _) in zip(scored, built, strict=True)
     ]
 
 
@@ -76,7 +81,7 @@ def _abc(model, tokenizer, payloads: Sequence[Mapping[str, Any]], cfg: EvalConfi
         chat_prompts([p["prompt"] for p in payloads]),
         constrained=q.constrained,
         constraints=[p.get("request") for p in payloads],
-        seed=int(payloads[0]["seed"]),
+        seeds=[int(p["seed"]) for p in payloads],  # each item its own: batching does not change answers
         **kwargs,
     )
     return [{"text": t, "tokens": n} for t, n in answers]

@@ -3,7 +3,9 @@ config plus a model fingerprint saved beside them so that a result can be reprod
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import platform
@@ -20,6 +22,10 @@ _EDGE = 1 << 20  # bytes hashed at each end of a weight file (hashing 14 GB whol
 
 def _pct(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _num(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
 def file_fingerprint(path: Path) -> str:
@@ -74,42 +80,82 @@ def environment() -> dict[str, str]:
     return versions
 
 
-def markdown(out: Mapping[str, Any]) -> str:
-    """The summary as markdown tables (accuracies in %)."""
+_SHARES = ("bar_alignment_error", "unit_as_requested", "scale_consistency", "groove_consistency", "empty_beat_rate",
+           "distinct_n", "self_similarity", "nearest_train_similarity", "memorised")  # fmt: skip
+_VALUES = ("pitch_range", "pitch_class_entropy")
+
+
+def markdown(out: Mapping[str, Any], figures: Mapping[str, Any] | None = None) -> str:
+    """The summary as markdown: the paper's table layout first (with the paper's figures where ``figures``
+    has them for this model), then the details, then the music metrics (accuracies and shares in %)."""
+    from chatmusician.eval import paper
+
     lines = [
         f"# Evaluation of `{out.get('model')}`" + (f" + `{out['adapter']}`" if out.get("adapter") else ""),
         "",
     ]
+    if "mtb" in out or "mmlu" in out:
+        lines += ["## In the paper's layout (PPL; accuracy in %)", "", *paper.table(out, figures), "",
+                  "MusicTheoryBench per subject; MMLU the unweighted mean over subjects (OpenCompass's summary). "
+                  "Predictions per question, in OpenCompass's layout: `predictions/`.", ""]  # fmt: skip
     if "mtb" in out:
-        subjects = sorted({s for r in out["mtb"].values() for s in r["subjects"]})
-        lines += ["## MusicTheoryBench", "",
-                  "| mode | accuracy | CI | " + " | ".join(subjects) + " | subject mean | shuffles | format errors |",
+        rows = list(mtb_rows(out["mtb"]))
+        subjects = sorted({s for _, r in rows for s in r["subjects"]})
+        lines += ["## MusicTheoryBench in detail", "",
+                  "| mode | order | accuracy | CI | " + " | ".join(subjects) + " | subject mean | format errors |",
                   "|---" * (6 + len(subjects)) + "|"]  # fmt: skip
-        for mode, r in out["mtb"].items():
+        for label, r in rows:
             ci = f"{_pct(r['ci'][0])}–{_pct(r['ci'][1])} ({int(100 * r['ci_level'])} %)"
             subj = " | ".join(_pct(r["subjects"].get(s)) for s in subjects)
-            shuffles = f"{len(r['shuffle_accuracy'])} (sd {_pct(r['shuffle_std'])})"
-            lines.append(f"| {mode} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
-                         f"{shuffles} | {r['format_errors']} |")  # fmt: skip
+            lines.append(f"| {label} | {_pct(r['accuracy'])} | {ci} | {subj} | {_pct(r['subject_mean'])} | "
+                         f"{r['format_errors']} |")  # fmt: skip
+        changed = [f"{m} {r['safe_format']['questions_changed']}" + ("" if r["safe_format"]["applied"] else " (not applied)")
+                   for m, r in out["mtb"].items() if "safe_format" in r]  # fmt: skip
+        if changed:
+            lines += ["", "Questions whose PPL prompts OpenCompass's `safe_format` changes (`{A}`-style texts in the "
+                      "data replaced by option texts, as the original's were): " + ", ".join(changed)]  # fmt: skip
         lines.append("")
     if "mmlu" in out:
         m = out["mmlu"]
-        lines += ["## MMLU (lm-evaluation-harness)", "", "| subjects | weighted by size | unweighted mean |",
-                  "|---|---|---|", f"| {len(m['subjects'])} | {_pct(m['weighted'])} | {_pct(m['unweighted'])} |", ""]  # fmt: skip
+        lines += ["## MMLU (OpenCompass `mmlu_ppl_ac766d`, 5 fixed shots, whole-sequence PPL: the paper's)", "",
+                  "| subjects | questions | unweighted mean (the paper's) | weighted by size |", "|---|---|---|---|",
+                  f"| {len(m['subjects'])} | {sum(m['sizes'].values())} | {_pct(m['unweighted'])} | "
+                  f"{_pct(m['weighted'])} |", ""]  # fmt: skip
+    if "mmlu_lm_eval" in out and "error" in out["mmlu_lm_eval"]:
+        lines += [f"lm-evaluation-harness cross-check failed: {out['mmlu_lm_eval']['error']}", ""]
+    elif "mmlu_lm_eval" in out:
+        m = out["mmlu_lm_eval"]
+        lines += ["### Cross-check: lm-evaluation-harness MMLU (answer-only log-likelihood, no BOS; not the paper's)",
+                  "", "| subjects | unweighted mean | weighted by size |", "|---|---|---|",
+                  f"| {len(m['subjects'])} | {_pct(m['unweighted'])} | {_pct(m['weighted'])} |", ""]  # fmt: skip
         if "mtb_lm_eval" in m:
             lines += ["lm-eval MusicTheoryBench task (answer-only log-likelihood): "
                       + ", ".join(f"{k} {_pct(v)}" for k, v in m["mtb_lm_eval"].items()), ""]  # fmt: skip
     if "abc_quality" in out:
         q = out["abc_quality"]
+        groups = [("all", q["all"]), *q["families"].items()]
         cols = ("parse_success", "syntax_ok", "midi_ok", "key_as_requested", "meter_as_requested",
                 "bar_consistency", "has_repeats", "distinct_bar_ratio", "repeated_bigram_share")  # fmt: skip
         lines += [f"## ABC quality ({'constrained' if q['constrained'] else 'free'} decoding)", "",
                   "| family | tunes | " + " | ".join(cols) + " | tokens |", "|---" * (len(cols) + 3) + "|"]  # fmt: skip
-        for name, agg in [("all", q["all"]), *q["families"].items()]:
+        for name, agg in groups:
             vals = " | ".join(_pct(agg.get(c)) for c in cols)
             lines.append(f"| {name} | {agg['tunes']} | {vals} | {agg.get('tokens', 0):.0f} |")
+        lines += ["", "### Music metrics (definitions and sources: README, Evaluation)", "",
+                  "| family | " + " | ".join(_SHARES + _VALUES) + " |", "|---" * (len(_SHARES + _VALUES) + 1) + "|"]  # fmt: skip
+        for name, agg in groups:
+            vals = [_pct(agg.get(c)) for c in _SHARES] + [_num(agg.get(c)) for c in _VALUES]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def mtb_rows(mtb: Mapping[str, Any]):
+    """(``mode | order`` label, summary) per reported MusicTheoryBench row: the original order, then shuffles."""
+    for mode, r in mtb.items():
+        yield f"{mode} | original (OpenCompass)", r["original"]
+        if "shuffled" in r:
+            yield f"{mode} | {len(r['shuffled']['shuffle_accuracy'])} shuffles (paper §4.3)", r["shuffled"]
 
 
 def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
@@ -131,11 +177,42 @@ def subject_chart(mode: str, result: Mapping[str, Any], path: Path) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"MusicTheoryBench {mode}")
+    ax.set_title(f"MusicTheoryBench {mode}")  # mode: the row's label
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def csv_files(out: Mapping[str, Any]) -> dict[str, str]:
+    """Per-subject and per-family results as CSV (file name -> text), for spreadsheets and plots."""
+    from chatmusician.eval.abc_quality import METRICS
+
+    files = {}
+    if "mtb" in out:
+        rows = [[mode, order, subject, r["subject_counts"][subject], acc]
+                for mode, result in out["mtb"].items()
+                for order, r in (("original", result["original"]), ("shuffled", result.get("shuffled"))) if r
+                for subject, acc in r["subjects"].items()]  # fmt: skip
+        files["mtb_subjects.csv"] = _csv(["mode", "order", "subject", "questions", "accuracy"], rows)
+    if "mmlu" in out:
+        m = out["mmlu"]
+        rows = [[s, m["sizes"][s], acc] for s, acc in m["subjects"].items()]
+        files["mmlu_subjects.csv"] = _csv(["subject", "questions", "accuracy"], rows)
+    if "abc_quality" in out:
+        q = out["abc_quality"]
+        groups = [("all", q["all"]), *q["families"].items()]
+        rows = [[name, agg["tunes"], *[agg.get(m) for m in METRICS]] for name, agg in groups]
+        files["abc_quality_families.csv"] = _csv(["family", "tunes", *METRICS], rows)
+    return files
 
 
 def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
@@ -143,9 +220,15 @@ def write(cfg: EvalConfig, out: Mapping[str, Any]) -> Path:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
-    (root / "results.md").write_text(markdown(out), encoding="utf-8")
+    from chatmusician.eval.paper import load_figures
+
+    (root / "results.md").write_text(markdown(out, load_figures(cfg.paper_figures)), encoding="utf-8")
+    for name, text in csv_files(out).items():
+        (root / name).write_text(text, encoding="utf-8")
     for mode, result in out.get("mtb", {}).items():
-        subject_chart(mode, result, root / f"mtb_{mode}.png")
+        subject_chart(f"{mode}, original order", result["original"], root / f"mtb_{mode}.png")
+        if "shuffled" in result:
+            subject_chart(f"{mode}, shuffles", result["shuffled"], root / f"mtb_{mode}_shuffled.png")
     (root / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     fingerprint = {
         "model": model_fingerprint(cfg.model),

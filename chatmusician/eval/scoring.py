@@ -33,8 +33,12 @@ class Scored:
 
 
 def pad_id_of(tokenizer) -> int:
-    """The id OpenCompass ignores: the pad token, or EOS when the tokenizer has none (as it sets it)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """The id OpenCompass ignores: the tokenizer's own pad token, or EOS when it has none (as OpenCompass sets
+    it). ``load_tokenizer`` patches pad = ``<unk>`` for training; the pad the files declare is in
+    ``init_kwargs``, so that patch does not leak into the scores."""
+    own = tokenizer.init_kwargs.get("pad_token")
+    own = getattr(own, "content", own)  # an AddedToken or a plain string
+    return tokenizer.convert_tokens_to_ids(str(own)) if own is not None else tokenizer.eos_token_id
 
 
 def encode(tokenizer, texts: Sequence[str], max_seq_len: int | None) -> list[list[int]]:
