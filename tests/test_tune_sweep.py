@@ -183,7 +183,9 @@ def test_asha_stops_a_trial_early_and_the_outputs_agree(sweep_run):
     assert Path(best["adapter"]).is_dir() and best["adapter"] in (sweep / "best.yaml").read_text()
     # The adapter is the winner's checkpoint at its lowest val_loss (read from the trial's own log), not its last.
     log = sweep / "trials" / f"trial_{best['trial_id']}" / "metrics.jsonl"
-    curve = {m["step"]: m["val_loss"] for m in map(json.loads, log.read_text().splitlines()) if "val_loss" in m}
+    curve = {
+        m["step"]: m["val_loss"] for m in map(json.loads, log.read_text().splitlines()) if "val_loss" in m
+    }
     best_step = min(curve, key=curve.get)
     assert best["adapter"].endswith(f"checkpoint_{best_step:07d}/adapter"), (best["adapter"], curve)
     assert float(best["best_val_loss"]) == pytest.approx(curve[best_step])
