@@ -357,19 +357,16 @@ def test_plan_command_reads_the_shards_manifest(capsys, llama2_7b, tmp_path):
     assert plan["seconds_per_epoch"] == pytest.approx(500 * plan["seconds_per_step"])
 
 
-def test_train_refuses_what_the_plan_refuses_before_any_worker_or_ray(llama2_7b):
+def test_train_refuses_what_the_plan_refuses_before_any_worker(llama2_7b):
     """``train`` runs the planner's check first: full fine-tuning of 7B with ZeRO-2 on V100s is one line before
-    placement is even looked at (no Ray is running here), and LoRA passes that check."""
+    placement is even looked at (no cluster with V100s is needed to hear it), and LoRA passes that check."""
     from dataclasses import replace
-
-    import ray
 
     from chatmusician.config import load_config
     from chatmusician.train.config import SFTConfig, TrainConfigError
     from chatmusician.train.recipe import check_fits_memory, trainer_for
 
     cfg = replace(load_config(SFTConfig, ROOT / "configs" / "sft.yaml"), model=llama2_7b, train_type="full")
-    assert not ray.is_initialized()
     with pytest.raises(
         TrainConfigError, match="full fine-tuning of 6.74 B parameters with ZeRO-2 on 8 x v100"
     ):
