@@ -103,13 +103,6 @@ def check_placement(cfg: TrainConfig) -> None:
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-def max_trials(requested: int | None, fits: int, what: str) -> int:
-    """``requested`` capped to what fits; a clear error when not even one fits."""
-    if fits < 1:
-        raise TrainConfigError(f"not even one {what} fits the cluster")
-    return min(fits, requested) if requested else fits
-
-
 @contextmanager
 def connected() -> Iterator[None]:
     """Ray for a train entry point: the caller's, ``RAY_ADDRESS``'s cluster, or a local one started here (and

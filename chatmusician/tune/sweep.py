@@ -105,7 +105,7 @@ def run_trial(config: dict[str, Any], sweep: SweepConfig, root: str) -> None:
     }
     if sweep.fail_trial_once is not None and _trial_index(trial_id) == sweep.fail_trial_once:
         # A worker dies once, after the first checkpoint; Train gives up at once, so the trial itself fails.
-        fixed |= {"fail_at_step": base.checkpoint_every + 1, "max_failures": 0}
+        fixed |= {"fail_at_step": fixed["checkpoint_every"] + 1, "max_failures": 0}
     train = train_config(sweep.base, sweep.command, sweep.overrides, values, **fixed)
     result = trainer_for(train, callbacks=[_validation_callback(sweep.metric)]).fit()
     if result.error:
