@@ -154,7 +154,9 @@ def repl(
         try:
             prepared = dataclasses.replace(engine.prepare(line, history), constraints=constraints)
         except ComposeError as error:
-            hint = " (/reset clears the history)" if error.code == "prompt_too_long" and history else ""
+            hint = (
+                " (/reset clears the history)" if error.code == "context_length_exceeded" and history else ""
+            )
             write(f"(refused: {error.message}{hint})\n")
             continue
         write("Assistant: ")

@@ -14,6 +14,8 @@ from chatmusician.serve.composer import (
     TransformersEngine,
     generation_kwargs,
     group_by_params,
+    logprob_ids,
+    prepare_request,
     resolve_params,
     split_at_eos,
 )
@@ -77,6 +79,25 @@ def test_generation_kwargs_stop_at_eos_never_sample_pad_and_leave_sampling_to_th
     )
 
 
+def test_openai_routes_take_openai_defaults_and_top_k_minus_one_means_off(engine):
+    config = dataclasses.replace(engine.config, generation=DEFAULTS)
+    request = {"prompt": "Compose a jig.", "params": {"temperature": 0.5}}
+    demo = prepare_request(engine, config, request)[1]
+    openai = prepare_request(engine, config, {**request, "defaults": "openai"})[1]
+    assert (demo.top_p, demo.top_k, demo.repetition_penalty) == (0.9, 40, 1.1)
+    assert (openai.temperature, openai.top_p, openai.top_k, openai.repetition_penalty) == (0.5, 1.0, 0, 1.0)
+    assert params(top_k=-1).top_k == 0
+    with pytest.raises(ComposeError):
+        params(top_k=-2)
+
+
+def test_logprob_entries_include_the_eos_that_ended_the_answer():
+    assert logprob_ids([5, 6], [5, 6, 2, 0], eos_id=2, stopped=False) == [5, 6, 2]
+    assert logprob_ids([5, 6], [5, 6, 2], eos_id=2, stopped=True) == [5, 6]  # a stop string ended it
+    assert logprob_ids([5], [5, 6, 2], eos_id=2, stopped=False) == [5]  # cut back: no EOS after it
+    assert logprob_ids([5, 6, 7], [5, 6, 7], eos_id=2, stopped=False) == [5, 6, 7]
+
+
 def test_split_at_eos_and_finish_reason():
     assert split_at_eos([5, 6, 2, 0, 0], eos_id=2, max_new_tokens=5) == ([5, 6], "stop")
     assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
@@ -109,7 +130,7 @@ def test_prompt_is_the_exact_template_with_history_and_no_bos(engine):
 def test_too_long_or_empty_prompt_is_refused(engine):
     with pytest.raises(ComposeError) as err:
         engine.prepare("ABC " * 400)
-    assert err.value.code == "prompt_too_long" and err.value.status == 413
+    assert err.value.code == "context_length_exceeded" and err.value.status == 400  # OpenAI's and vLLM's
     with pytest.raises(ComposeError) as err:
         engine.prepare("   ")
     assert err.value.code == "empty_prompt"
@@ -171,8 +192,10 @@ def test_pad_is_never_sampled_and_generation_stops_at_eos(biased_engine):
     assert out.finish_reason == "length" and out.completion_tokens == 8 and out.text.strip()
     with torch.no_grad():
         head[engine.eos_id] = head[engine.eos_id] * 0 + 10.0  # now EOS dominates: stop at once
-    out = engine.generate([(prepared, params(max_new_tokens=8))])[0]
+    out = engine.generate([(prepared, params(max_new_tokens=8, logprobs=1))])[0]
     assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
+    # EOS has its logprob entry (vLLM's shape: lm-eval reads the last entry as the generated token)
+    assert [e["id"] for e in out.logprobs] == [engine.eos_id] and out.logprobs[0]["logprob"] > -1
 
 
 def test_stream_stops_when_the_consumer_leaves(biased_engine, monkeypatch):

@@ -79,7 +79,7 @@ MAX_STOPS, MAX_LOGPROBS = 4, 20
 PARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "temperature": (float, 0.0, 2.0, True),
     "top_p": (float, 0.0, 1.0, False),
-    "top_k": (int, 0, 10_000, True),
+    "top_k": (int, -1, 10_000, True),  # -1 (vLLM's "off") is read as 0
     "repetition_penalty": (float, 0.0, 10.0, False),
     "max_new_tokens": (int, 1, float("inf"), True),
     "seed": (int, 0, 2**63 - 1, True),
@@ -130,7 +130,7 @@ def resolve_params(
         if not (low < value or (low_inclusive and value == low)) or value > high:
             bound = "[" if low_inclusive else "("
             raise ComposeError("invalid_parameter", f"{name}={value} is outside {bound}{low}, {high}]", name)
-        values[name] = kind(value)
+        values[name] = max(0, int(value)) if name == "top_k" else kind(value)
     return GenerationParams(**values)
 
 
@@ -146,14 +146,29 @@ def encode_prompt(
             "invalid_history", "history must be a list of [question, answer] string pairs", "history"
         )
     ids = tokenizer(build_chat_prompt(prompt, turns), add_special_tokens=False)["input_ids"]
-    if len(ids) > max_prompt_tokens:
-        raise ComposeError(
-            "prompt_too_long",
-            f"the prompt has {len(ids)} tokens with its history; the limit is {max_prompt_tokens}",
-            "prompt",
-            status=413,
-        )
+    check_prompt_length(len(ids), max_prompt_tokens, " with its history")
     return ids
+
+
+def check_prompt_length(n: int, limit: int, what: str = "") -> None:
+    """Over ``limit`` tokens -> 400 ``context_length_exceeded`` (OpenAI's and vLLM's answer, not a 413)."""
+    if n > limit:
+        raise ComposeError(
+            "context_length_exceeded", f"the prompt has {n} tokens{what}; the limit is {limit}", "prompt"
+        )
+
+
+def model_generation_defaults(model: str, base: GenerationDefaults) -> GenerationDefaults:
+    """``base`` with the sampling fields the model's generation_config.json sets (vLLM's ``generation_config:
+    auto``); a model without one keeps ``base``."""
+    try:
+        from transformers import GenerationConfig
+
+        given = GenerationConfig.from_pretrained(model).to_diff_dict()
+    except (OSError, ValueError):
+        return base
+    names = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return dataclasses.replace(base, **{k: given[k] for k in names if given.get(k) is not None})
 
 
 def generation_kwargs(params: GenerationParams, eos_id: int, pad_id: int) -> dict[str, Any]:
@@ -177,6 +192,23 @@ def split_at_eos(new_ids: Sequence[int], eos_id: int, max_new_tokens: int) -> tu
     if eos_id in ids:
         return ids[: ids.index(eos_id)], "stop"
     return ids, "length" if len(ids) >= max_new_tokens else "stop"
+
+
+def logprob_ids(ids: Sequence[int], new_ids: Sequence[int], eos_id: int, stopped: bool) -> list[int]:
+    """The tokens that get logprob entries: the answer's and, when EOS ended it, that EOS too (as vLLM returns
+    it: lm-eval's ``local-completions`` reads the last entry as the generated token and scores the rest)."""
+    n = len(ids)
+    if not stopped and n < len(new_ids) and new_ids[n] == eos_id and list(new_ids[:n]) == list(ids):
+        return [*ids, eos_id]
+    return list(ids)
+
+
+def add_offsets(tokenizer, ids: Sequence[int], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each entry's ``offset``: where its token starts in ``decode(ids)`` (OpenAI's ``text_offset``), from the
+    decoded prefixes, not the pieces' lengths (SentencePiece's leading word marker has no character)."""
+    for i, entry in enumerate(entries):
+        entry["offset"] = len(tokenizer.decode(list(ids[:i]), skip_special_tokens=True)) if i else 0
+    return entries
 
 
 def group_by_params(
@@ -307,13 +339,7 @@ class TransformersEngine:
                 )
         if not ids:
             raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
-        if len(ids) > self.config.max_prompt_tokens:
-            raise ComposeError(
-                "prompt_too_long",
-                f"the prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
-                "prompt",
-                status=413,
-            )
+        check_prompt_length(len(ids), self.config.max_prompt_tokens)
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
         return Prepared(text, ids)
 
@@ -365,7 +391,7 @@ class TransformersEngine:
         for t in range(1, len(ids)):
             pairs = zip(tops.indices[t - 1, :top].tolist(), tops.values[t - 1, :top].tolist(), strict=True)
             entries.append(self._entry(ids[t], chosen[t - 1], list(pairs)))
-        return entries
+        return add_offsets(self.tokenizer, ids, entries)
 
     def _completion(
         self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None, recorded=None
@@ -385,11 +411,12 @@ class TransformersEngine:
                 and cut_at_stop(self.tokenizer.decode(ids[:-1], skip_special_tokens=True), params.stop)[1]
             ):
                 ids = ids[:-1]  # keep the tokens up to the one that completed the stop string
+        scored = logprob_ids(ids, new_ids, self.eos_id, stopped)  # EOS counts, and has its logprob entry
         logprobs = None
         if recorded is not None:
-            logprobs = [self._entry(t, lp, top) for t, (lp, top) in zip(ids, recorded, strict=False)]
-        counted = len(ids) + (reason == "stop" and not stopped and self.eos_id in new_ids)  # EOS counts
-        return Completion(text, reason, len(prepared.ids), counted, list(ids), logprobs)
+            logprobs = [self._entry(t, lp, top) for t, (lp, top) in zip(scored, recorded, strict=False)]
+            add_offsets(self.tokenizer, ids, logprobs)
+        return Completion(text, reason, len(prepared.ids), len(scored), list(ids), logprobs)
 
     def _processors(self, constraints, params: GenerationParams, samplings, tops):
         from chatmusician.model.constrained import logits_processor
@@ -527,8 +554,7 @@ class EchoEngine:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
         text = build_chat_prompt(prompt, [tuple(t) for t in history])
-        if len(text.split()) > self.config.max_prompt_tokens:
-            raise ComposeError("prompt_too_long", "the prompt is too long", "prompt", status=413)
+        check_prompt_length(len(text.split()), self.config.max_prompt_tokens)
         return Prepared(prompt, list(range(len(text.split()))))
 
     def prepare_raw(self, prompt: str | Sequence[int]) -> Prepared:
@@ -554,9 +580,10 @@ class EchoEngine:
             reason, pieces = "stop", re.findall(r"\S+\s*|\s+", text)
         logprobs = None
         if params.logprobs is not None:  # certainty: each word has probability 1
+            starts = [len("".join(pieces[:i])) for i in range(len(pieces))]
             logprobs = [
-                {"id": i, "token": p, "logprob": 0.0, "top": [[p, 0.0]][: params.logprobs]}
-                for i, p in enumerate(pieces)
+                {"id": i, "token": p, "logprob": 0.0, "top": [[p, 0.0]][: params.logprobs], "offset": at}
+                for i, (p, at) in enumerate(zip(pieces, starts, strict=True))
             ]
         completion = Completion(
             text, reason, len(prepared.ids), len(pieces), list(range(len(pieces))), logprobs
@@ -598,7 +625,8 @@ def prepare_request(
     """A composer request ``{"prompt", "history", "params", "constrained", "constraints": {key, meter,
     unit_length, max_bars}, "adapter", "raw", "prompt_logprobs"}`` -> validated inputs, else ComposeError.
     ``raw``: the prompt (text or token ids) goes to the model as it is, without the chat template."""
-    params = resolve_params(request.get("params"), config.generation, config.max_new_tokens_cap)
+    defaults = config.openai_generation if request.get("defaults") == "openai" else config.generation
+    params = resolve_params(request.get("params"), defaults, config.max_new_tokens_cap)
     constraints = resolve_constraints(engine, request.get("constrained"), request.get("constraints"))
     adapter = request.get("adapter")
     engine.check_adapter(adapter)
@@ -662,7 +690,9 @@ class Composer:
     def __init__(self, config: ServeAppConfig):
         from ray.serve import metrics
 
-        self.config = config
+        self.config = dataclasses.replace(
+            config, openai_generation=model_generation_defaults(config.model, config.openai_generation)
+        )
         self.engine = load_engine(config)
         self._generate_batch.set_max_batch_size(config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -737,6 +767,8 @@ class Composer:
             raise
         if "error" not in result:
             self._observe(result, arrived)
+            if request.get("raw"):  # a token-id prompt echoes as its decoded text, as vLLM's
+                result = {**result, "prompt_text": prepared.prompt}
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)

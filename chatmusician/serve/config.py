@@ -26,6 +26,9 @@ class GenerationDefaults:
     """Tokens generated at most per answer when the request does not say."""
 
 
+OPENAI_DEFAULTS = GenerationDefaults(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+
+
 @dataclass
 class VllmOptions:
     """The ``vllm`` engine's own settings (vLLM's engine arguments of the same names)."""
@@ -69,13 +72,16 @@ class EngineConfig:
     vllm: VllmOptions = field(default_factory=VllmOptions)
     """Settings of the vllm engine."""
     max_prompt_tokens: int = 2048
-    """Requests whose templated prompt (history included) is longer are refused with prompt_too_long."""
+    """Requests whose templated prompt (history included) is longer are refused: 400 context_length_exceeded."""
     max_new_tokens_cap: int = 2048
     """Largest max_new_tokens a request may ask for."""
     torch_threads: int = 0
     """torch intra-op threads on CPU (0 = torch's default)."""
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-    """Sampling defaults applied when a request leaves a parameter out."""
+    """Sampling defaults of /v1/compose, the web UI and the chat CLI when a request leaves a parameter out."""
+    openai_generation: GenerationDefaults = field(default_factory=lambda: OPENAI_DEFAULTS)
+    """Defaults of the OpenAI routes (/v1/completions, /v1/chat/completions): OpenAI's, overridden by the model's
+    generation_config.json where it sets them (as vLLM's server does)."""
 
 
 @dataclass

@@ -371,6 +371,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 "prompt": prompt,
                 "history": history,
                 "params": body.params(i),
+                "defaults": "openai",
                 "adapter": adapter,
                 **body.constraint_request(),
             }
@@ -410,6 +411,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 "prompt": p,
                 "raw": True,
                 "params": body.params(i),
+                "defaults": "openai",
                 "adapter": adapter,
                 "prompt_logprobs": echo_top,
             }
@@ -423,10 +425,10 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 return refusal
             choices = []
             for text, result in zip(texts, results, strict=True):
-                if text is None and body.echo:  # token-id prompts echo as the tokens' text
-                    text = "".join(e["token"] for e in result.get("prompt_logprobs") or [])
+                if text is None and body.echo:  # token-id prompts echo as their decoded text
+                    text = result.get("prompt_text", "")
                 choices.append((text or "", result, body.echo))
-            return api.text_completion(body.model, choices)
+            return api.text_completion(body.model, choices, body.n)
 
         streams, prompt_tokens, refusal = await open_streams(requests)
         if refusal:

@@ -34,7 +34,9 @@ from chatmusician.serve.composer import (
     GenerationParams,
     Prepared,
     TransformersEngine,
+    add_offsets,
     encode_prompt,
+    logprob_ids,
 )
 from chatmusician.serve.config import EngineConfig
 
@@ -320,14 +322,18 @@ class VllmEngine:
             ids, reason = self._finish_tune(prepared.constraints, new_ids, params.max_new_tokens)
         # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
         text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        scored = logprob_ids(ids, new_ids, self.eos_id, seq.stop_reason is not None)  # EOS has its entry
         logprobs = None
         if params.logprobs is not None and seq.logprobs is not None:
-            logprobs = self._logprob_entries(ids, seq.logprobs, params.logprobs)
-        counted = len(ids) + (ended_eos and len(ids) == len(new_ids) - 1)  # EOS counts, as in transformers
-        completion = Completion(text, reason, len(prepared.ids), counted, list(ids), logprobs)
+            logprobs = add_offsets(
+                self.tokenizer, ids, self._logprob_entries(scored, seq.logprobs, params.logprobs)
+            )
+        completion = Completion(text, reason, len(prepared.ids), len(scored), list(ids), logprobs)
         if prepared.prompt_logprobs is not None and out.prompt_logprobs is not None:
-            completion.prompt_logprobs = self._logprob_entries(
-                prepared.ids, out.prompt_logprobs, prepared.prompt_logprobs
+            completion.prompt_logprobs = add_offsets(
+                self.tokenizer,
+                prepared.ids,
+                self._logprob_entries(prepared.ids, out.prompt_logprobs, prepared.prompt_logprobs),
             )
         completion.first_token_at = first
         return completion
