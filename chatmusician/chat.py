@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatmusician.abc.analysis import analyze_abc
 from chatmusician.prompts import EXAMPLE_PROMPTS, Task, build_task_prompt
 from chatmusician.serve.composer import (
     Completion,
     ComposeError,
-    analyze_abc,
     load_engine,
     resolve_constraints,
     resolve_params,

@@ -8,6 +8,7 @@ and the web UI behind 2 Ingress replicas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -405,6 +406,36 @@ def test_disconnected_non_streaming_request_stops(base_url):
         time.sleep(0.2)
     cancelled = composer_stats()["cancelled"]
     assert len(cancelled) > before and cancelled[-1] < CAP // 2, cancelled
+
+
+def test_short_non_streaming_request_is_not_held_behind_a_long_one(base_url, served):
+    """Continuous batching for non-streaming requests (vllm): a short request sent while a long one generates
+    comes back first (with @serve.batch it waited for the long one's whole batch)."""
+    if served[1].engine != "vllm":
+        pytest.skip("the transformers engine batches statically")
+    long_body = {"model": MODEL, "messages": [{"role": "user", "content": "Compose a long suite."}],
+                 "max_tokens": CAP, "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
+    short_body = {**long_body, "max_tokens": 4}
+
+    async def race():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+            long_task = asyncio.create_task(http.post("/v1/chat/completions", json=long_body))
+            batches = (await asyncio.to_thread(composer_stats))["batches"]
+            deadline = time.monotonic() + 120
+            while (await asyncio.to_thread(composer_stats))[
+                "batches"
+            ] == batches and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # until the Composer has the long request
+            short = await http.post("/v1/chat/completions", json=short_body)
+            long_was_running = not long_task.done()
+            long_task.cancel()  # the client leaves: the long row is aborted
+            with contextlib.suppress(asyncio.CancelledError):
+                await long_task
+            return short, long_was_running
+
+    short, long_was_running = asyncio.run(race())
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
+    assert long_was_running
 
 
 def test_health_probe_and_metrics(base_url):

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.prompts import build_chat_prompt
 from chatmusician.serve.composer import (
     ComposeError,
@@ -241,3 +242,36 @@ def test_echo_engine_answers_with_the_prompt_within_max_new_tokens():
     assert (short.text, short.finish_reason) == ("X:1\nK:G\n", "length")
     pieces = list(echo.stream(prepared, params()))
     assert "".join(pieces[:-1]) == pieces[-1].text
+
+
+def test_constrained_refuses_stop_strings_and_budgets_below_the_shortest_tune(engine):
+    config = engine.config
+    request = {"prompt": "Compose a jig.", "constrained": True, "constraints": {"key": "G"}}
+    with pytest.raises(ComposeError) as err:
+        prepare_request(engine, config, {**request, "params": {"stop": "|"}})
+    assert (err.value.param, err.value.status) == ("stop", 400)
+    shortest = engine.shortest_tune(AbcConstraints(key="G"))
+    assert shortest > 1
+    with pytest.raises(ComposeError) as err:
+        prepare_request(engine, config, {**request, "params": {"max_new_tokens": shortest - 1}})
+    assert (err.value.param, err.value.status) == ("max_tokens", 400) and str(shortest) in err.value.message
+    prepared, p = prepare_request(engine, config, {**request, "params": {"max_new_tokens": shortest}})
+    answer = engine.generate([(prepared, dataclasses.replace(p, temperature=0.0))])[0]
+    assert answer.text.strip()  # the smallest budget allowed still gives a tune, never an empty 200
+
+
+def test_vllm_rows_ending_with_eos_are_validated(engine, monkeypatch):
+    """vLLM's grammar lets EOS through where the grammar accepts; a tune the validator refuses must not stand."""
+    import chatmusician.model.constrained as constrained
+    from chatmusician.serve.vllm_engine import VllmEngine
+
+    vllm = VllmEngine.__new__(VllmEngine)  # the pure finishing logic only: no vLLM started
+    vllm.tokenizer, vllm.eos_id = engine.tokenizer, engine.eos_id
+    constraints = AbcConstraints()
+    text = "X:1\nL:1/8\nM:4/4\nK:G\nGABc|\nabba cab\n"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert vllm._finish_tune(constraints, [*ids, engine.eos_id], 200) == (ids, "stop")
+    monkeypatch.setattr(constrained, "tune_ok", lambda t: "cab" not in t)  # the validator refuses that line
+    kept, reason = vllm._finish_tune(constraints, [*ids, engine.eos_id], 200)
+    decoded = engine.tokenizer.decode(kept)
+    assert "cab" not in decoded and decoded.startswith("X:1\nL:1/8\nM:4/4\nK:G\nGABc|"), (decoded, reason)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+import chatmusician
+from chatmusician.serve.app import app_config
 from chatmusician.serve.composer import GenerationParams
-from chatmusician.serve.vllm_engine import adapters_touch_lm_head, guidance_grammar, sampling_kwargs
+from chatmusician.serve.vllm_engine import (
+    adapters_touch_lm_head,
+    check_adapter_ranks,
+    guidance_grammar,
+    sampling_kwargs,
+)
 
 
 def test_lark_ranges_are_written_in_the_guidance_dialect():
@@ -47,6 +56,41 @@ def test_the_vllm_composer_runs_in_its_own_environment(tmp_path):
     env = options["ray_actor_options"]["runtime_env"]
     assert env["py_executable"] == str(python)
     assert env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # this checkout's code runs in the vLLM environment, whatever that environment has installed
+    assert Path(env["env_vars"]["PYTHONPATH"]) == Path(chatmusician.__file__).resolve().parents[1]
     assert "runtime_env" not in composer_options(app_config({}))["ray_actor_options"]
     with pytest.raises(FileNotFoundError, match="make setup"):
         composer_options(app_config({"engine": "vllm", "vllm": {"python": str(tmp_path / "missing")}}))
+
+
+def test_vllm_python_is_found_by_setting_not_by_source_tree(tmp_path, monkeypatch):
+    from chatmusician.serve.app import vllm_python
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHATMUSICIAN_VLLM_PYTHON", raising=False)
+    assert vllm_python("env/bin/python") == str(tmp_path / "env/bin/python")  # the working directory's
+    assert vllm_python("") == sys.executable  # vLLM installed beside the package
+    monkeypatch.setenv("CHATMUSICIAN_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert vllm_python("env/bin/python") == "/opt/vllm/bin/python"
+
+
+def test_composer_capacity_is_sized_from_the_engine():
+    from chatmusician.serve.app import composer_capacity
+
+    assert composer_capacity(app_config({"engine": "vllm", "vllm": {"max_num_seqs": 64}})) == 128
+    assert composer_capacity(app_config({"max_batch_size": 8})) == 16
+    assert composer_capacity(app_config({"composer": {"max_ongoing_requests": 5}})) == 5
+
+
+def test_eager_mode_by_default_only_without_cuda():
+    from chatmusician.serve.vllm_engine import eager_default
+
+    assert eager_default(True) is True and eager_default(False) is False
+    assert eager_default(None) is (not __import__("torch").cuda.is_available())
+
+
+def test_adapter_ranks_over_max_lora_rank_are_refused_at_start(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 32, "target_modules": ["q_proj"]}))
+    check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=32)
+    with pytest.raises(ValueError, match="'wide' has rank 32"):
+        check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=16)

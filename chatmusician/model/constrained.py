@@ -140,6 +140,19 @@ def check_constraints(tokenizer, constraints: AbcConstraints) -> None:
     _compiled(ll_tokenizer(tokenizer), tune_grammar(constraints))
 
 
+def shortest_tune_tokens(tokenizer, constraints: AbcConstraints) -> int:
+    """Tokens (EOS included) of the shortest complete tune with notes under ``constraints``: a smaller budget
+    can only give an empty answer (0 when no tried completion fits: nothing to refuse on)."""
+    return _shortest(ll_tokenizer(tokenizer), tokenizer.eos_token_id, constraints)
+
+
+@lru_cache(maxsize=64)
+def _shortest(ll_tok, eos_id: int, constraints: AbcConstraints) -> int:
+    matcher = _compiled(ll_tok, tune_grammar(constraints)).deep_copy()
+    plan = RowState(matcher, eos_id, constraints, ll_tok).completion(ll_tok)
+    return len(plan) if plan else 0
+
+
 def new_matcher(tokenizer, constraints: AbcConstraints | None):
     """A fresh matcher for one row (``None`` constraints -> ``None``: the row is not constrained)."""
     if constraints is None:

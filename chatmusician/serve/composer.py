@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from chatmusician.abc.analysis import analyze_abc  # noqa: F401 - re-exported (moved to chatmusician.abc)
 from chatmusician.abc.grammar import AbcConstraints, ConstraintError
 from chatmusician.prompts import build_chat_prompt
 from chatmusician.serve.config import EngineConfig, GenerationDefaults, ServeAppConfig
@@ -225,26 +227,6 @@ def group_by_params(
     return list(groups.values())
 
 
-def _issue_dict(issue: Any) -> dict[str, Any]:
-    return issue.to_dict() if hasattr(issue, "to_dict") else dict(issue)
-
-
-def analyze_abc(text: str) -> dict[str, Any]:
-    """The ABC in a model answer: every tune found, the first one (``abc``) and its validation report."""
-    from chatmusician.abc import extract_tunes, validate_tune
-
-    found = extract_tunes(text)
-    tunes = list(found.tunes)
-    return {
-        "found": bool(found.found),
-        "message": found.message,
-        "tunes": tunes,
-        "abc": tunes[0] if tunes else None,
-        "issues": [_issue_dict(i) for i in found.issues],
-        "validation": [_issue_dict(i) for i in validate_tune(tunes[0])] if tunes else [],
-    }
-
-
 # ------------------------------------------------------------------------------------------------ engines
 
 
@@ -369,6 +351,11 @@ class TransformersEngine:
     def check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.config.lora_adapters:
             raise ComposeError("model_not_found", f"no adapter named {adapter!r}", "model", status=404)
+
+    def shortest_tune(self, constraints: AbcConstraints) -> int:
+        from chatmusician.model.constrained import shortest_tune_tokens
+
+        return shortest_tune_tokens(self.tokenizer, constraints)
 
     def _entry(self, token: int, logprob: float | None, top: Sequence[tuple[int, float]]) -> dict[str, Any]:
         return {
@@ -550,6 +537,9 @@ class EchoEngine:
     def check_constraints(self, constraints: AbcConstraints) -> None:
         """Constraints are validated (a bad one is still a 400) but the echo answer ignores them."""
 
+    def shortest_tune(self, constraints: AbcConstraints) -> int:
+        return 0
+
     def prepare(self, prompt: str, history: Sequence[Sequence[str]] = ()) -> Prepared:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ComposeError("empty_prompt", "the prompt is empty", "prompt")
@@ -595,8 +585,14 @@ class EchoEngine:
             ]
         return pieces, completion
 
+    continuous_batching = True
+    """Nothing to batch: the Composer hands it each request alone (so that it runs without a Serve replica)."""
+
     def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
         return [self._completion(prepared, params)[1] for prepared, params in items]
+
+    async def agenerate(self, prepared: Prepared, params: GenerationParams, on_cancel=None) -> Completion:
+        return self._completion(prepared, params)[1]
 
     def stream(
         self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
@@ -634,6 +630,8 @@ def prepare_request(
         prepared = engine.prepare_raw(request.get("prompt"))
     else:
         prepared = engine.prepare(request.get("prompt"), request.get("history") or ())
+    if constraints is not None:
+        check_constrained_budget(engine, constraints, params)
     top = request.get("prompt_logprobs")
     if top is not None and (
         isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
@@ -644,6 +642,25 @@ def prepare_request(
     return dataclasses.replace(
         prepared, constraints=constraints, adapter=adapter, prompt_logprobs=top
     ), params
+
+
+def check_constrained_budget(engine, constraints: AbcConstraints, params: GenerationParams) -> None:
+    """A constrained answer is a whole tune: ``stop`` could cut it in half and a budget under the shortest tune
+    could only give an empty answer, so both are refused before any work (400)."""
+    if params.stop:
+        raise ComposeError(
+            "invalid_parameter",
+            "stop cannot be combined with constrained (it could cut a tune in half)",
+            "stop",
+        )
+    shortest = engine.shortest_tune(constraints)
+    if params.max_new_tokens < shortest:
+        raise ComposeError(
+            "invalid_parameter",
+            f"max_tokens={params.max_new_tokens} is below the {shortest} tokens of the shortest complete tune "
+            "these constraints allow",
+            "max_tokens",
+        )
 
 
 def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | None) -> AbcConstraints | None:
@@ -665,6 +682,14 @@ def resolve_constraints(engine, constrained: Any, values: Mapping[str, Any] | No
 
 
 # ---------------------------------------------------------------------------------------------- deployment
+
+log = logging.getLogger("ray.serve")
+GENERATION_FAILED = {
+    "code": "generation_failed",
+    "message": "generation failed",
+    "param": None,
+    "status": 500,
+}
 
 # Put and checked in one function: Serve may pickle the Composer by value, copying globals per function.
 _END = object()
@@ -690,15 +715,17 @@ class Composer:
     def __init__(self, config: ServeAppConfig):
         from ray.serve import metrics
 
-        self.config = dataclasses.replace(
-            config, openai_generation=model_generation_defaults(config.model, config.openai_generation)
-        )
+        if config.engine != "echo":  # the echo engine has no model to read a generation_config.json from
+            openai = model_generation_defaults(config.model, config.openai_generation)
+            config = dataclasses.replace(config, openai_generation=openai)
+        self.config = config
         self.engine = load_engine(config)
         self._generate_batch.set_max_batch_size(config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # sizes of the batches generated so far (stats)
         self.cancelled: list[int] = []  # completion tokens of requests whose caller went away (stats)
         self.probes = 0
+        self.in_flight = 0  # requests being generated (the health probe waits for none)
         self.last_ok = time.monotonic()
         buckets = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
         tags = {"model": config.served_model_name}
@@ -745,8 +772,10 @@ class Composer:
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a replica idle for over ``health_probe_idle_s`` runs one forward
-        pass (the model answers finitely); an exception marks the replica unhealthy and Serve replaces it."""
-        if time.monotonic() - self.last_ok < self.config.health_probe_idle_s:
+        pass (the model answers finitely); an exception marks the replica unhealthy and Serve replaces it. A
+        replica with requests in flight is not probed: the probe would wait behind them (an adapter lease, a
+        long answer) past Serve's timeout and get a busy, healthy replica restarted."""
+        if self.in_flight or time.monotonic() - self.last_ok < self.config.health_probe_idle_s:
             return
         await asyncio.to_thread(self.engine.probe)
         self.probes += 1
@@ -755,32 +784,51 @@ class Composer:
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{"prompt", "history": [[q, a], ...], "params": {...}}`` -> Completion dict or ``{"error"}``."""
         arrived = time.perf_counter()
-        try:
-            prepared, params = prepare_request(self.engine, self.config, request)
+        try:  # tokenizing and a first grammar compile (~1 s) must not stall the event loop's other requests
+            prepared, params = await asyncio.to_thread(prepare_request, self.engine, self.config, request)
         except ComposeError as error:
             return {"error": error.to_dict()}
         prepared.cancel = threading.Event()
+        self.in_flight += 1
         try:
-            result = await self._generate_batch((prepared, params))
+            if getattr(self.engine, "continuous_batching", False):
+                result = await self._generate_one(prepared, params)
+            else:
+                result = await self._generate_batch((prepared, params))
         except asyncio.CancelledError:  # the caller went away: its row stops at its next token
             prepared.cancel.set()
             raise
+        finally:
+            self.in_flight -= 1
         if "error" not in result:
             self._observe(result, arrived)
             if request.get("raw"):  # a token-id prompt echoes as its decoded text, as vLLM's
                 result = {**result, "prompt_text": prepared.prompt}
         return result
 
+    async def _generate_one(self, prepared: Prepared, params: GenerationParams) -> dict[str, Any]:
+        """A continuous-batching engine takes each request on arrival: no batch to wait for or behind."""
+        self.batch_sizes = [*self.batch_sizes[-999:], 1]
+
+        def cancelled(tokens: int) -> None:
+            self.cancelled = [*self.cancelled[-99:], tokens]
+
+        try:
+            return dataclasses.asdict(await self.engine.agenerate(prepared, params, cancelled))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one failing request must not take the replica down
+            log.exception("generation failed")
+            return {"error": GENERATION_FAILED}
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _generate_batch(self, items: list[tuple[Prepared, GenerationParams]]) -> list[dict[str, Any]]:
         self.batch_sizes = [*self.batch_sizes[-999:], len(items)]
         try:
             completions = await asyncio.to_thread(self.engine.generate, items)
-        except Exception as error:  # one failing batch must not take the replica down
-            failure = {
-                "error": {"code": "generation_failed", "message": repr(error), "param": None, "status": 500}
-            }
-            return [failure] * len(items)
+        except Exception:  # one failing batch must not take the replica down; details in the log only
+            log.exception("generation failed")
+            return [{"error": GENERATION_FAILED}] * len(items)
         for (prepared, _), completion in zip(items, completions, strict=True):
             if prepared.cancel is not None and prepared.cancel.is_set():
                 self.cancelled = [*self.cancelled[-99:], completion.completion_tokens]
@@ -790,11 +838,12 @@ class Composer:
         """Events: ``{"error"}`` | ``{"start": {"prompt_tokens"}}``, then ``{"delta": text}``…, ``{"done": Completion}``."""
         arrived = time.perf_counter()
         try:
-            prepared, params = prepare_request(self.engine, self.config, request)
+            prepared, params = await asyncio.to_thread(prepare_request, self.engine, self.config, request)
         except ComposeError as error:
             yield {"error": error.to_dict()}
             return
         yield {"start": {"prompt_tokens": len(prepared.ids)}}
+        self.in_flight += 1
         cancel = threading.Event()
         loop, items, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
 
@@ -838,4 +887,5 @@ class Composer:
                         self._observe(done, arrived)
                         yield {"done": done}
         finally:
+            self.in_flight -= 1
             cancel.set()  # the pump stops the engine's stream and closes it
