@@ -18,14 +18,10 @@ from typing import Any
 
 from chatmusician.abc.analysis import analyze_abc
 from chatmusician.prompts import EXAMPLE_PROMPTS, Task, build_task_prompt
-from chatmusician.serve.composer import (
-    Completion,
-    ComposeError,
-    load_engine,
-    resolve_constraints,
-    resolve_params,
-)
 from chatmusician.serve.config import ChatConfig
+from chatmusician.serve.engines import load_engine
+from chatmusician.serve.requests import resolve_constraints, resolve_params
+from chatmusician.serve.types import Completion, ComposeError
 
 
 def _loads(text: str, path: Path, line: int) -> Any:

@@ -8,19 +8,12 @@ import pytest
 
 from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.prompts import build_chat_prompt
-from chatmusician.serve.composer import (
-    ComposeError,
-    EchoEngine,
-    GenerationParams,
-    TransformersEngine,
-    generation_kwargs,
-    group_by_params,
-    logprob_ids,
-    prepare_request,
-    resolve_params,
-    split_at_eos,
-)
 from chatmusician.serve.config import EngineConfig, GenerationDefaults
+from chatmusician.serve.engines.base import generation_kwargs, logprob_ids, split_at_eos
+from chatmusician.serve.engines.echo import EchoEngine
+from chatmusician.serve.engines.hf import TransformersEngine, group_by_params
+from chatmusician.serve.requests import prepare_request, resolve_params
+from chatmusician.serve.types import ComposeError, GenerationParams
 
 DEFAULTS = GenerationDefaults()
 
@@ -263,7 +256,7 @@ def test_constrained_refuses_stop_strings_and_budgets_below_the_shortest_tune(en
 def test_vllm_rows_ending_with_eos_are_validated(engine, monkeypatch):
     """vLLM's grammar lets EOS through where the grammar accepts; a tune the validator refuses must not stand."""
     import chatmusician.model.constrained as constrained
-    from chatmusician.serve.vllm_engine import VllmEngine
+    from chatmusician.serve.engines.vllm_engine import VllmEngine
 
     vllm = VllmEngine.__new__(VllmEngine)  # the pure finishing logic only: no vLLM started
     vllm.tokenizer, vllm.eos_id = engine.tokenizer, engine.eos_id
@@ -275,3 +268,19 @@ def test_vllm_rows_ending_with_eos_are_validated(engine, monkeypatch):
     kept, reason = vllm._finish_tune(constraints, [*ids, engine.eos_id], 200)
     decoded = engine.tokenizer.decode(kept)
     assert "cab" not in decoded and decoded.startswith("X:1\nL:1/8\nM:4/4\nK:G\nGABc|"), (decoded, reason)
+
+
+def test_engines_requests_and_abc_analysis_import_neither_serve_nor_the_composer():
+    """The layering: types <- requests <- engines <- composer (the deployment); the UI's ABC analysis and the
+    engines never pull in ray.serve or the deployment module (no import circle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chatmusician.abc.analysis, chatmusician.serve.types, chatmusician.serve.requests, "
+        "chatmusician.serve.engines.hf, chatmusician.serve.engines.echo, chatmusician.serve.engines.vllm_engine, "
+        "chatmusician.serve.webui; "
+        "print(sorted(m for m in sys.modules if m == 'ray.serve' or m == 'chatmusician.serve.composer'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

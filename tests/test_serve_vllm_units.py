@@ -10,13 +10,13 @@ import pytest
 
 import chatmusician
 from chatmusician.serve.app import app_config
-from chatmusician.serve.composer import GenerationParams
-from chatmusician.serve.vllm_engine import (
+from chatmusician.serve.engines.vllm_engine import (
     adapters_touch_lm_head,
     check_adapter_ranks,
     guidance_grammar,
     sampling_kwargs,
 )
+from chatmusician.serve.types import GenerationParams
 
 
 def test_lark_ranges_are_written_in_the_guidance_dialect():
@@ -83,7 +83,7 @@ def test_composer_capacity_is_sized_from_the_engine():
 
 
 def test_eager_mode_by_default_only_without_cuda():
-    from chatmusician.serve.vllm_engine import eager_default
+    from chatmusician.serve.engines.vllm_engine import eager_default
 
     assert eager_default(True) is True and eager_default(False) is False
     assert eager_default(None) is (not __import__("torch").cuda.is_available())

@@ -63,7 +63,7 @@ def composer_options(config: ServeAppConfig) -> dict[str, Any]:
     options = _options(config.composer, config.retry_after_s)
     options["max_ongoing_requests"] = composer_capacity(config)
     if config.engine == "vllm":
-        from chatmusician.serve.vllm_engine_env import runtime_env
+        from chatmusician.serve.engines.vllm_env import runtime_env
 
         options["ray_actor_options"]["runtime_env"] = runtime_env(
             vllm_python(config.vllm.python), config.vllm.kv_cache_gib

@@ -31,16 +31,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from chatmusician.abc.grammar import AbcConstraints
-from chatmusician.serve.composer import (
-    Completion,
-    GenerationParams,
-    Prepared,
-    TransformersEngine,
-    add_offsets,
-    encode_prompt,
-    logprob_ids,
-)
 from chatmusician.serve.config import EngineConfig
+from chatmusician.serve.engines.base import add_offsets, logprob_ids
+from chatmusician.serve.engines.hf import TransformersEngine
+from chatmusician.serve.requests import encode_prompt
+from chatmusician.serve.types import Completion, GenerationParams, Prepared
 
 # vLLM's settings for an in-process engine on this host (set before vllm is imported; the deployment's
 # runtime_env sets them too). The multiprocessing engine core starts in ~60 s instead of ~5 s.
