@@ -97,15 +97,15 @@ def test_split_at_eos_and_finish_reason():
     assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
 
 
-def test_requests_share_a_batch_by_adapter_and_budget_and_seeded_sampling_runs_alone():
+def test_requests_share_a_batch_by_adapter_and_budget_seeded_ones_too(engine):
     a, b = params(), params(temperature=0.5, top_k=3)  # per-row parameters: one batch
     seeded, greedy_seeded, short = params(seed=3), params(seed=3, temperature=0), params(max_new_tokens=5)
-    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [
-        [0, 1, 2, 5, 6],
-        [3],
-        [4],
-        [7],
-    ]
+    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    # a seeded row answers the same alone and in a batch of other prompts (its own generator)
+    p = params(max_new_tokens=10, temperature=1.0, seed=7)
+    item = (engine.prepare("Compose a jig."), p)
+    others = [(engine.prepare(q), params(max_new_tokens=10, temperature=1.0)) for q in ("Hi", "A reel " * 5)]
+    assert engine.generate([others[0], item, others[1]])[1] == engine.generate([item])[0]
     assert group_by_params([a, a, a], ["sft", None, "sft"]) == [[0, 2], [1]]
 
 
