@@ -2,7 +2,7 @@
 
 llguidance (MIT, Microsoft's guidance-ai; Rust core) computes, for each constrained row and step, the set of
 tokens that keep the text inside the ABC grammar (``chatmusician/abc/grammar.lark``), in about 0.1 ms a token
-on this grammar; xgrammar took 20-90 ms a token inside the tune body (``benchmarks/constrained.py`` compares).
+on this grammar (the mean ``benchmarks/constrained.py`` prints; it has no xgrammar arm).
 
 Supports: one matcher per row, and rows without one (unconstrained rows are never touched, so their greedy
 output does not change); different constraints per row in one ``generate``; EOS only where the tune is complete
