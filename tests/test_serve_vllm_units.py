@@ -94,3 +94,46 @@ def test_adapter_ranks_over_max_lora_rank_are_refused_at_start(tmp_path):
     check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=32)
     with pytest.raises(ValueError, match="'wide' has rank 32"):
         check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=16)
+
+
+def test_a_failed_engine_step_aborts_its_requests():
+    """vLLM's step raises: each running request gets the error and is aborted in vLLM, so the loop does not
+    fail on the same requests every step until the health check restarts the replica."""
+    import queue
+    import threading
+    import time
+    from collections import deque
+
+    from chatmusician.serve.engines.vllm_engine import VllmEngine
+
+    class FailingLLM:
+        def __init__(self):
+            self.running, self.steps, self.aborted = {"a", "b"}, 0, []
+
+        def has_unfinished_requests(self):
+            return bool(self.running)
+
+        def step(self):
+            self.steps += 1
+            raise RuntimeError("step failed")
+
+        def abort_request(self, ids):
+            self.aborted += ids
+            self.running -= set(ids)
+
+    engine = VllmEngine.__new__(VllmEngine)  # the engine thread's loop only, over a fake vLLM
+    engine.llm, engine._commands, engine._wake = FailingLLM(), deque(), threading.Event()
+    engine._closed, engine.failed_steps = False, 0
+    sinks = {"a": queue.Queue(), "b": queue.Queue()}
+    engine._sinks = dict(sinks)
+    thread = threading.Thread(target=engine._loop, daemon=True)
+    thread.start()
+    errors = [sink.get(timeout=30) for sink in sinks.values()]
+    deadline = time.monotonic() + 30
+    while engine.llm.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine._closed = True
+    engine._wake.set()
+    thread.join(timeout=30)
+    assert [kind for kind, _, _ in errors] == ["error", "error"]
+    assert sorted(engine.llm.aborted) == ["a", "b"] and engine.llm.steps == 1
