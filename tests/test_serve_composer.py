@@ -284,3 +284,44 @@ def test_engines_requests_and_abc_analysis_import_neither_serve_nor_the_composer
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_adapter_leases_are_first_come_first_served(tiny_model_path, tmp_path):
+    """A request for the active adapter that comes after one waiting to switch waits behind it (before, it
+    joined at once, so a steady stream for one adapter could starve the others)."""
+    import threading
+    import time
+
+    from peft import LoraConfig, get_peft_model
+
+    from chatmusician.model.loading import load_model
+    from chatmusician.model.multi_lora import AdapterSet
+
+    paths = {}
+    for name in ("alpha", "beta"):
+        lora = get_peft_model(load_model(tiny_model_path), LoraConfig(r=2, target_modules=["q_proj"]))
+        lora.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    adapters = AdapterSet(load_model(tiny_model_path), paths, max_loaded=2)
+    order: list[str] = []
+
+    def lease(name: str) -> None:
+        with adapters.use(name):
+            order.append(name)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    held = adapters.use("alpha")
+    held.__enter__()
+    threads = [threading.Thread(target=lease, args=(name,)) for name in ("beta", "alpha")]
+    threads[0].start()
+    until(lambda: len(adapters.waiting) == 1)  # beta waits for alpha's user
+    threads[1].start()
+    until(lambda: len(adapters.waiting) == 2 or order)  # the late alpha queues behind beta
+    held.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == ["beta", "alpha"]
