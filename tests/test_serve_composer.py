@@ -325,3 +325,19 @@ def test_adapter_leases_are_first_come_first_served(tiny_model_path, tmp_path):
     for thread in threads:
         thread.join(timeout=30)
     assert order == ["beta", "alpha"]
+
+
+def test_kv_cache_admission_rows_follow_the_model_and_the_caps():
+    from types import SimpleNamespace
+
+    from chatmusician.serve.engines.hf import kv_cache_rows
+
+    llama7b = SimpleNamespace(
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096
+    )
+    per_row = 2 * 32 * 32 * 128 * 2 * 4096  # fp16 K and V for 4,096 tokens: 2 GiB
+    assert per_row == 2 * 1024**3
+    assert (
+        kv_cache_rows(llama7b, 4096, 2, free_bytes=18 * 1024**3, share=0.8) == 7
+    )  # a V100-32GB after weights
+    assert kv_cache_rows(llama7b, 4096, 2, free_bytes=1024**3) == 1  # never 0: one request always runs

@@ -66,6 +66,8 @@ class Composer:
         self.cancelled: list[int] = []  # completion tokens of requests whose caller went away (stats)
         self.probes = 0
         self.in_flight = 0  # requests being generated (the health probe waits for none)
+        rows = getattr(self.engine, "admission_rows", None)
+        self.admission = asyncio.Semaphore(rows) if rows else contextlib.nullcontext()
         self.last_ok = time.monotonic()
         buckets = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
         tags = {"model": config.served_model_name}
@@ -131,10 +133,11 @@ class Composer:
         prepared.cancel = threading.Event()
         self.in_flight += 1
         try:
-            if getattr(self.engine, "continuous_batching", False):
-                result = await self._generate_one(prepared, params)
-            else:
-                result = await self._generate_batch((prepared, params))
+            async with self.admission:  # a GPU's KV memory admits this many requests at once
+                if getattr(self.engine, "continuous_batching", False):
+                    result = await self._generate_one(prepared, params)
+                else:
+                    result = await self._generate_batch((prepared, params))
         except asyncio.CancelledError:  # the caller went away: its row stops at its next token
             prepared.cancel.set()
             raise
@@ -183,6 +186,9 @@ class Composer:
             yield {"error": error.to_dict()}
             return
         yield {"start": {"prompt_tokens": len(prepared.ids)}}
+        gate = self.admission if isinstance(self.admission, asyncio.Semaphore) else None
+        if gate is not None:  # the GPU's KV memory admits this many requests at once; released by the pump
+            await gate.acquire()
         self.in_flight += 1
         cancel = threading.Event()
         loop, items, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
@@ -200,6 +206,8 @@ class Composer:
                 pieces.close()
                 loop.call_soon_threadsafe(items.put_nowait, _END)
                 loop.call_soon_threadsafe(ended.set)
+                if gate is not None:  # the stream's generate has ended: its memory is free
+                    loop.call_soon_threadsafe(gate.release)
 
         threading.Thread(target=produce, name="composer-stream-pump", daemon=True).start()
         interval, sent_at = self.config.stream_interval_s, -1e9

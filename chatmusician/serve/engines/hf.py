@@ -32,6 +32,19 @@ def group_by_params(
     return list(groups.values())
 
 
+def kv_cache_rows(model_config, tokens: int, dtype_bytes: int, free_bytes: int, share: float = 0.8) -> int:
+    """Sequences of ``tokens`` (prompt cap + answer cap) whose KV cache fits in ``share`` of ``free_bytes``: the
+    transformers engine's admission limit on a GPU (one more would risk running out of memory mid-answer)."""
+    layers = model_config.num_hidden_layers
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = (
+        getattr(model_config, "head_dim", None)
+        or model_config.hidden_size // model_config.num_attention_heads
+    )
+    per_row = 2 * layers * heads * head_dim * dtype_bytes * tokens  # keys and values
+    return max(1, int(free_bytes * share // per_row))
+
+
 class TransformersEngine:
     """``model.generate`` on the model (base + ``adapters`` merged at load time), with ``lora_adapters``
     switched per request (:class:`~chatmusician.model.multi_lora.AdapterSet`) and per-row sampling
@@ -59,6 +72,14 @@ class TransformersEngine:
         self.adapters = AdapterSet(model.to(self.device).eval(), config.lora_adapters, config.max_loras)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.admission_rows: int | None = None
+        """On a GPU: requests generating at once whose worst-case KV cache fits the free memory (the Composer
+        queues the rest instead of answering 500 out of memory); None on CPU."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            tokens = config.max_prompt_tokens + config.max_new_tokens_cap
+            dtype_bytes = torch.finfo(next(self.model.parameters()).dtype).bits // 8
+            self.admission_rows = kv_cache_rows(self.model.config, tokens, dtype_bytes, free)
 
     @property
     def model(self):
