@@ -16,16 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatmusician.abc.analysis import analyze_abc
 from chatmusician.prompts import EXAMPLE_PROMPTS, Task, build_task_prompt
-from chatmusician.serve.composer import (
-    Completion,
-    ComposeError,
-    analyze_abc,
-    load_engine,
-    resolve_constraints,
-    resolve_params,
-)
 from chatmusician.serve.config import ChatConfig
+from chatmusician.serve.engines import load_engine
+from chatmusician.serve.requests import resolve_constraints, resolve_params
+from chatmusician.serve.types import Completion, ComposeError
 
 
 def _loads(text: str, path: Path, line: int) -> Any:
@@ -154,7 +150,9 @@ def repl(
         try:
             prepared = dataclasses.replace(engine.prepare(line, history), constraints=constraints)
         except ComposeError as error:
-            hint = " (/reset clears the history)" if error.code == "prompt_too_long" and history else ""
+            hint = (
+                " (/reset clears the history)" if error.code == "context_length_exceeded" and history else ""
+            )
             write(f"(refused: {error.message}{hint})\n")
             continue
         write("Assistant: ")

@@ -9,8 +9,8 @@ import pytest
 from chatmusician.chat import predict, read_prompts, repl
 from chatmusician.cli import main
 from chatmusician.prompts import EXAMPLE_PROMPTS, build_chat_prompt, style
-from chatmusician.serve.composer import TransformersEngine
 from chatmusician.serve.config import ChatConfig, GenerationDefaults
+from chatmusician.serve.engines.hf import TransformersEngine
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_cli_batch_mode_writes_json_predictions(tiny_model_path, tmp_path):
 
 def test_prompts_file_errors_name_the_line_and_answers_without_abc_say_so(tmp_path, capsys):
     from chatmusician.chat import prediction
-    from chatmusician.serve.composer import Completion
+    from chatmusician.serve.types import Completion
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n\n{"prompt": "cut\n')
     with pytest.raises(ValueError, match=r"p.jsonl:3: malformed JSON"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from chatmusician.abc.grammar import AbcConstraints, tune_grammar
-from chatmusician.serve.composer import ComposeError, GenerationParams, prepare_request
 from chatmusician.serve.config import EngineConfig
+from chatmusician.serve.requests import prepare_request
+from chatmusician.serve.types import ComposeError, GenerationParams
 
 GREEDY = GenerationParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=48)
 SAMPLED = GenerationParams(
@@ -16,7 +17,7 @@ SAMPLED = GenerationParams(
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
-    from chatmusician.serve.composer import TransformersEngine
+    from chatmusician.serve.engines.hf import TransformersEngine
 
     return TransformersEngine(EngineConfig(model=tiny_model_path, device="cpu", torch_threads=1))
 

@@ -8,6 +8,7 @@ and the web UI behind 2 Ingress replicas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -38,9 +39,34 @@ def make_adapter(base_path: str, out, seed: int) -> str:
     return str(out)
 
 
+RIGGED = "\u2581no"  # after this token the served model's greedy next token is EOS
+
+
+@pytest.fixture(scope="module")
+def rigged_model_path(tiny_model_path, tmp_path_factory) -> str:
+    """The tiny model with one token's embedding replaced by a large vector along EOS's output row: after that
+    token (and only there: sequences without it are unchanged) EOS is the greedy token, as after a chat-tuned
+    model's answer."""
+    import shutil
+
+    import torch
+
+    from chatmusician.model.loading import load_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("rigged") / "model"
+    shutil.copytree(tiny_model_path, out)
+    tokenizer, model = load_tokenizer(tiny_model_path), load_model(tiny_model_path)
+    with torch.no_grad():
+        row = model.lm_head.weight[tokenizer.eos_token_id]
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(RIGGED)] = row / row.norm() * 1000
+    model.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
-def served(request, ray_cluster, tiny_model_path, tmp_path_factory):
-    """(base URL, config) of the app for one engine: 2 LoRA adapters (1 kept loaded), 2 Ingress replicas."""
+def served(request, ray_cluster, rigged_model_path, tmp_path_factory):
+    """(base URL, config) of the app for one engine on the rigged tiny model: 2 LoRA adapters (1 kept loaded),
+    2 Ingress replicas."""
     from ray import serve
 
     from chatmusician.render.deployment import build_renderer
@@ -50,11 +76,12 @@ def served(request, ray_cluster, tiny_model_path, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("adapters")
     adapters = {
-        name: make_adapter(tiny_model_path, folder / name, seed) for name, seed in (("alpha", 1), ("beta", 2))
+        name: make_adapter(rigged_model_path, folder / name, seed)
+        for name, seed in (("alpha", 1), ("beta", 2))
     }
     config = app_config(
         {
-            "model": tiny_model_path,
+            "model": rigged_model_path,
             "engine": request.param,
             "torch_threads": 1,
             "max_new_tokens_cap": CAP,
@@ -190,12 +217,12 @@ def test_streaming_usage_chunk_and_stop(client):
     assert streamed == text[: text.find(stop)]
 
 
-def test_completions_echo_logprobs_equal_a_local_forward_pass(client, tiny_model_path):
+def test_completions_echo_logprobs_equal_a_local_forward_pass(client, served):
     import torch
 
     from chatmusician.model.loading import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(tiny_model_path), load_model(tiny_model_path).eval()
+    tokenizer, model = load_tokenizer(served[1].model), load_model(served[1].model).eval()
     ids = tokenizer("X:1\nM:6/8\nK:G\nGAB cde|", add_special_tokens=False)["input_ids"]
     out = client.completions.create(
         model=MODEL, prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0
@@ -206,6 +233,10 @@ def test_completions_echo_logprobs_equal_a_local_forward_pass(client, tiny_model
         want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     expected = [float(want[t, ids[t + 1]]) for t in range(len(ids) - 1)]
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1 : len(ids)], expected, strict=True)) < 1e-4
+    text = out.choices[0].text
+    ends = [*lp.text_offset[1:], len(text)]  # text_offset indexes the echoed prompt and the answer
+    assert text[: lp.text_offset[len(ids)]] == tokenizer.decode(ids)
+    assert "".join(text[a:b] for a, b in zip(lp.text_offset, ends, strict=True)) == text
     text = client.completions.create(model=MODEL, prompt=["X:1\nK:D\n", "X:2\n"], max_tokens=4, stop="|")
     assert len(text.choices) == 2 and all("|" not in c.text for c in text.choices)
 
@@ -246,7 +277,32 @@ def lm_eval_tasks(tmp_path):
     return choice, generate
 
 
-def test_lm_evaluation_harness_local_completions_and_chat_completions(base_url, tiny_model_path, tmp_path):
+def test_lm_eval_loglikelihoods_equal_in_process_hflm_where_eos_is_greedy(served):
+    """lm-eval ``local-completions`` against this server scores exactly as lm-eval's in-process HFLM on the same
+    model, also where EOS is the greedy token after the continuation (the EOS entry must be in the echo)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    base_url, config = served
+    pairs = [
+        ("Which field gives the key?\nAnswer:", " no"),  # one token, then EOS is greedy
+        ("Which field gives the meter?\nAnswer:", " M: no"),
+        ("Which field gives the meter?\nAnswer:", " M:"),  # EOS not greedy after it
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    remote = LocalCompletionsAPI(
+        base_url=f"{base_url}/v1/completions", model=MODEL, tokenizer_backend="huggingface",
+        tokenizer=config.model, num_concurrent=1, max_retries=1,
+    )  # fmt: skip
+    local = HFLM(pretrained=config.model, device="cpu", batch_size=1, dtype="float32")
+    got, want = remote.loglikelihood(requests), local.loglikelihood(requests)
+    assert want[0][0] < -1 and not want[0][1]  # the wrong answer would be (0.0, True)
+    for (ll, greedy), (ll_want, greedy_want) in zip(got, want, strict=True):
+        assert abs(ll - ll_want) < 1e-3 and greedy == greedy_want, (got, want)
+
+
+def test_lm_evaluation_harness_local_completions_and_chat_completions(base_url, served, tmp_path):
     import lm_eval
 
     choice, generate = lm_eval_tasks(tmp_path)
@@ -256,7 +312,7 @@ def test_lm_evaluation_harness_local_completions_and_chat_completions(base_url, 
             "base_url": f"{base_url}/v1/completions",
             "model": MODEL,
             "tokenizer_backend": "huggingface",
-            "tokenizer": tiny_model_path,
+            "tokenizer": served[1].model,
             "num_concurrent": 2,
             "max_retries": 1,
         },
@@ -276,7 +332,7 @@ def test_lm_evaluation_harness_local_completions_and_chat_completions(base_url, 
     assert 0.0 <= exact <= 1.0 and generated["n-samples"]["cm_api_fields_generate"]["effective"] == 3
 
 
-def test_two_adapters_answer_like_base_plus_that_adapter_run_directly(client, served, tiny_model_path):
+def test_two_adapters_answer_like_base_plus_that_adapter_run_directly(client, served):
     import torch
     from peft import PeftModel
 
@@ -284,12 +340,12 @@ def test_two_adapters_answer_like_base_plus_that_adapter_run_directly(client, se
     from chatmusician.prompts import build_chat_prompt
 
     _, config = served
-    tokenizer = load_tokenizer(tiny_model_path)
+    tokenizer = load_tokenizer(config.model)
     question = "Compose a hornpipe."
     ids = torch.tensor([tokenizer(build_chat_prompt(question, []), add_special_tokens=False)["input_ids"]])
 
     def direct(adapter: str | None) -> str:
-        model = load_model(tiny_model_path)
+        model = load_model(config.model)
         if adapter:
             model = PeftModel.from_pretrained(model, config.lora_adapters[adapter])
         with torch.no_grad():
@@ -350,6 +406,36 @@ def test_disconnected_non_streaming_request_stops(base_url):
         time.sleep(0.2)
     cancelled = composer_stats()["cancelled"]
     assert len(cancelled) > before and cancelled[-1] < CAP // 2, cancelled
+
+
+def test_short_non_streaming_request_is_not_held_behind_a_long_one(base_url, served):
+    """Continuous batching for non-streaming requests (vllm): a short request sent while a long one generates
+    comes back first (with @serve.batch it waited for the long one's whole batch)."""
+    if served[1].engine != "vllm":
+        pytest.skip("the transformers engine batches statically")
+    long_body = {"model": MODEL, "messages": [{"role": "user", "content": "Compose a long suite."}],
+                 "max_tokens": CAP, "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
+    short_body = {**long_body, "max_tokens": 4}
+
+    async def race():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+            long_task = asyncio.create_task(http.post("/v1/chat/completions", json=long_body))
+            batches = (await asyncio.to_thread(composer_stats))["batches"]
+            deadline = time.monotonic() + 120
+            while (await asyncio.to_thread(composer_stats))[
+                "batches"
+            ] == batches and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # until the Composer has the long request
+            short = await http.post("/v1/chat/completions", json=short_body)
+            long_was_running = not long_task.done()
+            long_task.cancel()  # the client leaves: the long row is aborted
+            with contextlib.suppress(asyncio.CancelledError):
+                await long_task
+            return short, long_was_running
+
+    short, long_was_running = asyncio.run(race())
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
+    assert long_was_running
 
 
 def test_health_probe_and_metrics(base_url):

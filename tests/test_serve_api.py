@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatmusician.prompts import musical_form
-from chatmusician.serve.composer import ComposeError, EchoEngine, prepare_request
+from chatmusician.serve.composer import Composer
 from chatmusician.serve.config import ServeAppConfig
 from chatmusician.serve.ingress import Overloaded, build_api, coalesce_deltas
 from chatmusician.serve.openai_api import ChatMessage, messages_to_turns
@@ -19,34 +19,23 @@ TUNE = "X:1\nT:Test\nM:4/4\nL:1/8\nK:G\nGABc d2e2|f2g2 a4|]"
 
 
 class LocalBackend:
-    """The deployments' contract in-process: echo engine with the composer's validation; a fake renderer."""
+    """The real Composer (its class, without a Serve replica) over the echo engine; a recording fake renderer."""
 
     def __init__(self, config: ServeAppConfig):
-        self.config, self.engine = config, EchoEngine(config)
+        self.config, self.composer = config, Composer.func_or_class(config)
         self.renders: list[dict] = []
         self.overloaded = False
 
-    def _item(self, request):
+    async def generate(self, request):
         if self.overloaded:
             raise Overloaded("queue full")
-        return prepare_request(self.engine, self.config, request)
-
-    async def generate(self, request):
-        try:
-            item = self._item(request)
-        except ComposeError as error:
-            return {"error": error.to_dict()}
-        return dataclasses.asdict(self.engine.generate([item])[0])
+        return await self.composer.generate(request)
 
     async def stream(self, request):
-        try:
-            prepared, params = self._item(request)
-        except ComposeError as error:
-            yield {"error": error.to_dict()}
-            return
-        yield {"start": {"prompt_tokens": len(prepared.ids)}}
-        for piece in self.engine.stream(prepared, params):
-            yield {"delta": piece} if isinstance(piece, str) else {"done": dataclasses.asdict(piece)}
+        if self.overloaded:
+            raise Overloaded("queue full")
+        async for event in self.composer.stream(request):
+            yield event
 
     async def render(self, request):
         self.renders.append(request)
@@ -331,3 +320,73 @@ def test_coalesce_deltas_joins_each_choices_consecutive_deltas_and_keeps_their_o
         (0, {"delta": "X:1\n"}), (1, {"delta": "K:G"}), (0, done), (0, {"delta": "?"}), (1, None),
     ]  # fmt: skip
     assert coalesce_deltas([]) == [] and coalesce_deltas([(0, done)]) == [(0, done)]
+
+
+def test_api_key_covers_every_computing_route_and_the_page_stays_open():
+    from chatmusician.serve.webui import mount_ui
+
+    config = dataclasses.replace(CONFIG, api_key="sesame")
+    backend = LocalBackend(config)
+    auth = {"Authorization": "Bearer sesame"}
+    with TestClient(mount_ui(build_api(backend, config), backend, config)) as c:
+        assert c.get("/ui/").status_code == 200 and c.get("/ui/static/app.js").status_code == 200
+        assert c.get("/healthz").status_code == 200
+        assert_error(c.post("/ui/api/analyze", json={"text": TUNE}), 401, "missing_api_key")
+        assert c.post("/ui/api/analyze", json={"text": TUNE}, headers=auth).status_code == 200
+        sample = "/ui/soundfont/violin-mp3/Db4.mp3"
+        assert_error(c.get(sample), 401, "missing_api_key")  # no render for a client without the key
+        assert not backend.renders
+        c.cookies.set("chatmusician_api_key", "sesame")  # the page's cookie (abcjs sends no header)
+        assert c.get(sample).status_code != 401 and backend.renders
+        assert_error(c.post("/ui/api/analyze", json={"text": TUNE}), 401, "missing_api_key")  # header only
+
+
+def test_a_failure_answers_a_generic_500_and_keeps_the_details_in_the_log(client, backend):
+    async def failing(_request):
+        raise RuntimeError("secret stack detail")
+
+    backend.generate = failing
+    request = {"model": "chatmusician", "messages": [{"role": "user", "content": "x"}]}
+    failed = TestClient(client.app, raise_server_exceptions=False).post("/v1/chat/completions", json=request)
+    assert_error(failed, 500, "internal_error")
+    assert "secret" not in failed.text and "RuntimeError" not in failed.text
+
+
+def test_openai_bodies_are_valid_openai_types(client):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chat = {"model": "chatmusician", "messages": [{"role": "user", "content": "la la la"}], "n": 2}
+    ChatCompletion.model_validate(client.post("/v1/chat/completions", json=chat).json(), strict=True)
+    body = {"model": "chatmusician", "prompt": ["la la", "do re mi"], "n": 2, "logprobs": 1}
+    Completion.model_validate(client.post("/v1/completions", json=body).json(), strict=True)
+    # echo: the prompt's first token has a null logprob (as OpenAI's and vLLM's; the openai types say float)
+    completion = client.post("/v1/completions", json={**body, "echo": True}).json()
+    once = client.post("/v1/completions", json={**body, "n": 1}).json()["usage"]["prompt_tokens"]
+    assert completion["usage"]["prompt_tokens"] == once  # each prompt counted once, whatever n
+    choice = completion["choices"][0]
+    starts, text = choice["logprobs"]["text_offset"], choice["text"]
+    answer = [text[a:b] for a, b in zip(starts[-2:], [starts[-1], len(text)], strict=True)]
+    assert answer == ["la ", "la"]  # the answer's offsets index the returned text, after the echoed prompt
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    for event in events:
+        ChatCompletionChunk.model_validate(json.loads(event), strict=True)
+
+
+def test_health_probe_never_waits_behind_a_request_in_flight():
+    import asyncio
+
+    composer = Composer.func_or_class(dataclasses.replace(CONFIG, health_probe_idle_s=0.0))
+
+    async def scenario():
+        stream = composer.stream({"prompt": "la la la", "params": {}})
+        assert "start" in await stream.__anext__() and "delta" in await stream.__anext__()
+        await composer.check_health()  # a request is generating: no probe behind it
+        during = composer.stats()["probes"]
+        async for _ in stream:
+            pass
+        await composer.check_health()
+        return during, composer.stats()["probes"]
+
+    assert asyncio.run(scenario()) == (0, 1)

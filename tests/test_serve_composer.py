@@ -6,18 +6,14 @@ import dataclasses
 
 import pytest
 
+from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.prompts import build_chat_prompt
-from chatmusician.serve.composer import (
-    ComposeError,
-    EchoEngine,
-    GenerationParams,
-    TransformersEngine,
-    generation_kwargs,
-    group_by_params,
-    resolve_params,
-    split_at_eos,
-)
 from chatmusician.serve.config import EngineConfig, GenerationDefaults
+from chatmusician.serve.engines.base import generation_kwargs, logprob_ids, split_at_eos
+from chatmusician.serve.engines.echo import EchoEngine
+from chatmusician.serve.engines.hf import TransformersEngine, group_by_params
+from chatmusician.serve.requests import prepare_request, resolve_params
+from chatmusician.serve.types import ComposeError, GenerationParams
 
 DEFAULTS = GenerationDefaults()
 
@@ -77,20 +73,39 @@ def test_generation_kwargs_stop_at_eos_never_sample_pad_and_leave_sampling_to_th
     )
 
 
+def test_openai_routes_take_openai_defaults_and_top_k_minus_one_means_off(engine):
+    config = dataclasses.replace(engine.config, generation=DEFAULTS)
+    request = {"prompt": "Compose a jig.", "params": {"temperature": 0.5}}
+    demo = prepare_request(engine, config, request)[1]
+    openai = prepare_request(engine, config, {**request, "defaults": "openai"})[1]
+    assert (demo.top_p, demo.top_k, demo.repetition_penalty) == (0.9, 40, 1.1)
+    assert (openai.temperature, openai.top_p, openai.top_k, openai.repetition_penalty) == (0.5, 1.0, 0, 1.0)
+    assert params(top_k=-1).top_k == 0
+    with pytest.raises(ComposeError):
+        params(top_k=-2)
+
+
+def test_logprob_entries_include_the_eos_that_ended_the_answer():
+    assert logprob_ids([5, 6], [5, 6, 2, 0], eos_id=2, stopped=False) == [5, 6, 2]
+    assert logprob_ids([5, 6], [5, 6, 2], eos_id=2, stopped=True) == [5, 6]  # a stop string ended it
+    assert logprob_ids([5], [5, 6, 2], eos_id=2, stopped=False) == [5]  # cut back: no EOS after it
+    assert logprob_ids([5, 6, 7], [5, 6, 7], eos_id=2, stopped=False) == [5, 6, 7]
+
+
 def test_split_at_eos_and_finish_reason():
     assert split_at_eos([5, 6, 2, 0, 0], eos_id=2, max_new_tokens=5) == ([5, 6], "stop")
     assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
 
 
-def test_requests_share_a_batch_by_adapter_and_budget_and_seeded_sampling_runs_alone():
+def test_requests_share_a_batch_by_adapter_and_budget_seeded_ones_too(engine):
     a, b = params(), params(temperature=0.5, top_k=3)  # per-row parameters: one batch
     seeded, greedy_seeded, short = params(seed=3), params(seed=3, temperature=0), params(max_new_tokens=5)
-    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [
-        [0, 1, 2, 5, 6],
-        [3],
-        [4],
-        [7],
-    ]
+    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    # a seeded row answers the same alone and in a batch of other prompts (its own generator)
+    p = params(max_new_tokens=10, temperature=1.0, seed=7)
+    item = (engine.prepare("Compose a jig."), p)
+    others = [(engine.prepare(q), params(max_new_tokens=10, temperature=1.0)) for q in ("Hi", "A reel " * 5)]
+    assert engine.generate([others[0], item, others[1]])[1] == engine.generate([item])[0]
     assert group_by_params([a, a, a], ["sft", None, "sft"]) == [[0, 2], [1]]
 
 
@@ -109,7 +124,7 @@ def test_prompt_is_the_exact_template_with_history_and_no_bos(engine):
 def test_too_long_or_empty_prompt_is_refused(engine):
     with pytest.raises(ComposeError) as err:
         engine.prepare("ABC " * 400)
-    assert err.value.code == "prompt_too_long" and err.value.status == 413
+    assert err.value.code == "context_length_exceeded" and err.value.status == 400  # OpenAI's and vLLM's
     with pytest.raises(ComposeError) as err:
         engine.prepare("   ")
     assert err.value.code == "empty_prompt"
@@ -171,8 +186,10 @@ def test_pad_is_never_sampled_and_generation_stops_at_eos(biased_engine):
     assert out.finish_reason == "length" and out.completion_tokens == 8 and out.text.strip()
     with torch.no_grad():
         head[engine.eos_id] = head[engine.eos_id] * 0 + 10.0  # now EOS dominates: stop at once
-    out = engine.generate([(prepared, params(max_new_tokens=8))])[0]
+    out = engine.generate([(prepared, params(max_new_tokens=8, logprobs=1))])[0]
     assert (out.text, out.finish_reason, out.completion_tokens) == ("", "stop", 1)
+    # EOS has its logprob entry (vLLM's shape: lm-eval reads the last entry as the generated token)
+    assert [e["id"] for e in out.logprobs] == [engine.eos_id] and out.logprobs[0]["logprob"] > -1
 
 
 def test_stream_stops_when_the_consumer_leaves(biased_engine, monkeypatch):
@@ -218,3 +235,109 @@ def test_echo_engine_answers_with_the_prompt_within_max_new_tokens():
     assert (short.text, short.finish_reason) == ("X:1\nK:G\n", "length")
     pieces = list(echo.stream(prepared, params()))
     assert "".join(pieces[:-1]) == pieces[-1].text
+
+
+def test_constrained_refuses_stop_strings_and_budgets_below_the_shortest_tune(engine):
+    config = engine.config
+    request = {"prompt": "Compose a jig.", "constrained": True, "constraints": {"key": "G"}}
+    with pytest.raises(ComposeError) as err:
+        prepare_request(engine, config, {**request, "params": {"stop": "|"}})
+    assert (err.value.param, err.value.status) == ("stop", 400)
+    shortest = engine.shortest_tune(AbcConstraints(key="G"))
+    assert shortest > 1
+    with pytest.raises(ComposeError) as err:
+        prepare_request(engine, config, {**request, "params": {"max_new_tokens": shortest - 1}})
+    assert (err.value.param, err.value.status) == ("max_tokens", 400) and str(shortest) in err.value.message
+    prepared, p = prepare_request(engine, config, {**request, "params": {"max_new_tokens": shortest}})
+    answer = engine.generate([(prepared, dataclasses.replace(p, temperature=0.0))])[0]
+    assert answer.text.strip()  # the smallest budget allowed still gives a tune, never an empty 200
+
+
+def test_vllm_rows_ending_with_eos_are_validated(engine, monkeypatch):
+    """vLLM's grammar lets EOS through where the grammar accepts; a tune the validator refuses must not stand."""
+    import chatmusician.model.constrained as constrained
+    from chatmusician.serve.engines.vllm_engine import VllmEngine
+
+    vllm = VllmEngine.__new__(VllmEngine)  # the pure finishing logic only: no vLLM started
+    vllm.tokenizer, vllm.eos_id = engine.tokenizer, engine.eos_id
+    constraints = AbcConstraints()
+    text = "X:1\nL:1/8\nM:4/4\nK:G\nGABc|\nabba cab\n"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert vllm._finish_tune(constraints, [*ids, engine.eos_id], 200) == (ids, "stop")
+    monkeypatch.setattr(constrained, "tune_ok", lambda t: "cab" not in t)  # the validator refuses that line
+    kept, reason = vllm._finish_tune(constraints, [*ids, engine.eos_id], 200)
+    decoded = engine.tokenizer.decode(kept)
+    assert "cab" not in decoded and decoded.startswith("X:1\nL:1/8\nM:4/4\nK:G\nGABc|"), (decoded, reason)
+
+
+def test_engines_requests_and_abc_analysis_import_neither_serve_nor_the_composer():
+    """The layering: types <- requests <- engines <- composer (the deployment); the UI's ABC analysis and the
+    engines never pull in ray.serve or the deployment module (no import circle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chatmusician.abc.analysis, chatmusician.serve.types, chatmusician.serve.requests, "
+        "chatmusician.serve.engines.hf, chatmusician.serve.engines.echo, chatmusician.serve.engines.vllm_engine, "
+        "chatmusician.serve.webui; "
+        "print(sorted(m for m in sys.modules if m == 'ray.serve' or m == 'chatmusician.serve.composer'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_adapter_leases_are_first_come_first_served(tiny_model_path, tmp_path):
+    """A request for the active adapter that comes after one waiting to switch waits behind it (before, it
+    joined at once, so a steady stream for one adapter could starve the others)."""
+    import threading
+    import time
+
+    from peft import LoraConfig, get_peft_model
+
+    from chatmusician.model.loading import load_model
+    from chatmusician.model.multi_lora import AdapterSet
+
+    paths = {}
+    for name in ("alpha", "beta"):
+        lora = get_peft_model(load_model(tiny_model_path), LoraConfig(r=2, target_modules=["q_proj"]))
+        lora.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    adapters = AdapterSet(load_model(tiny_model_path), paths, max_loaded=2)
+    order: list[str] = []
+
+    def lease(name: str) -> None:
+        with adapters.use(name):
+            order.append(name)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    held = adapters.use("alpha")
+    held.__enter__()
+    threads = [threading.Thread(target=lease, args=(name,)) for name in ("beta", "alpha")]
+    threads[0].start()
+    until(lambda: len(adapters.waiting) == 1)  # beta waits for alpha's user
+    threads[1].start()
+    until(lambda: len(adapters.waiting) == 2 or order)  # the late alpha queues behind beta
+    held.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == ["beta", "alpha"]
+
+
+def test_kv_cache_admission_rows_follow_the_model_and_the_caps():
+    from types import SimpleNamespace
+
+    from chatmusician.serve.engines.hf import kv_cache_rows
+
+    llama7b = SimpleNamespace(
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096
+    )
+    per_row = 2 * 32 * 32 * 128 * 2 * 4096  # fp16 K and V for 4,096 tokens: 2 GiB
+    assert per_row == 2 * 1024**3
+    assert (
+        kv_cache_rows(llama7b, 4096, 2, free_bytes=18 * 1024**3, share=0.8) == 7
+    )  # a V100-32GB after weights
+    assert kv_cache_rows(llama7b, 4096, 2, free_bytes=1024**3) == 1  # never 0: one request always runs

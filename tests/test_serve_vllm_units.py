@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from chatmusician.serve.composer import GenerationParams
-from chatmusician.serve.vllm_engine import adapters_touch_lm_head, guidance_grammar, sampling_kwargs
+import chatmusician
+from chatmusician.serve.app import app_config
+from chatmusician.serve.engines.vllm_engine import (
+    adapters_touch_lm_head,
+    check_adapter_ranks,
+    guidance_grammar,
+    sampling_kwargs,
+)
+from chatmusician.serve.types import GenerationParams
 
 
 def test_lark_ranges_are_written_in_the_guidance_dialect():
@@ -47,6 +56,84 @@ def test_the_vllm_composer_runs_in_its_own_environment(tmp_path):
     env = options["ray_actor_options"]["runtime_env"]
     assert env["py_executable"] == str(python)
     assert env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # this checkout's code runs in the vLLM environment, whatever that environment has installed
+    assert Path(env["env_vars"]["PYTHONPATH"]) == Path(chatmusician.__file__).resolve().parents[1]
     assert "runtime_env" not in composer_options(app_config({}))["ray_actor_options"]
     with pytest.raises(FileNotFoundError, match="make setup"):
         composer_options(app_config({"engine": "vllm", "vllm": {"python": str(tmp_path / "missing")}}))
+
+
+def test_vllm_python_is_found_by_setting_not_by_source_tree(tmp_path, monkeypatch):
+    from chatmusician.serve.app import vllm_python
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHATMUSICIAN_VLLM_PYTHON", raising=False)
+    assert vllm_python("env/bin/python") == str(tmp_path / "env/bin/python")  # the working directory's
+    assert vllm_python("") == sys.executable  # vLLM installed beside the package
+    monkeypatch.setenv("CHATMUSICIAN_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert vllm_python("env/bin/python") == "/opt/vllm/bin/python"
+
+
+def test_composer_capacity_is_sized_from_the_engine():
+    from chatmusician.serve.app import composer_capacity
+
+    assert composer_capacity(app_config({"engine": "vllm", "vllm": {"max_num_seqs": 64}})) == 128
+    assert composer_capacity(app_config({"max_batch_size": 8})) == 16
+    assert composer_capacity(app_config({"composer": {"max_ongoing_requests": 5}})) == 5
+
+
+def test_eager_mode_by_default_only_without_cuda():
+    from chatmusician.serve.engines.vllm_engine import eager_default
+
+    assert eager_default(True) is True and eager_default(False) is False
+    assert eager_default(None) is (not __import__("torch").cuda.is_available())
+
+
+def test_adapter_ranks_over_max_lora_rank_are_refused_at_start(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 32, "target_modules": ["q_proj"]}))
+    check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=32)
+    with pytest.raises(ValueError, match="'wide' has rank 32"):
+        check_adapter_ranks({"wide": str(tmp_path)}, max_lora_rank=16)
+
+
+def test_a_failed_engine_step_aborts_its_requests():
+    """vLLM's step raises: each running request gets the error and is aborted in vLLM, so the loop does not
+    fail on the same requests every step until the health check restarts the replica."""
+    import queue
+    import threading
+    import time
+    from collections import deque
+
+    from chatmusician.serve.engines.vllm_engine import VllmEngine
+
+    class FailingLLM:
+        def __init__(self):
+            self.running, self.steps, self.aborted = {"a", "b"}, 0, []
+
+        def has_unfinished_requests(self):
+            return bool(self.running)
+
+        def step(self):
+            self.steps += 1
+            raise RuntimeError("step failed")
+
+        def abort_request(self, ids):
+            self.aborted += ids
+            self.running -= set(ids)
+
+    engine = VllmEngine.__new__(VllmEngine)  # the engine thread's loop only, over a fake vLLM
+    engine.llm, engine._commands, engine._wake = FailingLLM(), deque(), threading.Event()
+    engine._closed, engine.failed_steps = False, 0
+    sinks = {"a": queue.Queue(), "b": queue.Queue()}
+    engine._sinks = dict(sinks)
+    thread = threading.Thread(target=engine._loop, daemon=True)
+    thread.start()
+    errors = [sink.get(timeout=30) for sink in sinks.values()]
+    deadline = time.monotonic() + 30
+    while engine.llm.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine._closed = True
+    engine._wake.set()
+    thread.join(timeout=30)
+    assert [kind for kind, _, _ in errors] == ["error", "error"]
+    assert sorted(engine.llm.aborted) == ["a", "b"] and engine.llm.steps == 1

@@ -433,3 +433,29 @@ def test_stop_cancels_the_generation_on_the_server(slow_ui, browser):
     assert browser.find_element(By.CSS_SELECTOR, "#chat .state").text == "Stopped."
     wait(browser, lambda d: "CALL stream CANCELLED" in _composer_log("chatmusician-ui-slow"), timeout=60)
     assert browser.find_element(By.ID, "regenerate").is_enabled()
+
+
+def test_sample_bank_is_bounded_and_does_not_rerender_a_failed_block_at_once():
+    import asyncio
+
+    from chatmusician.serve.webui import SampleBank
+
+    class Failing:
+        calls = 0
+
+        async def render(self, request):
+            Failing.calls += 1
+            return {"ok": False, "outputs": {}, "errors": ["down"]}
+
+    async def scenario():
+        bank = SampleBank(Failing(), max_blocks=2, retry_s=3600)
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                await bank.sample(40, 61)
+        failed_renders = Failing.calls
+        for program in (1, 2, 3):
+            with pytest.raises(RuntimeError):
+                await bank.sample(program, 61)
+        return failed_renders, len(bank.blocks)
+
+    assert asyncio.run(scenario()) == (1, 2)

@@ -2,7 +2,7 @@
 
 llguidance (MIT, Microsoft's guidance-ai; Rust core) computes, for each constrained row and step, the set of
 tokens that keep the text inside the ABC grammar (``chatmusician/abc/grammar.lark``), in about 0.1 ms a token
-on this grammar; xgrammar took 20-90 ms a token inside the tune body (``benchmarks/constrained.py`` compares).
+on this grammar (the mean ``benchmarks/constrained.py`` prints; it has no xgrammar arm).
 
 Supports: one matcher per row, and rows without one (unconstrained rows are never touched, so their greedy
 output does not change); different constraints per row in one ``generate``; EOS only where the tune is complete
@@ -138,6 +138,19 @@ def _compiled(ll_tok, grammar: str):
 def check_constraints(tokenizer, constraints: AbcConstraints) -> None:
     """Compile the grammar for ``constraints`` now (ConstraintError if it cannot be), before any generation."""
     _compiled(ll_tokenizer(tokenizer), tune_grammar(constraints))
+
+
+def shortest_tune_tokens(tokenizer, constraints: AbcConstraints) -> int:
+    """Tokens (EOS included) of the shortest complete tune with notes under ``constraints``: a smaller budget
+    can only give an empty answer (0 when no tried completion fits: nothing to refuse on)."""
+    return _shortest(ll_tokenizer(tokenizer), tokenizer.eos_token_id, constraints)
+
+
+@lru_cache(maxsize=64)
+def _shortest(ll_tok, eos_id: int, constraints: AbcConstraints) -> int:
+    matcher = _compiled(ll_tok, tune_grammar(constraints)).deep_copy()
+    plan = RowState(matcher, eos_id, constraints, ll_tok).completion(ll_tok)
+    return len(plan) if plan else 0
 
 
 def new_matcher(tokenizer, constraints: AbcConstraints | None):

@@ -1,16 +1,17 @@
 """Several LoRA adapters on one base model, switched per generation (peft multi-adapter), with a bounded cache.
 
 peft keeps one *active* adapter per model, so two generations with different adapters cannot run at the same
-time on one model object. :class:`AdapterSet` hands out leases: any number of generations share the active
-adapter (or the bare base), and a generation that needs another one waits until the current users are done,
-then switches (``set_adapter`` / adapter layers disabled for the base). Adapters load on first use
+time on one model object. :class:`AdapterSet` hands out leases first come, first served: any number of
+generations share the active adapter (or the bare base) while nobody waits for another one; a generation that
+needs another adapter waits until the current users are done, and whoever came after it waits behind it (a
+steady stream for the active adapter cannot starve a switch), then switches (``set_adapter`` / adapter layers disabled for the base). Adapters load on first use
 (``load_adapter``) and the least recently used one is unloaded (``delete_adapter``) beyond ``max_loaded``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -29,6 +30,7 @@ class AdapterSet:
         self.users = 0
         self.loads = 0  # adapters loaded so far (stats)
         self._cond = threading.Condition()
+        self.waiting: deque[object] = deque()  # tickets of the leases asked for, in arrival order
         for name in list(self.paths)[: max_loaded if preload is None else preload]:
             self._load(name)
         self._activate(BASE)
@@ -69,9 +71,13 @@ class AdapterSet:
         """Lease the model with adapter ``name`` (None = the base) active; yields the model."""
         if name is not BASE and name not in self.paths:
             raise KeyError(name)
+        ticket = object()
         with self._cond:
-            while self.users and self.active != name:
+            self.waiting.append(ticket)
+            while self.waiting[0] is not ticket or (self.users and self.active != name):
                 self._cond.wait()
+            self.waiting.popleft()
+            self._cond.notify_all()  # the next in line may join these users (same adapter)
             if self.active != name or (name is not BASE and name not in self.loaded):
                 self._activate(name)
             elif name is not BASE:

@@ -34,19 +34,40 @@ def _options(o: DeploymentOptions, retry_after_s: int) -> dict[str, Any]:
     }
 
 
+def composer_capacity(config: ServeAppConfig) -> int:
+    """The Composer's ``max_ongoing_requests``: as configured, or (0) sized from the engine's own capacity."""
+    if config.composer.max_ongoing_requests:
+        return config.composer.max_ongoing_requests
+    if config.engine == "vllm":
+        return (
+            2 * config.vllm.max_num_seqs
+        )  # vLLM schedules max_num_seqs; the rest wait inside it, not at Serve
+    return 2 * config.max_batch_size  # one batch generating, the next one assembling
+
+
+def vllm_python(setting: str) -> str:
+    """The vLLM environment's interpreter: env CHATMUSICIAN_VLLM_PYTHON, else the setting (relative to the
+    working directory; '' = this interpreter); FileNotFoundError names the setting when it is missing."""
+    import os
+    import sys
+    from pathlib import Path
+
+    python = os.environ.get("CHATMUSICIAN_VLLM_PYTHON") or setting or sys.executable
+    path = Path(python).expanduser()
+    return str(path if path.is_absolute() else Path.cwd() / path)
+
+
 def composer_options(config: ServeAppConfig) -> dict[str, Any]:
     """The Composer's deployment options; the vllm engine's replica runs in the vLLM environment
     (``runtime_env`` ``py_executable``: vLLM pins its own torch and transformers, see README)."""
     options = _options(config.composer, config.retry_after_s)
+    options["max_ongoing_requests"] = composer_capacity(config)
     if config.engine == "vllm":
-        from pathlib import Path
+        from chatmusician.serve.engines.vllm_env import runtime_env
 
-        from chatmusician.serve.vllm_engine_env import runtime_env
-
-        python = Path(config.vllm.python)
-        if not python.is_absolute():
-            python = Path(__file__).resolve().parents[2] / python
-        options["ray_actor_options"]["runtime_env"] = runtime_env(str(python), config.vllm.kv_cache_gib)
+        options["ray_actor_options"]["runtime_env"] = runtime_env(
+            vllm_python(config.vllm.python), config.vllm.kv_cache_gib
+        )
     return options
 
 
@@ -65,6 +86,7 @@ def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Applicatio
 def run_serve(config: ServeAppConfig) -> None:
     """CLI entry: run the app on a local Ray (started here when none is running) until Ctrl-C."""
     import os
+    import signal
     import time
 
     import ray
@@ -76,6 +98,13 @@ def run_serve(config: ServeAppConfig) -> None:
     started = not ray.is_initialized()
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), _node_ip_address="127.0.0.1")
+
+    def stop(
+        signum, frame
+    ):  # SIGTERM takes SIGINT's path: serve.shutdown and ray.shutdown stop every process
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler would exit past the shutdowns
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.app_name, route_prefix="/")

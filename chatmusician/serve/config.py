@@ -26,18 +26,23 @@ class GenerationDefaults:
     """Tokens generated at most per answer when the request does not say."""
 
 
+OPENAI_DEFAULTS = GenerationDefaults(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+
+
 @dataclass
 class VllmOptions:
     """The ``vllm`` engine's own settings (vLLM's engine arguments of the same names)."""
 
     python: str = ".venv-vllm/bin/python"
-    """Interpreter of the vLLM environment the Composer replica runs in (relative: to the repository root)."""
+    """Interpreter of the vLLM environment the Composer replica runs in: absolute, or relative to the working
+    directory of the command (env CHATMUSICIAN_VLLM_PYTHON overrides); '' = this interpreter (vLLM installed
+    beside the package, as on a GPU image)."""
     max_num_seqs: int = 64
     """Sequences vLLM schedules in one step at most (continuous batching)."""
     max_lora_rank: int = 16
     """Largest LoRA rank served (vLLM allocates adapter slots of this rank)."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile (starts in seconds; set false on GPUs for speed)."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs / torch.compile; None = eager on CPU (no graphs there), graphs on CUDA (faster decoding)."""
     gpu_memory_utilization: float = 0.9
     """Share of the GPU's memory vLLM takes for weights and KV cache (ignored on CPU)."""
     kv_cache_gib: int = 1
@@ -69,13 +74,16 @@ class EngineConfig:
     vllm: VllmOptions = field(default_factory=VllmOptions)
     """Settings of the vllm engine."""
     max_prompt_tokens: int = 2048
-    """Requests whose templated prompt (history included) is longer are refused with prompt_too_long."""
+    """Requests whose templated prompt (history included) is longer are refused: 400 context_length_exceeded."""
     max_new_tokens_cap: int = 2048
     """Largest max_new_tokens a request may ask for."""
     torch_threads: int = 0
     """torch intra-op threads on CPU (0 = torch's default)."""
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-    """Sampling defaults applied when a request leaves a parameter out."""
+    """Sampling defaults of /v1/compose, the web UI and the chat CLI when a request leaves a parameter out."""
+    openai_generation: GenerationDefaults = field(default_factory=lambda: OPENAI_DEFAULTS)
+    """Defaults of the OpenAI routes (/v1/completions, /v1/chat/completions): OpenAI's, overridden by the model's
+    generation_config.json where it sets them (as vLLM's server does)."""
 
 
 @dataclass
@@ -87,7 +95,8 @@ class DeploymentOptions:
     num_gpus: float = 0.0
     """GPUs per replica."""
     max_ongoing_requests: int = 16
-    """Requests a replica works on at once (the composer batches among these)."""
+    """Requests a replica works on at once (the composer batches among these); 0 on the Composer = sized from
+    the engine (vllm: 2 x max_num_seqs, so that its batch refills at once; else 2 x max_batch_size)."""
     max_queued_requests: int = 64
     """Requests waiting at each caller beyond that; more are refused with 503 + Retry-After (backpressure)."""
 
@@ -129,7 +138,9 @@ class ServeAppConfig(EngineConfig):
     """URL path of the web UI."""
     ui_formats: list[str] = field(default_factory=lambda: ["png", "mp3"])
     """Renders the web UI asks for: one image format (png|svg) and one audio format (mp3|wav)."""
-    composer: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=1.0))
+    composer: DeploymentOptions = field(
+        default_factory=lambda: DeploymentOptions(num_cpus=1.0, max_ongoing_requests=0)
+    )
     """Composer deployment (set num_gpus: 1 on GPU nodes)."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """Renderer deployment: tool options, sandbox limits and its CPU pool (``render.serve``)."""

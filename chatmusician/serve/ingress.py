@@ -28,9 +28,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatmusician.abc.analysis import analyze_abc
 from chatmusician.prompts import Task, build_task_prompt
 from chatmusician.serve import openai_api as api
-from chatmusician.serve.composer import analyze_abc
 from chatmusician.serve.config import ServeAppConfig
 
 log = logging.getLogger("ray.serve")
@@ -155,20 +155,46 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
 
-class ApiKeyAuth:
-    """ASGI middleware: every ``/v1/`` request needs ``Authorization: Bearer <key>``, else 401 (CORS preflights,
-    health and the web UI's page stay open)."""
+KEY_COOKIE = "chatmusician_api_key"
+"""The web UI's copy of the key for the soundfont samples abcjs fetches itself (it cannot add a header)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+
+def key_exempt(method: str, path: str, ui_path: str) -> bool:
+    """Paths open without the API key: CORS preflights, the health probe, the page and its static files, and
+    the API docs; every route that computes (``/v1/*``, ``/ui/api/*``, ``/ui/soundfont/*``) needs the key."""
+    ui = "/" + ui_path.strip("/")
+    docs = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+    return (
+        method == "OPTIONS"
+        or path in ("/healthz", ui, ui + "/", *docs)
+        or path.startswith((ui + "/static/", "/static-offline-docs/"))
+    )
+
+
+class ApiKeyAuth:
+    """ASGI middleware: every request but :func:`key_exempt`'s needs ``Authorization: Bearer <key>``, else 401;
+    the UI's soundfont samples also take the key from the page's cookie (abcjs fetches them without headers)."""
+
+    def __init__(self, app, key: str, ui_path: str = "/ui"):
+        self.app, self.key, self.ui_path = app, key.encode(), ui_path
+        self.samples = "/" + ui_path.strip("/") + "/soundfont/"
+
+    def _cookie(self, scope) -> bytes:
+        from http.cookies import SimpleCookie
+
+        cookies = SimpleCookie(dict(scope["headers"]).get(b"cookie", b"").decode("latin-1"))
+        return cookies[KEY_COOKIE].value.encode() if KEY_COOKIE in cookies else b""
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or key_exempt(scope["method"], scope["path"], self.ui_path):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
+        if scope["method"] == "GET" and scope["path"].startswith(self.samples):
+            if hmac.compare_digest(self._cookie(scope), self.key):
+                return await self.app(scope, receive, send)
         code, message = (
             ("invalid_api_key", "the API key is wrong")
             if given
@@ -196,7 +222,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     if key := config.api_key or os.environ.get("CHATMUSICIAN_API_KEY"):
-        app.add_middleware(ApiKeyAuth, key=key)
+        app.add_middleware(ApiKeyAuth, key=key, ui_path=config.ui_path)
     if config.cors_origins:  # added last = outermost: a preflight is answered before the key is asked for
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -227,7 +253,8 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)  # details stay in the log
+        return error_response(500, "internal_error", "the server failed to answer this request")
 
     def too_long(text: str, what: str) -> JSONResponse | None:
         if len(text) > config.max_prompt_chars:
@@ -349,8 +376,8 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 if include_usage:
                     yield piece(0, None, None, api.usage(prompt_tokens, completion_tokens))
             except Exception as exc:  # noqa: BLE001 - the status line is gone: say it in the stream
-                log.warning("stream failed: %r", exc)
-                yield api.error_event("stream_failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+                log.warning("stream failed", exc_info=exc)  # details in the log, not to the client
+                yield api.error_event("stream_failed", "generation failed mid-stream")
             yield api.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -371,6 +398,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 "prompt": prompt,
                 "history": history,
                 "params": body.params(i),
+                "defaults": "openai",
                 "adapter": adapter,
                 **body.constraint_request(),
             }
@@ -410,6 +438,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 "prompt": p,
                 "raw": True,
                 "params": body.params(i),
+                "defaults": "openai",
                 "adapter": adapter,
                 "prompt_logprobs": echo_top,
             }
@@ -423,10 +452,10 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 return refusal
             choices = []
             for text, result in zip(texts, results, strict=True):
-                if text is None and body.echo:  # token-id prompts echo as the tokens' text
-                    text = "".join(e["token"] for e in result.get("prompt_logprobs") or [])
+                if text is None and body.echo:  # token-id prompts echo as their decoded text
+                    text = result.get("prompt_text", "")
                 choices.append((text or "", result, body.echo))
-            return api.text_completion(body.model, choices)
+            return api.text_completion(body.model, choices, body.n)
 
         streams, prompt_tokens, refusal = await open_streams(requests)
         if refusal:
@@ -463,7 +492,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
         result = await backend.generate(request)
         if "error" in result:
             return composer_error(result["error"])
-        abc = analyze_abc(result["text"])
+        abc = await asyncio.to_thread(analyze_abc, result["text"])  # the validator: off the event loop
         formats = config.default_formats if body.formats is None else body.formats
         renders = await render(abc["abc"], formats) if formats and abc["abc"] else None
         return {

@@ -27,7 +27,7 @@ class SamplingParams(StrictModel):
 
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: no limit.")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     max_new_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0)
@@ -90,7 +90,9 @@ class OpenAISampling(LenientModel):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="Not in OpenAI's API; pass through extra_body.")
+    top_k: int | None = Field(
+        None, ge=-1, description="Not in OpenAI's API (extra_body); 0 or -1 (vLLM's): no limit."
+    )
     repetition_penalty: float | None = Field(
         None, gt=0, le=10, description="Not in OpenAI's API (extra_body)."
     )
@@ -109,7 +111,7 @@ class OpenAISampling(LenientModel):
     user: str | None = None
 
     def sampling(self, max_new_tokens: int | None, logprobs: int | None, choice: int = 0) -> dict[str, Any]:
-        """The composer's ``params`` for choice ``choice``."""
+        """The composer's ``params`` for choice ``choice`` (fields left out: the server's OpenAI defaults)."""
         return {
             **SamplingParams(
                 temperature=self.temperature,
@@ -249,10 +251,14 @@ def completion_logprobs(
     ]
     if completion.get("logprobs") is None and not (echo and completion.get("prompt_logprobs")):
         return None
+    # Offsets index the choice's text: the echoed prompt, then the answer.
+    base = len(prompt_text or "") if echo else 0
+    prompt_entries = len(completion.get("prompt_logprobs") or []) if echo else 0
     offsets, at = [], 0
-    for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
+    for i, e in enumerate(entries):
+        offset = e.get("offset")
+        offsets.append(at if offset is None else offset + (base if i >= prompt_entries else 0))
+        at = offsets[-1] + len(e["token"])
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
@@ -263,8 +269,13 @@ def completion_logprobs(
     }
 
 
-def text_completion(model: str, choices: list[tuple[str, dict[str, Any], bool]]) -> dict[str, Any]:
-    """[(prompt text, Completion dict, echo)] -> OpenAI ``text_completion`` object."""
+def text_completion(
+    model: str, choices: list[tuple[str, dict[str, Any], bool]], n: int = 1
+) -> dict[str, Any]:
+    """[(prompt text, Completion dict, echo)], ``n`` choices per prompt in a row -> OpenAI ``text_completion``
+    object (each prompt's tokens counted once in usage, as vLLM and OpenAI count them)."""
+    prompt_tokens = sum(c["prompt_tokens"] for _, c, _ in choices[::n])
+    completion_tokens = sum(c["completion_tokens"] for _, c, _ in choices)
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
@@ -279,11 +290,7 @@ def text_completion(model: str, choices: list[tuple[str, dict[str, Any], bool]])
             }
             for i, (prompt, c, echo) in enumerate(choices)
         ],
-        "usage": {
-            "prompt_tokens": sum(c["prompt_tokens"] for _, c, _ in choices),
-            "completion_tokens": sum(c["completion_tokens"] for _, c, _ in choices),
-            "total_tokens": sum(c["prompt_tokens"] + c["completion_tokens"] for _, c, _ in choices),
-        },
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 

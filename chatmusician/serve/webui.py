@@ -18,8 +18,11 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
+import time
 import wave
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from chatmusician.abc.analysis import analyze_abc
 from chatmusician.prompts import EXAMPLE_PROMPTS
 from chatmusician.serve import openai_api as api
-from chatmusician.serve.composer import analyze_abc
 from chatmusician.serve.config import ServeAppConfig
 
+log = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 GM_INSTRUMENTS: list[str] = json.loads((STATIC_DIR / "gm-instruments.json").read_text())[:128]
 """abcjs's names of the 128 General MIDI programs (from abcjs's instrument-index-to-name.js)."""
@@ -144,13 +148,18 @@ class AnalyzeBody(BaseModel):
 
 
 class SampleBank:
-    """Note samples per (program, octave), rendered once per Ingress replica through the Renderer."""
+    """Note samples per (program, octave), rendered through the Renderer and kept in a bounded LRU per Ingress
+    replica (~1.6 MB a block: 128 programs x 8 octaves unbounded would be ~1.5 GB); a block whose render failed
+    is not rendered again for ``retry_s`` (the Renderer's overload must not multiply)."""
 
-    def __init__(self, backend):
-        self.backend = backend
-        self.blocks: dict[tuple[int, int], asyncio.Task] = {}
+    def __init__(self, backend, max_blocks: int = 48, retry_s: float = 30.0):
+        self.backend, self.max_blocks, self.retry_s = backend, max_blocks, retry_s
+        self.blocks: OrderedDict[tuple[int, int], asyncio.Task] = OrderedDict()
+        self.failed_at: dict[tuple[int, int], float] = {}
+        self.renders = 0
 
     async def _render(self, program: int, block: range) -> dict[int, bytes]:
+        self.renders += 1
         pitches = range(max(block.start, 21), min(block.stop, 109))  # the piano's range, as abcjs asks
         result = await self.backend.render({"abc": samples_abc(program, pitches), "formats": ["wav"]})
         wav = (result or {}).get("outputs", {}).get("wav")
@@ -162,8 +171,16 @@ class SampleBank:
         block = octave_block(pitch)
         key = (program, block.start)
         task = self.blocks.get(key)
-        if task is None or (task.done() and task.exception() is not None):
+        failed = task is not None and task.done() and task.exception() is not None
+        if failed and time.monotonic() - self.failed_at.setdefault(key, time.monotonic()) >= self.retry_s:
+            task = None  # retry a failed block only after a while
+        if task is None:
             task = self.blocks[key] = asyncio.ensure_future(self._render(program, block))
+            self.failed_at.pop(key, None)
+            while len(self.blocks) > self.max_blocks:  # least recently used first
+                old, _ = self.blocks.popitem(last=False)
+                self.failed_at.pop(old, None)
+        self.blocks.move_to_end(key)
         return (await task).get(pitch)
 
 
@@ -205,7 +222,8 @@ def mount_ui(app: FastAPI, backend, config: ServeAppConfig) -> FastAPI:
         try:
             data = await bank.sample(GM_INSTRUMENTS.index(instrument), pitch)
         except Exception as exc:  # abcjs then names the note it could not load; the server's MP3 still plays
-            return error(503, "sample_failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+            log.warning("sample %s/%s failed", instrument, note, exc_info=exc)
+            return error(503, "sample_failed", "the sample could not be rendered")
         return Response(data, media_type="audio/wav", headers={"Cache-Control": "public, max-age=86400"})
 
     app.mount(base + "/static", StaticFiles(directory=STATIC_DIR), name="ui-static")

@@ -9,11 +9,31 @@
   const state = { calls: [], turns: [], busy: null, cards: 0 };
   window.chatmusician = state;
 
+  // With the server's api_key set, the page asks for the key once (on the first 401), keeps it for this tab
+  // (sessionStorage) and in a same-site cookie for the soundfont samples abcjs fetches without headers.
+  const KEY = "chatmusician_api_key";
+  function rememberKey(key) {
+    sessionStorage.setItem(KEY, key);
+    document.cookie = `${KEY}=${encodeURIComponent(key)}; path=${S.ui}/soundfont; SameSite=Strict`;
+  }
+
   async function api(path, body, signal) {
     state.calls.push(path);
-    return fetch(S.api + path, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
-    });
+    const send = () => {
+      const headers = { "Content-Type": "application/json" };
+      const key = sessionStorage.getItem(KEY);
+      if (key) headers.Authorization = `Bearer ${key}`;
+      return fetch(S.api + path, { method: "POST", headers, body: JSON.stringify(body), signal });
+    };
+    let response = await send();
+    if (response.status === 401) {
+      const key = window.prompt("This server needs an API key:");
+      if (key) {
+        rememberKey(key.trim());
+        response = await send();
+      }
+    }
+    return response;
   }
 
   async function errorText(response) {
@@ -214,8 +234,11 @@
   function requestBody(messages) {
     const body = {
       model: S.model, messages, stream: true,
-      temperature: num("#temperature"), top_p: num("#top-p"), top_k: num("#top-k"),
-      repetition_penalty: num("#repetition-penalty"), max_tokens: num("#max-new-tokens"),
+      // An empty field is the demo's default (the OpenAI route's own defaults are OpenAI's).
+      temperature: num("#temperature") ?? S.defaults.temperature, top_p: num("#top-p") ?? S.defaults.top_p,
+      top_k: num("#top-k") ?? S.defaults.top_k,
+      repetition_penalty: num("#repetition-penalty") ?? S.defaults.repetition_penalty,
+      max_tokens: num("#max-new-tokens") ?? S.defaults.max_new_tokens,
     };
     if (S.seed && num("#seed") !== null) body.seed = num("#seed");
     if (S.constrained) body.constrained = $("#constrained").checked;

@@ -18,6 +18,8 @@ Ray's ``runtime_env`` ``py_executable``. One thread steps the engine; the Compos
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import queue
@@ -25,18 +27,15 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from chatmusician.abc.grammar import AbcConstraints
-from chatmusician.serve.composer import (
-    Completion,
-    GenerationParams,
-    Prepared,
-    TransformersEngine,
-    encode_prompt,
-)
 from chatmusician.serve.config import EngineConfig
+from chatmusician.serve.engines.base import add_offsets, logprob_ids
+from chatmusician.serve.engines.hf import TransformersEngine
+from chatmusician.serve.requests import encode_prompt
+from chatmusician.serve.types import Completion, GenerationParams, Prepared
 
 # vLLM's settings for an in-process engine on this host (set before vllm is imported; the deployment's
 # runtime_env sets them too). The multiprocessing engine core starts in ~60 s instead of ~5 s.
@@ -50,6 +49,25 @@ def reserve_tokens(max_new_tokens: int) -> int:
     from chatmusician.model.constrained import RESERVE_TOKENS
 
     return min(RESERVE_TOKENS, max_new_tokens // 2)
+
+
+def eager_default(enforce_eager: bool | None) -> bool:
+    """``None``: eager where CUDA graphs do not exist (CPU), graphs on CUDA (vLLM's own default there)."""
+    if enforce_eager is not None:
+        return enforce_eager
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class LoopSink:
+    """The engine thread's ``put`` into an asyncio queue of the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 def guidance_grammar(grammar: str) -> str:
@@ -76,6 +94,21 @@ def sampling_kwargs(params: GenerationParams, pad_id: int | None, eos_id: int | 
     if pad_id is not None and pad_id != eos_id:
         kwargs["logit_bias"] = {int(pad_id): -100.0}  # LLaMA pads with <unk>: never in an answer
     return kwargs
+
+
+def check_adapter_ranks(paths: dict[str, str], max_lora_rank: int) -> None:
+    """Every served adapter's rank fits vLLM's ``max_lora_rank`` (ValueError naming it, at start rather than at
+    its first request)."""
+    import json
+    from pathlib import Path
+
+    for name, path in paths.items():
+        config = Path(path) / "adapter_config.json"
+        rank = json.loads(config.read_text()).get("r") if config.exists() else None
+        if rank is not None and rank > max_lora_rank:
+            raise ValueError(
+                f"lora adapter {name!r} has rank {rank}, over vllm.max_lora_rank={max_lora_rank}: raise it"
+            )
 
 
 def adapters_touch_lm_head(paths: dict[str, str]) -> bool:
@@ -122,8 +155,13 @@ class VllmEngine:
     start here instead of seconds, and nothing gained for one replica.)
     """
 
+    continuous_batching = True
+    """Every request joins the running batch on arrival: the Composer hands each one over alone (no
+    ``@serve.batch``, whose batches would wait for their slowest row)."""
+
     prepare_raw = TransformersEngine.prepare_raw
     check_adapter = TransformersEngine.check_adapter
+    shortest_tune = TransformersEngine.shortest_tune
     _entry = TransformersEngine._entry
 
     def __init__(self, config: EngineConfig):
@@ -136,6 +174,7 @@ class VllmEngine:
             )
         from chatmusician.model.loading import load_tokenizer
 
+        check_adapter_ranks(config.lora_adapters, config.vllm.max_lora_rank)
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_id = self.tokenizer.eos_token_id
@@ -147,6 +186,7 @@ class VllmEngine:
         self._sinks: dict[str, queue.Queue] = {}
         self._wake = threading.Event()
         self._closed = False
+        self.failed_steps = 0
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -164,7 +204,7 @@ class VllmEngine:
             dtype=dtype,
             max_model_len=c.max_prompt_tokens + c.max_new_tokens_cap,
             max_num_seqs=c.vllm.max_num_seqs,
-            enforce_eager=c.vllm.enforce_eager,
+            enforce_eager=eager_default(c.vllm.enforce_eager),
             gpu_memory_utilization=c.vllm.gpu_memory_utilization,
             enable_lora=bool(c.lora_adapters),
             max_loras=max(1, c.max_loras),
@@ -187,10 +227,14 @@ class VllmEngine:
                 continue
             try:
                 outputs = self.llm.step()
-            except BaseException as error:  # every running request fails; the engine goes on
-                for sink in list(self._sinks.values()):
-                    sink.put(("error", None, error))
+            except BaseException as error:  # every running request fails and is aborted; the engine goes on
+                self.failed_steps += 1
+                failed = list(self._sinks.items())
                 self._sinks.clear()
+                with contextlib.suppress(Exception):  # else the same request fails every step from now on
+                    self.llm.abort_request([request_id for request_id, _ in failed])
+                for request_id, sink in failed:
+                    sink.put(("error", request_id, error))
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
@@ -269,19 +313,24 @@ class VllmEngine:
     def _finish_tune(
         self, constraints: AbcConstraints, new_ids: list[int], budget: int
     ) -> tuple[list[int], str]:
-        """A constrained row that ran out of tokens (vLLM stopped it ``reserve_tokens`` early) ends with its
-        shortest completion (close what is open, end the line, the rest of the header, a one-note line) in the
-        tokens kept back, as the transformers engine's budget-aware decoding forces it; where none fits, the
+        """A constrained row's answer. vLLM's grammar lets EOS through wherever the grammar accepts; the tune
+        stands only where the validator passes it too (the transformers engine masks EOS elsewhere). A row that
+        ran out of tokens (vLLM stopped it ``reserve_tokens`` early), or whose EOS the validator refuses, ends
+        with its shortest completion (close what is open, end the line, the rest of the header, a one-note line)
+        in the tokens left, as the transformers engine's budget-aware decoding forces it; where none fits, the
         answer is cut back to the last point the grammar and the validator accept."""
         row = self._row(constraints)
-        row.lazy = True  # the validator runs only for the completion and the cut-back
-        if new_ids and new_ids[-1] != self.eos_id:
-            for token in new_ids:
-                row.consume(token)
-            plan = row.completion(row.ll_tok) if row.error is None else None
-            if plan is not None and len(plan) - 1 <= budget - len(new_ids):
-                return new_ids + plan[:-1], "stop"
-        return row.finish(new_ids)
+        row.lazy = True  # the validator runs only at the end, for the completion and the cut-back
+        ended_eos = bool(new_ids) and new_ids[-1] == self.eos_id
+        ids = list(new_ids[:-1] if ended_eos else new_ids)
+        for token in ids:
+            row.consume(token)
+        if ended_eos and row.error is None and row.matcher.is_accepting() and row.end_ok():
+            return ids, "stop"
+        plan = row.completion(row.ll_tok) if row.error is None else None
+        if plan is not None and len(plan) - 1 <= budget - len(ids):
+            return ids + plan[:-1], "stop"
+        return ids[: row._cut_back()], "length"
 
     def _lora(self, adapter: str | None):
         if adapter is None:
@@ -320,14 +369,18 @@ class VllmEngine:
             ids, reason = self._finish_tune(prepared.constraints, new_ids, params.max_new_tokens)
         # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
         text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        scored = logprob_ids(ids, new_ids, self.eos_id, seq.stop_reason is not None)  # EOS has its entry
         logprobs = None
         if params.logprobs is not None and seq.logprobs is not None:
-            logprobs = self._logprob_entries(ids, seq.logprobs, params.logprobs)
-        counted = len(ids) + (ended_eos and len(ids) == len(new_ids) - 1)  # EOS counts, as in transformers
-        completion = Completion(text, reason, len(prepared.ids), counted, list(ids), logprobs)
+            logprobs = add_offsets(
+                self.tokenizer, ids, self._logprob_entries(scored, seq.logprobs, params.logprobs)
+            )
+        completion = Completion(text, reason, len(prepared.ids), len(scored), list(ids), logprobs)
         if prepared.prompt_logprobs is not None and out.prompt_logprobs is not None:
-            completion.prompt_logprobs = self._logprob_entries(
-                prepared.ids, out.prompt_logprobs, prepared.prompt_logprobs
+            completion.prompt_logprobs = add_offsets(
+                self.tokenizer,
+                prepared.ids,
+                self._logprob_entries(prepared.ids, out.prompt_logprobs, prepared.prompt_logprobs),
             )
         completion.first_token_at = first
         return completion
@@ -366,6 +419,45 @@ class VllmEngine:
                     aborted.add(i)
                     self._abort(request_id)
         return [self._completion(p, q, last.get(i), first.get(i)) for i, (p, q) in enumerate(items)]
+
+    async def agenerate(
+        self, prepared: Prepared, params: GenerationParams, on_cancel: Callable[[int], None] | None = None
+    ) -> Completion:
+        """One request, awaited on the caller's event loop (no thread per request): it enters vLLM's batch at
+        once and leaves it when it is done. Cancelling the await aborts it (``on_cancel`` gets the number of
+        tokens it had generated)."""
+        sink = LoopSink(asyncio.get_running_loop())
+        request_id = self._submit(prepared, params, True, sink)
+        ids: list[int] = []
+        steps: list = []
+        first, last, prompt_steps, finished = None, None, None, False
+        try:
+            while not finished:
+                kind, _, value = await sink.queue.get()
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "aborted":
+                    break
+                seq = value.outputs[0]
+                ids.extend(seq.token_ids)
+                steps.extend(seq.logprobs or [])
+                prompt_steps = prompt_steps or value.prompt_logprobs
+                last, finished = value, value.finished
+                if first is None and ids:
+                    first = time.perf_counter()
+        except asyncio.CancelledError:
+            if on_cancel is not None:
+                on_cancel(len(ids))
+            raise
+        finally:
+            if not finished:
+                self._abort(request_id)
+        if last is not None:  # the deltas put together: the answer as one cumulative output
+            seq = last.outputs[0]
+            seq.token_ids, seq.logprobs = ids, (steps if params.logprobs is not None else None)
+            last.prompt_logprobs = prompt_steps
+        return self._completion(prepared, params, last, first)
 
     def probe(self) -> None:
         """Health check: one greedy token with its logprob; a non-finite one raises RuntimeError."""
