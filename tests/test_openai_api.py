@@ -408,11 +408,10 @@ def test_disconnected_non_streaming_request_stops(base_url):
     assert len(cancelled) > before and cancelled[-1] < CAP // 2, cancelled
 
 
+@pytest.mark.parametrize("served", ["vllm"], indirect=True)  # the property of a continuous-batching engine
 def test_short_non_streaming_request_is_not_held_behind_a_long_one(base_url, served):
     """Continuous batching for non-streaming requests (vllm): a short request sent while a long one generates
     comes back first (with @serve.batch it waited for the long one's whole batch)."""
-    if served[1].engine != "vllm":
-        pytest.skip("the transformers engine batches statically")
     long_body = {"model": MODEL, "messages": [{"role": "user", "content": "Compose a long suite."}],
                  "max_tokens": CAP, "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
     short_body = {**long_body, "max_tokens": 4}
