@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup quickstart test test-unit test-integration lint format bench
+.PHONY: setup quickstart test test-unit test-integration lint format bench docs
 
 setup:
 	@bash scripts/setup.sh
@@ -19,11 +19,16 @@ lint: setup
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 
+# The site in docs/ (into site/), warnings as errors; the API page must match the app's routes.
+docs: setup
+	$(VENV)/python scripts/api_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/mkdocs build --strict --quiet
+
 format: setup
 	$(VENV)/ruff format .
 	$(VENV)/ruff check --fix .
 
-test: setup lint
+test: setup lint docs
 	$(VENV)/python -m pytest -q tests
 
 test-unit: setup

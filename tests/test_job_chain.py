@@ -1,4 +1,4 @@
-"""The README's cluster recipe as ``ray job submit`` jobs against a real ``ray start --head`` (own ports, own temp
+"""The cluster recipe of docs/cluster.md as ``ray job submit`` jobs against a real ``ray start --head`` (own ports, own temp
 dir, stopped by killing only its own process group): tokenize (sft) -> sft (tiny LoRA, 2 steps) -> merge ->
 evaluate -> ``serve deploy`` of serve_config.yaml, each job SUCCEEDED and each reading what the one before wrote
 under one "shared storage" folder; the deployed app then answers one HTTP request with the merged model. (It is

@@ -278,14 +278,17 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, Any]:
+        """Liveness: the Ingress answers (no auth; the Composer's own health is Serve's probe)."""
         return {"status": "ok", "model": name, "uptime_s": int(time.time()) - started}
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
+        """The served model and its LoRA adapters (ids `chatmusician:<name>`), as OpenAI lists models."""
         return api.models_list(name, started, list(config.lora_adapters))
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"], response_model=None)
     async def model_card(model_id: str) -> JSONResponse | dict:
+        """One model's card; 404 `model_not_found` for an unknown id."""
         served, adapter = api.resolve_model(model_id, name, config.lora_adapters)
         if not served:
             return error_response(404, "model_not_found", f"model {model_id!r} is not served", param="model")
@@ -384,6 +387,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: api.ChatCompletionRequest) -> JSONResponse | StreamingResponse | dict:
+        """OpenAI chat completions (SSE with `stream: true`); `constrained` and its fields make the answer one valid ABC tune."""
         refusal, adapter = check_request(body, "/v1/chat/completions")
         if refusal:
             return refusal
@@ -424,6 +428,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.post("/v1/completions", tags=["openai"], response_model=None)
     async def completions(body: api.CompletionRequest) -> JSONResponse | StreamingResponse | dict:
+        """OpenAI completions: text, token ids or a batch of either; `echo` + `logprobs` give prompt log-likelihoods as lm-eval reads them."""
         refusal, adapter = check_request(body, "/v1/completions")
         if refusal:
             return refusal
@@ -472,6 +477,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.post("/v1/compose", tags=["music"])
     async def compose(body: api.ComposeRequest) -> Any:
+        """A prompt or a task (the original's task families) → text, the extracted ABC, its validation and renders; the demo's sampling defaults."""
         if (body.prompt is None) == (body.task is None):
             return error_response(
                 400, "invalid_request", "give exactly one of prompt and task", param="prompt"
@@ -510,6 +516,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
 
     @app.post("/v1/render", tags=["music"])
     async def render_abc(body: api.RenderBody) -> Any:
+        """Render ABC without the model in the sandboxed Renderer (`formats`: midi, wav, mp3, svg, png); 422 when it fails."""
         if error := too_long(body.abc, "the ABC"):
             return error
         result = await render(body.abc, body.formats, body.tune_index)
