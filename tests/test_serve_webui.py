@@ -142,10 +142,60 @@ def test_page_routes_without_ray():
             assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
+def test_votes_are_appended_as_preference_pairs_bounded_and_behind_the_key(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from chatmusician.prompts import build_chat_prompt
+    from chatmusician.serve.ingress import build_api
+    from chatmusician.serve.votes import read_votes
+    from chatmusician.serve.webui import mount_ui
+
+    path = tmp_path / "votes" / "votes.jsonl"
+    config = ServeAppConfig(
+        served_model_name="cm-test", votes_path=str(path), votes_max_mb=0.002, api_key="k"
+    )
+    backend = RenderOnly()
+    messages = [
+        {"role": "user", "content": "A reel"},
+        {"role": "assistant", "content": "X:1 ..."},
+        {"role": "user", "content": "Now a jig"},
+    ]
+    vote = {"messages": messages, "chosen": JIG, "rejected": WALTZ, "params": {"seed": 7, "n": 2}}
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(mount_ui(build_api(backend, config), backend, config)) as client:
+        assert client.post("/ui/api/vote", json=vote).status_code == 401  # the API key covers the vote
+        assert client.post("/ui/api/vote", json=vote, headers=auth).json() == {"stored": True}
+        same = client.post("/ui/api/vote", json={**vote, "rejected": JIG}, headers=auth)
+        assert same.status_code == 400 and same.json()["error"]["code"] == "invalid_vote"
+        ends_with_answer = client.post("/ui/api/vote", json={**vote, "messages": messages[:2]}, headers=auth)
+        assert ends_with_answer.status_code == 400
+        stored = path.read_bytes()
+        # ~0.5 KB a vote against a 2 KB bound: the store fills, refuses, and never rewrites what it holds.
+        codes = [client.post("/ui/api/vote", json=vote, headers=auth).status_code for _ in range(6)]
+        assert 200 in codes and codes[-1] == 507 and codes == sorted(codes)
+        assert path.read_bytes().startswith(stored) and path.stat().st_size <= 0.002 * 2**20
+    pairs, skipped = read_votes(path)
+    assert skipped == 0 and len(pairs) == codes.count(200) + 1
+    expected_prompt = build_chat_prompt("Now a jig", [("A reel", "X:1 ...")])
+    assert (
+        pairs[0]["prompt"] == expected_prompt and pairs[0]["chosen"] == JIG and pairs[0]["rejected"] == WALTZ
+    )
+    assert pairs[0]["params"] == {"seed": 7, "n": 2} and pairs[0]["model"] == "cm-test"
+    with path.open("a") as f:  # a crash mid-line: the reader skips it and keeps the rest
+        f.write('{"prompt": "cut sho')
+    assert read_votes(path) == (pairs, 1)
+
+    off = ServeAppConfig(votes_path="")
+    assert page_settings(off)["votes"] is False
+    with TestClient(mount_ui(build_api(backend, off), backend, off)) as client:
+        response = client.post("/ui/api/vote", json=vote)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "votes_disabled"
+
+
 # --------------------------------------------------------------------------------------------- the app
 
 
-def _app(tiny_model_path: str, engine: str):
+def _app(tiny_model_path: str, engine: str, **extra):
     from chatmusician.serve.app import app_config, build_app
 
     return build_app(
@@ -156,6 +206,7 @@ def _app(tiny_model_path: str, engine: str):
                 "composer": {"num_cpus": 0.1},
                 "ingress": {"num_cpus": 0.1},
                 "render": {"serve": {"num_cpus": 0.1, "max_replicas": 1}},
+                **extra,
             }
         )
     )
@@ -176,11 +227,18 @@ def server(ray_cluster, tiny_model_path):
 
 
 @pytest.fixture(scope="module")
-def slow_ui(server, tiny_model_path):
-    """The transformers engine on the tiny model, under ``/slow`` (only the Stop test needs a long answer)."""
+def votes_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("votes") / "votes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def slow_ui(server, tiny_model_path, votes_file):
+    """The transformers engine on the tiny model, under ``/slow`` (the Stop test needs a long answer, the vote
+    test two different sampled takes); its votes go to ``votes_file``."""
     from ray import serve
 
-    serve.run(_app(tiny_model_path, "transformers"), name="chatmusician-ui-slow", route_prefix="/slow")
+    app = _app(tiny_model_path, "transformers", votes_path=str(votes_file))
+    serve.run(app, name="chatmusician-ui-slow", route_prefix="/slow")
     return f"{server}/slow/ui/"
 
 
@@ -433,6 +491,44 @@ def test_stop_cancels_the_generation_on_the_server(slow_ui, browser):
     assert browser.find_element(By.CSS_SELECTOR, "#chat .state").text == "Stopped."
     wait(browser, lambda d: "CALL stream CANCELLED" in _composer_log("chatmusician-ui-slow"), timeout=60)
     assert browser.find_element(By.ID, "regenerate").is_enabled()
+
+
+@pytest.mark.integration
+def test_two_takes_side_by_side_and_the_pick_is_stored_as_a_preference_pair(slow_ui, browser, votes_file):
+    from selenium.webdriver.common.by import By
+
+    from chatmusician.prompts import build_chat_prompt
+    from chatmusician.serve.votes import read_votes
+
+    open_page(browser, slow_ui)
+    browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+    for field, value in (("max-new-tokens", "24"), ("temperature", "1"), ("seed", "3")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    two = browser.find_element(By.ID, "two-takes")
+    assert two.is_displayed() and not two.is_selected()
+    two.click()
+    send(browser, "Compose a short jig")
+    bar = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat .vote-bar"))[0]
+    takes = [
+        t.get_attribute("textContent")
+        for t in browser.find_elements(By.CSS_SELECTOR, "#chat .take pre.answer")
+    ]
+    assert len(takes) == 2 and all(t.strip() for t in takes) and takes[0] != takes[1]  # seeds 3 and 4
+    bar.find_element(By.CSS_SELECTOR, "button.vote-b").click()
+    wait(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#chat .vote-bar").get_attribute("data-voted") == "B",
+    )
+    assert "preferred" in browser.find_elements(By.CSS_SELECTOR, "#chat .take")[1].get_attribute("class")
+    pairs, skipped = read_votes(votes_file)
+    assert skipped == 0 and len(pairs) == 1
+    assert pairs[0]["prompt"] == build_chat_prompt("Compose a short jig", [])
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == (takes[1], takes[0])
+    assert pairs[0]["params"]["seed"] == 3 and pairs[0]["params"]["n"] == 2
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "webui-two-takes.png"))
 
 
 def test_sample_bank_is_bounded_and_does_not_rerender_a_failed_block_at_once():

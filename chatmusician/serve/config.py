@@ -136,6 +136,11 @@ class ServeAppConfig(EngineConfig):
     """Serve the web UI (a static page over this API) at ui_path."""
     ui_path: str = "/ui"
     """URL path of the web UI."""
+    votes_path: str = "outputs/votes.jsonl"
+    """Where the web UI's "two takes" picks are appended as preference pairs (JSON lines that ``chatmusician prefs``
+    reads); on a cluster, a path every Ingress node shares. "" turns voting off."""
+    votes_max_mb: float = 64.0
+    """Bound on the vote file: once full, new votes are refused (507), old ones are never overwritten."""
     ui_formats: list[str] = field(default_factory=lambda: ["png", "mp3"])
     """Renders the web UI asks for: one image format (png|svg) and one audio format (mp3|wav)."""
     composer: DeploymentOptions = field(

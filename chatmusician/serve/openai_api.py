@@ -167,7 +167,7 @@ class CompletionRequest(OpenAISampling):
         return self.sampling(self.max_tokens, None if self.stream else self.logprobs, choice)
 
 
-def _text(content: str | list[TextPart]) -> str:
+def content_text(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
@@ -175,15 +175,15 @@ def messages_to_turns(messages: list[ChatMessage]) -> tuple[str, list[tuple[str,
     """OpenAI messages -> (new user prompt, earlier (question, answer) turns). Consecutive messages of one role
     are joined with newlines; system/developer text goes before the first user message. ValueError when the
     conversation does not end with a user message or an answer comes before any question."""
-    system = [_text(m.content) for m in messages if m.role in ("system", "developer")]
+    system = [content_text(m.content) for m in messages if m.role in ("system", "developer")]
     merged: list[list[str]] = []  # [role, text]
     for message in messages:
         if message.role in ("system", "developer"):
             continue
         if merged and merged[-1][0] == message.role:
-            merged[-1][1] += "\n" + _text(message.content)
+            merged[-1][1] += "\n" + content_text(message.content)
         else:
-            merged.append([message.role, _text(message.content)])
+            merged.append([message.role, content_text(message.content)])
     if not merged or merged[-1][0] != "user":
         raise ValueError("the last message must come from the user")
     if merged[0][0] != "user":

@@ -32,9 +32,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from chatmusician.abc.analysis import analyze_abc
-from chatmusician.prompts import EXAMPLE_PROMPTS
+from chatmusician.prompts import EXAMPLE_PROMPTS, build_chat_prompt
 from chatmusician.serve import openai_api as api
 from chatmusician.serve.config import ServeAppConfig
+from chatmusician.serve.votes import VoteStoreFull, append_vote, vote_record
 
 log = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -137,6 +138,7 @@ def page_settings(config: ServeAppConfig) -> dict[str, Any]:
         "constrained": "constrained" in fields,
         "constraints": [name for name in ("key", "meter", "unit_length") if name in fields],
         "seed": "seed" in fields,
+        "votes": bool(config.votes_path) and config.max_n >= 2,  # the "two takes" mode
     }
 
 
@@ -145,6 +147,13 @@ def page_settings(config: ServeAppConfig) -> dict[str, Any]:
 
 class AnalyzeBody(BaseModel):
     text: str = Field(min_length=1, description="An answer or pasted ABC: every tune in it is returned.")
+
+
+class VoteBody(BaseModel):
+    messages: list[api.ChatMessage] = Field(min_length=1, description="The conversation both takes answer.")
+    chosen: str = Field(min_length=1, description="The take the user picked.")
+    rejected: str = Field(min_length=1, description="The other take.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The sampling settings of the request.")
 
 
 class SampleBank:
@@ -188,6 +197,7 @@ def mount_ui(app: FastAPI, backend, config: ServeAppConfig) -> FastAPI:
     """Add the page and its routes under ``config.ui_path`` to the API app (``backend`` as in the ingress)."""
     base = "/" + config.ui_path.strip("/")
     settings = page_settings(config)
+    name = config.served_model_name
     template = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     bank = SampleBank(backend)
 
@@ -213,6 +223,28 @@ def mount_ui(app: FastAPI, backend, config: ServeAppConfig) -> FastAPI:
         if len(body.text) > config.max_prompt_chars:
             return error(413, "input_too_long", f"the text is over {config.max_prompt_chars} characters")
         return await asyncio.to_thread(tune_reports, body.text)
+
+    @app.post(base + "/api/vote", tags=["music"])
+    async def ui_vote(body: VoteBody) -> Any:
+        """Store the user's pick between two takes as a preference pair (the prompt as the model saw it)."""
+        if not config.votes_path:
+            return error(404, "votes_disabled", "this server does not store votes (votes_path is empty)")
+        texts = [body.chosen, body.rejected, *(api.content_text(m.content) for m in body.messages)]
+        if sum(map(len, texts)) > config.max_prompt_chars:
+            return error(413, "input_too_long", f"the vote is over {config.max_prompt_chars} characters")
+        try:
+            question, history = api.messages_to_turns(body.messages)
+            record = vote_record(
+                build_chat_prompt(question, history), body.chosen, body.rejected, name, body.params
+            )
+        except ValueError as exc:
+            return error(400, "invalid_vote", str(exc))
+        try:
+            await asyncio.to_thread(append_vote, config.votes_path, record, int(config.votes_max_mb * 2**20))
+        except VoteStoreFull as exc:
+            log.warning("%s", exc)
+            return error(507, "votes_full", "the vote store is full; ask the operator to move it")
+        return {"stored": True}
 
     @app.get(base + "/soundfont/{instrument}-mp3/{note}.mp3", include_in_schema=False)
     async def ui_sample(instrument: str, note: str) -> Response:

@@ -256,15 +256,24 @@
     regenerate.disabled = !!controller || !state.turns.length;
   }
 
+  // One answer, or with "two takes" two answers side by side (n: 2) and a vote between them.
   async function ask(question, history) {
-    const turn = { question, answer: "", stopped: false };
-    const answerText = el("pre", { class: "text answer" });
+    const takes = S.votes && $("#two-takes").checked ? 2 : 1;
+    const turn = { question, answer: "", answers: Array(takes).fill(""), stopped: false };
+    const columns = turn.answers.map((_, i) => ({
+      text: el("pre", { class: "text answer" }),
+      tunes: el("div", { class: "tunes" }),
+      label: takes > 1 ? `Take ${"AB"[i]}` : "",
+    }));
     const stateNote = el("p", { class: "state", role: "status" });
-    const tunes = el("div", { class: "tunes" });
+    const body = takes > 1
+      ? el("div", { class: "takes" }, ...columns.map((c) => el("section", { class: "take", "aria-label": c.label },
+        el("h4", { text: c.label }), c.text, c.tunes)))
+      : el("div", {}, columns[0].text, columns[0].tunes);
     turn.el = el("div", { class: "turn" },
       el("div", { class: "msg user" }, el("div", { class: "who", text: "You" }), el("pre", { class: "text", text: question })),
       el("div", { class: "msg assistant", "aria-busy": "true" },
-        el("div", { class: "who", text: "ChatMusician" }), answerText, stateNote, tunes));
+        el("div", { class: "who", text: "ChatMusician" }), body, stateNote));
     chat.append(turn.el);
     state.turns.push(turn);
     const controller = new AbortController();
@@ -273,10 +282,12 @@
     const messages = [];
     for (const t of history) messages.push({ role: "user", content: t.question }, { role: "assistant", content: t.answer });
     messages.push({ role: "user", content: question });
+    const request = requestBody(messages);
+    if (takes > 1) request.n = takes; // with a seed, take i uses seed + i
     let paint = 0;
-    const show = () => { paint = 0; answerText.textContent = turn.answer; };
+    const show = () => { paint = 0; columns.forEach((c, i) => { c.text.textContent = turn.answers[i]; }); };
     try {
-      const response = await api("/v1/chat/completions", requestBody(messages), controller.signal);
+      const response = await api("/v1/chat/completions", request, controller.signal);
       if (!response.ok) throw new Error(await errorText(response));
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
@@ -295,9 +306,9 @@
             if (data === "[DONE]") continue;
             const chunk = JSON.parse(data);
             if (chunk.error) throw new Error(chunk.error.message || "the server stopped the answer");
-            const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-            if (delta && delta.content) {
-              turn.answer += delta.content;
+            for (const choice of chunk.choices || []) {
+              if (!(choice.delta && choice.delta.content) || !(choice.index < takes)) continue;
+              turn.answers[choice.index] += choice.delta.content;
               if (!paint) paint = requestAnimationFrame(show); // one repaint per frame, not per token
             }
           }
@@ -316,19 +327,48 @@
     } finally {
       if (paint) cancelAnimationFrame(paint);
       show();
+      turn.answer = turn.answers[0]; // what the next turn's history carries, until a vote picks the other
       turn.el.querySelector(".msg.assistant").setAttribute("aria-busy", "false");
       setBusy(null);
     }
-    if (turn.answer.trim()) await showTunes(turn, tunes, stateNote);
+    for (const [i, c] of columns.entries())
+      if (turn.answers[i].trim()) await showTunes(turn.answers[i], turn.stopped, c.tunes, stateNote);
+    if (takes > 1 && !turn.stopped && turn.answers.every((a) => a.trim())) voteBar(turn, messages, request, columns, stateNote);
   }
 
-  async function showTunes(turn, container, note) {
+  // The user's pick between the two takes, stored by the server as a preference pair.
+  function voteBar(turn, messages, request, columns, note) {
+    if (turn.answers[0] === turn.answers[1]) { note.textContent = "The two takes are the same: nothing to choose."; return; }
+    const params = Object.fromEntries(Object.entries(request).filter(([k]) => !["messages", "stream", "model"].includes(k)));
+    const buttons = [0, 1].map((i) => el("button", { type: "button", class: `vote vote-${"ab"[i]}`,
+      text: `Take ${"AB"[i]} is better`, onclick: () => vote(i) }));
+    const bar = el("div", { class: "row vote-bar", role: "group", "aria-label": "Which take is better?" },
+      el("span", { text: "Which take is better?" }), ...buttons);
+    turn.el.querySelector(".msg.assistant").append(bar);
+    async function vote(i) {
+      buttons.forEach((b) => { b.disabled = true; });
+      try {
+        const r = await api(`${S.ui.slice(S.api.length)}/api/vote`, {
+          messages, chosen: turn.answers[i], rejected: turn.answers[1 - i], params });
+        if (!r.ok) throw new Error(await errorText(r));
+        turn.answer = turn.answers[i];
+        columns[i].text.closest(".take").classList.add("preferred");
+        note.textContent = `Saved: you preferred take ${"AB"[i]}.`;
+        bar.dataset.voted = "ABab"[i];
+      } catch (e) {
+        note.textContent = `The vote was not saved: ${e.message}`;
+        buttons.forEach((b) => { b.disabled = false; });
+      }
+    }
+  }
+
+  async function showTunes(answer, stopped, container, note) {
     try {
-      const r = await api(`${S.ui.slice(S.api.length)}/api/analyze`, { text: turn.answer });
+      const r = await api(`${S.ui.slice(S.api.length)}/api/analyze`, { text: answer });
       if (!r.ok) throw new Error(await errorText(r));
       const found = await r.json();
       if (!found.tunes.length) {
-        if (!turn.stopped) note.textContent = found.message ? `No ABC tune in the answer (${found.message}).` : "No ABC tune in the answer.";
+        if (!stopped) note.textContent = found.message ? `No ABC tune in the answer (${found.message}).` : "No ABC tune in the answer.";
         return;
       }
       found.tunes.forEach((t, i) => createCard(container, t.abc, t.issues, `Tune ${i + 1}`));
@@ -452,6 +492,7 @@
       el("input", { type: "text", id: `c-${name}`, placeholder: LABELS[name][1] }));
   }
   if (!S.seed) $("#seed").disabled = true;
+  $("#two-takes-label").hidden = !S.votes;
   for (const example of S.examples) {
     $("#examples").append(el("li", {}, el("button", { type: "button", class: "example", text: example,
       onclick: () => { prompt.value = example; prompt.focus(); } })));
