@@ -11,7 +11,7 @@ from chatmusician.prompts import build_chat_prompt
 from chatmusician.serve.config import EngineConfig, GenerationDefaults
 from chatmusician.serve.engines.base import generation_kwargs, logprob_ids, split_at_eos
 from chatmusician.serve.engines.echo import EchoEngine
-from chatmusician.serve.engines.hf import TransformersEngine, group_by_params
+from chatmusician.serve.engines.hf import TransformersEngine, group_by_adapter
 from chatmusician.serve.requests import prepare_request, resolve_params
 from chatmusician.serve.types import ComposeError, GenerationParams
 
@@ -97,16 +97,38 @@ def test_split_at_eos_and_finish_reason():
     assert split_at_eos([5, 6, 7], eos_id=2, max_new_tokens=3) == ([5, 6, 7], "length")
 
 
-def test_requests_share_a_batch_by_adapter_and_budget_seeded_ones_too(engine):
-    a, b = params(), params(temperature=0.5, top_k=3)  # per-row parameters: one batch
-    seeded, greedy_seeded, short = params(seed=3), params(seed=3, temperature=0), params(max_new_tokens=5)
-    assert group_by_params([a, b, a, seeded, seeded, a, greedy_seeded, short]) == [[0, 1, 2, 3, 4, 5, 6], [7]]
-    # a seeded row answers the same alone and in a batch of other prompts (its own generator)
+def test_requests_share_a_batch_by_adapter_whatever_their_budgets_and_seeds(engine):
+    assert group_by_adapter([None, None, "sft", None, "sft"]) == [[0, 1, 3], [2, 4]]
+    # A seeded row answers the same alone and in a batch of other prompts (its own generator), and so does a row
+    # whose budget is shorter than the batch's longest (its own stop).
     p = params(max_new_tokens=10, temperature=1.0, seed=7)
     item = (engine.prepare("Compose a jig."), p)
-    others = [(engine.prepare(q), params(max_new_tokens=10, temperature=1.0)) for q in ("Hi", "A reel " * 5)]
-    assert engine.generate([others[0], item, others[1]])[1] == engine.generate([item])[0]
-    assert group_by_params([a, a, a], ["sft", None, "sft"]) == [[0, 2], [1]]
+    short = (engine.prepare("A reel " * 3), params(max_new_tokens=3, temperature=0))
+    others = [
+        (engine.prepare(q), params(max_new_tokens=n, temperature=1.0)) for q, n in (("Hi", 16), ("A", 12))
+    ]
+    together = engine.generate([others[0], item, short, others[1]])
+    assert together[1] == engine.generate([item])[0]
+    assert together[2] == engine.generate([short])[0]
+    assert together[2].completion_tokens == 3 and together[2].finish_reason == "length"
+    assert [c.completion_tokens <= n for c, n in zip(together, (16, 10, 3, 12), strict=True)] == [True] * 4
+
+
+def test_a_rows_answer_is_handed_over_when_the_row_finishes_not_when_the_batch_does(engine):
+
+    handed: list[tuple[str, int]] = []
+    short = engine.prepare("Compose a jig.")
+    short.on_done = lambda c: handed.append(("short", c.completion_tokens))
+    long = engine.prepare("Compose a reel.")
+    long.on_done = lambda c: handed.append(("long", c.completion_tokens))
+    texts: list[str] = []
+    long.on_text = texts.append
+    out = engine.generate(
+        [(long, params(max_new_tokens=40, temperature=0)), (short, params(max_new_tokens=4, temperature=0))]
+    )
+    assert [name for name, _ in handed] == ["short", "long"]  # the short row first, in its own step
+    assert handed == [("short", out[1].completion_tokens), ("long", out[0].completion_tokens)]
+    assert "".join(texts) == out[0].text and len(texts) > 1  # the streamed row's pieces add up to its answer
 
 
 def test_prompt_is_the_exact_template_with_history_and_no_bos(engine):

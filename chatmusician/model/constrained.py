@@ -282,7 +282,7 @@ class AbcLogitsProcessor:
         rows: Sequence[RowState | None],
         vocab_size: int,
         eos_id: int,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | Sequence[int] | None = None,
         newline_ids: Sequence[int] = (),
         wrap_up_tokens: int = WRAP_UP_TOKENS,
         ll_tok=None,
@@ -298,19 +298,25 @@ class AbcLogitsProcessor:
         self.bits = torch.arange(32, dtype=torch.int32)
         self.prompt_width: int | None = None
         self.mask_seconds, self.steps = 0.0, 0
-        self.max_new_tokens, self.wrap_up_tokens = max_new_tokens, wrap_up_tokens
+        # Each row's token budget (one for all, or per row: rows of one batch may ask different lengths).
+        self.budgets = (
+            [max_new_tokens] * len(self.rows)
+            if not isinstance(max_new_tokens, Sequence)
+            else list(max_new_tokens)
+        )
+        self.wrap_up_tokens = wrap_up_tokens
         self.newline_ids = list(newline_ids)
         self.ll_tok, self.reserve_tokens = ll_tok, reserve_tokens
 
-    def _wrapping_up(self) -> bool:
-        return self.max_new_tokens is not None and self.max_new_tokens - self.steps <= self.wrap_up_tokens
+    def _wrapping_up(self, i: int) -> bool:
+        return self.budgets[i] is not None and self.budgets[i] - self.steps <= self.wrap_up_tokens
 
     def _finish_tune(self, i: int) -> bool:
         """Budget-aware: in the reserve, keep the row's shortest completion at hand and, once it needs (nearly)
         all the tokens left, force it. True when this step's mask is a forced token."""
-        if self.ll_tok is None or self.max_new_tokens is None:
+        if self.ll_tok is None or self.budgets[i] is None:
             return False
-        row, left = self.rows[i], self.max_new_tokens - self.steps
+        row, left = self.rows[i], self.budgets[i] - self.steps
         token = row.next_forced()
         # Look again only when the last completion found nearly fills what is left (they grow slowly; the
         # validator run per search is most of constrained decoding's cost on a weak model).
@@ -367,7 +373,7 @@ class AbcLogitsProcessor:
                     competitive = bool(row_scores[self.eos_id] >= row_scores.max() - 10)
                     if not (competitive and row.end_ok()):
                         self.bitmask[i, self.eos_id // 32] &= ~_bit(self.eos_id)
-                if self._wrapping_up():
+                if self._wrapping_up(i):
                     self._wrap_up(i)
         rows = torch.tensor(self.active)
         # [R, words] int32 -> [R, words*32] bool: bit b of word w allows token 32*w + b.
@@ -395,10 +401,13 @@ def newline_ids(tokenizer) -> tuple[int, ...]:
 
 
 def logits_processor(
-    tokenizer, constraints: Sequence[AbcConstraints | None], max_new_tokens: int | None = None
+    tokenizer,
+    constraints: Sequence[AbcConstraints | None],
+    max_new_tokens: int | Sequence[int] | None = None,
 ) -> tuple[AbcLogitsProcessor | None, list[RowState | None]]:
     """The processor for a batch whose row i obeys ``constraints[i]`` (None: unconstrained), and its row states.
-    No processor at all when no row is constrained. With ``max_new_tokens`` the rows wrap up in time."""
+    No processor at all when no row is constrained. With ``max_new_tokens`` (one budget, or one per row) the
+    rows wrap up in time."""
     eos_id = tokenizer.eos_token_id
     ll_tok = ll_tokenizer(tokenizer) if any(c is not None for c in constraints) else None
     rows = [
@@ -489,46 +498,3 @@ def generate(
     unconstrained). ``generate_kwargs`` go to ``model.generate`` (max_new_tokens, do_sample, ...). Returns the
     answers; a constrained answer is always a complete tune (cut back when max_new_tokens ran out)."""
     return [g.text for g in generate_outputs(model, tokenizer, prompts, constraints, **generate_kwargs)]
-
-
-def streamer_class():
-    """:class:`ConstrainedStreamer` (built lazily: transformers is imported only when streaming)."""
-    from transformers import TextIteratorStreamer
-
-    class ConstrainedStreamer(TextIteratorStreamer):
-        """A ``TextIteratorStreamer`` for one constrained row: it feeds its own matcher and only emits text up
-        to the grammar's last accepting point, so the stream never shows a line the final answer cuts away."""
-
-        def __init__(self, tokenizer, constraints: AbcConstraints, **kwargs):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
-            self.row = RowState(
-                new_matcher(tokenizer, constraints),
-                tokenizer.eos_token_id,
-                constraints,
-                ll_tokenizer(tokenizer),
-            )
-            self.ids: list[int] = []
-            self.sent = ""
-            self.prompt_seen = False
-
-        def put(self, value) -> None:
-            if not self.prompt_seen:  # generate() first puts the prompt
-                self.prompt_seen = True
-                return
-            for token in value.reshape(-1).tolist():
-                self.ids.append(token)
-                self.row.consume(token)
-            self._emit(self.row.last_accept)
-
-        def _emit(self, upto: int) -> None:
-            text = self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
-            if len(text) > len(self.sent) and text.startswith(self.sent):
-                self.on_finalized_text(text[len(self.sent) :])
-                self.sent = text
-
-        def end(self) -> None:
-            answer, _ = self.row.finish(self.ids)
-            self._emit(len(answer))
-            self.on_finalized_text("", stream_end=True)
-
-    return ConstrainedStreamer

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -155,9 +155,10 @@ class RowSampler:
 
 
 class RowStops:
-    """A ``StoppingCriteria``: row i is done after ``budgets[i]`` new tokens, when its answer contains one of
-    ``stops[i]``, or when ``cancels[i]`` is set (the request went away). ``first_token_at`` is the
-    ``time.perf_counter()`` of the first step (time to first token)."""
+    """A ``StoppingCriteria``: row i is done after ``budgets[i]`` new tokens, at EOS, when its answer contains one
+    of ``stops[i]``, or when ``cancels[i]`` is set (the request went away). ``on_done(i, new_ids)`` is called once
+    per row, in the step it finishes, with its generated ids (EOS included): a row's answer is ready then, not
+    when the whole batch ends. ``first_token_at`` is the ``time.perf_counter()`` of the first step."""
 
     def __init__(
         self,
@@ -165,14 +166,27 @@ class RowStops:
         budgets: Sequence[int],
         stops: Sequence[Sequence[str]],
         cancels: Sequence[threading.Event | None],
+        on_done: Callable[[int, list[int]], None] | None = None,
     ):
         self.tokenizer, self.budgets = tokenizer, list(budgets)
         self.stops = [tuple(s) for s in stops]
         self.cancels = list(cancels)
+        self.on_done = on_done
+        self.done = [False] * len(self.budgets)
         self.prompt_width: int | None = None
         self.first_token_at: float | None = None
         # a stop string is complete within its last len(stop) tokens (every token decodes to >= 0 characters)
         self.windows = [max((len(s) for s in row), default=0) + 4 for row in self.stops]
+
+    def _stops(self, i: int, row, n: int) -> bool:
+        if n >= self.budgets[i] or (self.cancels[i] is not None and self.cancels[i].is_set()):
+            return True
+        if int(row[-1]) == self.tokenizer.eos_token_id:
+            return True
+        if self.stops[i]:
+            tail = self.tokenizer.decode(row[-min(n, self.windows[i]) :].tolist(), skip_special_tokens=True)
+            return any(s in tail for s in self.stops[i])
+        return False
 
     def __call__(self, input_ids, scores, **kwargs):
         import time
@@ -184,16 +198,12 @@ class RowStops:
         if self.prompt_width is None:
             self.prompt_width = input_ids.shape[1] - 1  # called after the first new token
         n = input_ids.shape[1] - self.prompt_width
-        done = []
         for i in range(input_ids.shape[0]):
-            stop = n >= self.budgets[i] or (self.cancels[i] is not None and self.cancels[i].is_set())
-            if not stop and self.stops[i]:
-                tail = self.tokenizer.decode(
-                    input_ids[i, -min(n, self.windows[i]) :].tolist(), skip_special_tokens=True
-                )
-                stop = any(s in tail for s in self.stops[i])
-            done.append(stop)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+            if not self.done[i] and self._stops(i, input_ids[i], n):
+                self.done[i] = True
+                if self.on_done is not None:
+                    self.on_done(i, input_ids[i, self.prompt_width :].tolist())
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -137,7 +137,7 @@ class Composer:
                 if getattr(self.engine, "continuous_batching", False):
                     result = await self._generate_one(prepared, params)
                 else:
-                    result = await self._generate_batch((prepared, params))
+                    result = await self._batched_row(prepared, params)
         except asyncio.CancelledError:  # the caller went away: its row stops at its next token
             prepared.cancel.set()
             raise
@@ -148,6 +148,22 @@ class Composer:
             if request.get("raw"):  # a token-id prompt echoes as its decoded text, as vLLM's
                 result = {**result, "prompt_text": prepared.prompt}
         return result
+
+    async def _batched_row(self, prepared: Prepared, params: GenerationParams) -> dict[str, Any]:
+        """A row of the next ``@serve.batch`` batch, answered as soon as the row finishes (not when the whole
+        batch does: a short answer does not wait for the batch's long ones)."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future = loop.create_future()
+
+        def done(completion) -> None:
+            loop.call_soon_threadsafe(
+                lambda: answered.done() or answered.set_result(dataclasses.asdict(completion))
+            )
+
+        prepared.on_done = done
+        batch = asyncio.ensure_future(self._generate_batch((prepared, params)))
+        await asyncio.wait({answered, batch}, return_when=asyncio.FIRST_COMPLETED)
+        return answered.result() if answered.done() else batch.result()
 
     async def _generate_one(self, prepared: Prepared, params: GenerationParams) -> dict[str, Any]:
         """A continuous-batching engine takes each request on arrival: no batch to wait for or behind."""
@@ -186,6 +202,10 @@ class Composer:
             yield {"error": error.to_dict()}
             return
         yield {"start": {"prompt_tokens": len(prepared.ids)}}
+        if not getattr(self.engine, "continuous_batching", False):
+            async for event in self._stream_row(prepared, params, arrived):
+                yield event
+            return
         gate = self.admission if isinstance(self.admission, asyncio.Semaphore) else None
         if gate is not None:  # the GPU's KV memory admits this many requests at once; released by the pump
             await gate.acquire()
@@ -210,30 +230,69 @@ class Composer:
                     loop.call_soon_threadsafe(gate.release)
 
         threading.Thread(target=produce, name="composer-stream-pump", daemon=True).start()
-        interval, sent_at = self.config.stream_interval_s, -1e9
         try:
-            while True:
-                # What was generated since the last event goes out as one delta, at most every interval (the
-                # end of the answer at once).
-                wait = sent_at + interval - loop.time()
-                if interval > 0 and wait > 0 and not ended.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ended.wait(), wait)
-                batch = [await items.get()]
-                while not items.empty():
-                    batch.append(items.get_nowait())
-                if text := "".join(item for item in batch if isinstance(item, str)):
-                    yield {"delta": text}
-                    sent_at = loop.time()
-                for item in batch:
-                    if item is _END:
-                        return
-                    if isinstance(item, _Failed):
-                        raise item.error
-                    if not isinstance(item, str):
-                        done = dataclasses.asdict(item)
-                        self._observe(done, arrived)
-                        yield {"done": done}
+            async for event in self._events(items, ended, arrived):
+                yield event
         finally:
             self.in_flight -= 1
             cancel.set()  # the pump stops the engine's stream and closes it
+
+    async def _stream_row(self, prepared: Prepared, params: GenerationParams, arrived: float):
+        """A stream as a row of the next ``@serve.batch`` batch (the transformers engine): its text comes from the
+        batch's forward passes as they go, its end as soon as the row finishes."""
+        loop, items, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        def done(completion) -> None:
+            put(completion)
+            put(_END)
+            loop.call_soon_threadsafe(ended.set)
+
+        prepared.cancel, prepared.on_text, prepared.on_done = threading.Event(), put, done
+        self.in_flight += 1
+        try:
+            async with self.admission:  # the GPU's KV memory admits this many requests at once
+                batch = asyncio.ensure_future(self._generate_batch((prepared, params)))
+
+                def failed(task: asyncio.Future) -> None:  # the batch ended without finishing this row
+                    if not ended.is_set():
+                        error = None if task.cancelled() or task.exception() else task.result().get("error")
+                        items.put_nowait(_Failed(RuntimeError(f"the batch failed: {error}")))
+                        items.put_nowait(_END)
+                        ended.set()
+
+                batch.add_done_callback(failed)
+                async for event in self._events(items, ended, arrived):
+                    yield event
+        finally:
+            self.in_flight -= 1
+            if not ended.is_set():
+                prepared.cancel.set()  # the caller left: its row stops at the next token
+
+    async def _events(self, items: asyncio.Queue, ended: asyncio.Event, arrived: float):
+        """Stream events from ``items`` (text pieces, the Completion, ``_END``, ``_Failed``): what was generated
+        since the last event goes out as one delta, at most every ``stream_interval_s`` (the end at once)."""
+        loop = asyncio.get_running_loop()
+        interval, sent_at = self.config.stream_interval_s, -1e9
+        while True:
+            wait = sent_at + interval - loop.time()
+            if interval > 0 and wait > 0 and not ended.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), wait)
+            batch = [await items.get()]
+            while not items.empty():
+                batch.append(items.get_nowait())
+            if text := "".join(item for item in batch if isinstance(item, str)):
+                yield {"delta": text}
+                sent_at = loop.time()
+            for item in batch:
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.error
+                if not isinstance(item, str):
+                    done = dataclasses.asdict(item)
+                    self._observe(done, arrived)
+                    yield {"done": done}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,10 @@ class Prepared:
     """Also score the prompt (OpenAI ``echo`` + ``logprobs``): each prompt token's logprob and this many top ones."""
     cancel: threading.Event | None = dataclasses.field(default=None, compare=False, repr=False)
     """Set when the caller went away: the row stops at its next token."""
+    on_text: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """Streamed: called (from the generating thread) with each new piece of the answer's text."""
+    on_done: Callable[[Completion], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """Called (from the generating thread) with the answer as soon as its row finishes, before the batch ends."""
 
 
 @dataclass

@@ -19,16 +19,14 @@ from chatmusician.serve.requests import check_prompt_length, encode_prompt
 from chatmusician.serve.types import Completion, ComposeError, GenerationParams, Prepared
 
 
-def group_by_params(
-    params: Sequence[GenerationParams], adapters: Sequence[str | None] | None = None
-) -> list[list[int]]:
-    """Indices of requests that can share one ``generate`` call: the same adapter and token budget (every other
-    parameter is per row). Seeded rows batch too: each samples from its own generator (RowSampler), so only
-    left padding's float rounding could differ from a run alone (tested equal on the tiny model)."""
-    adapters = adapters or [None] * len(params)
-    groups: dict[Any, list[int]] = {}
-    for i, (p, adapter) in enumerate(zip(params, adapters, strict=True)):
-        groups.setdefault((adapter, p.max_new_tokens), []).append(i)
+def group_by_adapter(adapters: Sequence[str | None]) -> list[list[int]]:
+    """Indices of requests that can share one ``generate`` call: the same adapter. Every other parameter is per
+    row: sampling and seeds (RowSampler: each row draws from its own generator, so only left padding's float
+    rounding could differ from a run alone, tested equal on the tiny model), token budgets and stops (RowStops),
+    constraints and their wrap-up budgets (AbcLogitsProcessor)."""
+    groups: dict[str | None, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        groups.setdefault(adapter, []).append(i)
     return list(groups.values())
 
 
@@ -166,6 +164,7 @@ class TransformersEngine:
     def _completion(
         self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None, recorded=None
     ) -> Completion:
+        """A finished row's answer from its generated ids (EOS included, nothing after it)."""
         from chatmusician.model.sampling import cut_at_stop
 
         if row is None:
@@ -188,12 +187,12 @@ class TransformersEngine:
             add_offsets(self.tokenizer, ids, logprobs)
         return Completion(text, reason, len(prepared.ids), len(scored), list(ids), logprobs)
 
-    def _processors(self, constraints, params: GenerationParams, samplings, tops):
+    def _processors(self, constraints, budgets: Sequence[int], samplings, tops):
         from chatmusician.model.constrained import logits_processor
         from chatmusician.model.sampling import LogprobRecorder, RowSampler
 
         recorder = LogprobRecorder(tops)
-        processor, rows = logits_processor(self.tokenizer, constraints, params.max_new_tokens)
+        processor, rows = logits_processor(self.tokenizer, constraints, budgets)
         chain = [
             recorder,
             *([processor] if processor is not None else []),
@@ -202,49 +201,77 @@ class TransformersEngine:
         return chain, recorder, rows
 
     def generate(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
-        """Answer a batch: one ``generate`` per group of one adapter and token budget (constrained or not)."""
+        """Answer a batch: one ``generate`` per adapter, streamed and non-streamed rows alike (one forward pass
+        serves all). A row's answer is handed to its ``on_done`` as soon as the row finishes, and a streamed
+        row's text to its ``on_text`` as it is generated; the list of every answer is returned at the end."""
+        results: list[Completion | None] = [None] * len(items)
+        for group in group_by_adapter([prepared.adapter for prepared, _ in items]):
+            for i, completion in zip(group, self._generate_rows([items[i] for i in group]), strict=True):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _generate_rows(self, items: Sequence[tuple[Prepared, GenerationParams]]) -> list[Completion]:
+        """One ``model.generate`` over requests of one adapter; every row finishes through RowStops."""
+        import dataclasses
+
         import torch
         from transformers import StoppingCriteriaList
 
         from chatmusician.model.sampling import RowStops
+        from chatmusician.model.streaming import BatchStreamer
 
-        results: list[Completion | None] = [None] * len(items)
-        for group in group_by_params([p for _, p in items], [pr.adapter for pr, _ in items]):
-            params = items[group[0]][1]
-            ids, mask = self._inputs([items[i][0].ids for i in group])
-            chain, recorder, rows = self._processors(
-                [items[i][0].constraints for i in group],
-                params,
-                [items[i][1].sampling() for i in group],
-                [items[i][1].logprobs for i in group],
-            )
-            stops = RowStops(
+        budgets = [params.max_new_tokens for _, params in items]
+        ids, mask = self._inputs([prepared.ids for prepared, _ in items])
+        chain, recorder, rows = self._processors(
+            [prepared.constraints for prepared, _ in items],
+            budgets,
+            [params.sampling() for _, params in items],
+            [params.logprobs for _, params in items],
+        )
+        streamer = None
+        if any(prepared.on_text for prepared, _ in items):
+            streamer = BatchStreamer(
                 self.tokenizer,
-                [items[i][1].max_new_tokens for i in group],
-                [items[i][1].stop for i in group],
-                [items[i][0].cancel for i in group],
+                [prepared.on_text for prepared, _ in items],
+                [params.stop for _, params in items],
+                [prepared.constraints for prepared, _ in items],
             )
-            with self.adapters.use(items[group[0]][0].adapter) as model:
-                scored = {
-                    i: self.score_prompt(model, items[i][0].ids, items[i][0].prompt_logprobs)
-                    for i in group
-                    if items[i][0].prompt_logprobs is not None
-                }
-                with torch.inference_mode():
-                    out = model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        generation_config=self._generation_config(params),
-                        logits_processor=chain,
-                        stopping_criteria=StoppingCriteriaList([stops]),
-                    )
-            for row, i in enumerate(group):
-                new_ids = out[row, ids.shape[1] :].tolist()
-                recorded = recorder.row_logprobs(row, new_ids) if items[i][1].logprobs is not None else None
-                completion = self._completion(items[i][0], new_ids, items[i][1], rows[row], recorded)
-                completion.prompt_logprobs = scored.get(i)
-                completion.first_token_at = stops.first_token_at
-                results[i] = completion
+        scored: dict[int, Any] = {}
+        results: list[Completion | None] = [None] * len(items)
+
+        def row_done(row: int, new_ids: list[int]) -> None:
+            prepared, params = items[row]
+            recorded = recorder.row_logprobs(row, new_ids) if params.logprobs is not None else None
+            completion = self._completion(prepared, new_ids, params, rows[row], recorded)
+            completion.prompt_logprobs = scored.get(row)
+            completion.first_token_at = stops.first_token_at
+            results[row] = completion
+            if streamer is not None:
+                streamer.close_row(row, completion.text)
+            if prepared.on_done is not None:
+                prepared.on_done(completion)
+
+        stops = RowStops(
+            self.tokenizer,
+            budgets,
+            [params.stop for _, params in items],
+            [prepared.cancel for prepared, _ in items],
+            on_done=row_done,
+        )
+        longest = dataclasses.replace(items[0][1], max_new_tokens=max(budgets))
+        with self.adapters.use(items[0][0].adapter) as model:
+            for row, (prepared, _) in enumerate(items):
+                if prepared.prompt_logprobs is not None:
+                    scored[row] = self.score_prompt(model, prepared.ids, prepared.prompt_logprobs)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=self._generation_config(longest),
+                    logits_processor=chain,
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    streamer=streamer,
+                )
         return results  # type: ignore[return-value]
 
     def probe(self) -> None:
@@ -259,53 +286,31 @@ class TransformersEngine:
     def stream(
         self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
     ) -> Iterator[str | Completion]:
-        """Text pieces as they are generated, then the Completion. Closing the iterator stops generation."""
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        """One request's text pieces as they are generated, then its Completion (``chatmusician chat``; the
+        Composer streams rows of its batches instead). Closing the iterator stops generation."""
+        import dataclasses
+        import queue
 
-        from chatmusician.model.constrained import streamer_class
-        from chatmusician.model.sampling import RowStops, StopScanner
-
+        pieces: queue.Queue = queue.Queue()
         cancel = cancel or threading.Event()
-        if prepared.constraints is None:
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        else:  # emits text only up to the grammar's last accepting point (what the answer keeps)
-            streamer = streamer_class()(self.tokenizer, prepared.constraints)
-        chain, _, _ = self._processors([prepared.constraints], params, [params.sampling()], [None])
-        stops = RowStops(self.tokenizer, [params.max_new_tokens], [params.stop], [cancel])
-        ids, mask = self._inputs([prepared.ids])
-        result: dict[str, Any] = {}
+        request = dataclasses.replace(prepared, cancel=cancel, on_text=pieces.put, on_done=pieces.put)
 
         def work() -> None:
             try:
-                with self.adapters.use(prepared.adapter) as model, torch.inference_mode():
-                    result["out"] = model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        generation_config=self._generation_config(params),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([stops]),
-                        logits_processor=chain,
-                    )
+                self.generate([(request, params)])
             except BaseException as error:  # surfaced to the consumer below
-                result["error"] = error
-                streamer.end()
+                pieces.put(error)
 
-        thread = threading.Thread(target=work, name="composer-stream", daemon=True)
+        thread = threading.Thread(target=work, name="engine-stream", daemon=True)
         thread.start()
-        scanner = StopScanner(params.stop)
         try:
-            for piece in streamer:
-                if piece and (text := scanner.feed(piece)):
-                    yield text
+            while True:
+                item = pieces.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
         finally:
             cancel.set()  # no-op when finished; stops generate() when the consumer left early
             thread.join()
-        if "error" in result:
-            raise result["error"]
-        if text := scanner.flush():
-            yield text
-        row = getattr(streamer, "row", None)
-        completion = self._completion(prepared, result["out"][0, ids.shape[1] :].tolist(), params, row)
-        completion.first_token_at = stops.first_token_at
-        yield completion
