@@ -9,7 +9,7 @@ import pytest
 from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.prompts import build_chat_prompt
 from chatmusician.serve.config import EngineConfig, GenerationDefaults
-from chatmusician.serve.engines.base import generation_kwargs, logprob_ids, split_at_eos
+from chatmusician.serve.engines.base import finish, generation_kwargs, logprob_ids, split_at_eos
 from chatmusician.serve.engines.echo import EchoEngine
 from chatmusician.serve.engines.hf import TransformersEngine, group_by_adapter
 from chatmusician.serve.requests import prepare_request, resolve_params
@@ -90,6 +90,28 @@ def test_logprob_entries_include_the_eos_that_ended_the_answer():
     assert logprob_ids([5, 6], [5, 6, 2], eos_id=2, stopped=True) == [5, 6]  # a stop string ended it
     assert logprob_ids([5], [5, 6, 2], eos_id=2, stopped=False) == [5]  # cut back: no EOS after it
     assert logprob_ids([5, 6, 7], [5, 6, 7], eos_id=2, stopped=False) == [5, 6, 7]
+
+
+def test_every_engine_ends_an_answer_the_same_way(engine):
+    tok = engine.tokenizer
+    ids = tok("X:1\nK:G\nGAB|cde|", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    # A stop string: the text is cut before it, the ids end at the token that completed it, no EOS entry.
+    kept, text, scored, stopped = finish(tok, ids, [*ids, eos], eos, ["|c"], engine_stopped=False)
+    assert (
+        stopped and text == "X:1\nK:G\nGAB" and "|c" in tok.decode(kept) and "|c" not in tok.decode(kept[:-1])
+    )
+    assert scored == kept
+    # EOS ended it: every token and the EOS get an entry, the text is the whole answer.
+    kept, text, scored, stopped = finish(tok, ids, [*ids, eos], eos, [], engine_stopped=False)
+    assert (kept, text, scored, stopped) == (
+        ids,
+        tok.decode(ids, skip_special_tokens=True),
+        [*ids, eos],
+        False,
+    )
+    # The engine itself stopped at a stop string (vLLM): no EOS entry either.
+    assert finish(tok, ids, [*ids, eos], eos, [], engine_stopped=True)[2] == ids
 
 
 def test_split_at_eos_and_finish_reason():

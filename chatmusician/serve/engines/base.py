@@ -58,6 +58,28 @@ def logprob_ids(ids: Sequence[int], new_ids: Sequence[int], eos_id: int, stopped
     return list(ids)
 
 
+def finish(
+    tokenizer,
+    ids: Sequence[int],
+    new_ids: Sequence[int],
+    eos_id: int,
+    stop: Sequence[str],
+    engine_stopped: bool,
+) -> tuple[list[int], str, list[int], bool]:
+    """How every answer ends, on every engine: ``ids`` (the answer's tokens, EOS and anything after it left out)
+    decoded and cut at the first ``stop`` string, the ids trimmed to the token that completed it; and the ids that
+    get logprob entries (the EOS that ended the answer included, as vLLM returns it). ``engine_stopped``: the
+    engine itself stopped at a stop string (vLLM). Returns (ids, text, scored ids, stopped by a stop string)."""
+    from chatmusician.model.sampling import cut_at_stop
+
+    ids = list(ids)
+    text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+    if stopped:
+        while len(ids) > 1 and cut_at_stop(tokenizer.decode(ids[:-1], skip_special_tokens=True), stop)[1]:
+            ids = ids[:-1]  # keep the tokens up to the one that completed the stop string
+    return ids, text, logprob_ids(ids, new_ids, eos_id, stopped or engine_stopped), stopped
+
+
 def add_offsets(tokenizer, ids: Sequence[int], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each entry's ``offset``: where its token starts in ``decode(ids)`` (OpenAI's ``text_offset``), from the
     decoded prefixes, not the pieces' lengths (SentencePiece's leading word marker has no character)."""

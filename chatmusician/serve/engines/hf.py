@@ -11,8 +11,8 @@ from chatmusician.serve.config import EngineConfig
 from chatmusician.serve.engines.base import (
     _token_text,
     add_offsets,
+    finish,
     generation_kwargs,
-    logprob_ids,
     split_at_eos,
 )
 from chatmusician.serve.requests import check_prompt_length, encode_prompt
@@ -165,22 +165,12 @@ class TransformersEngine:
         self, prepared: Prepared, new_ids: Sequence[int], params: GenerationParams, row=None, recorded=None
     ) -> Completion:
         """A finished row's answer from its generated ids (EOS included, nothing after it)."""
-        from chatmusician.model.sampling import cut_at_stop
-
         if row is None:
             ids, reason = split_at_eos(new_ids, self.eos_id, params.max_new_tokens)
         else:  # constrained: cut back to the last complete line when the budget ran out
             ids, reason = row.finish(new_ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, params.stop)
-        if stopped:
-            reason = "stop"
-            while (
-                len(ids) > 1
-                and cut_at_stop(self.tokenizer.decode(ids[:-1], skip_special_tokens=True), params.stop)[1]
-            ):
-                ids = ids[:-1]  # keep the tokens up to the one that completed the stop string
-        scored = logprob_ids(ids, new_ids, self.eos_id, stopped)  # EOS counts, and has its logprob entry
+        ids, text, scored, stopped = finish(self.tokenizer, ids, new_ids, self.eos_id, params.stop, False)
+        reason = "stop" if stopped else reason
         logprobs = None
         if recorded is not None:
             logprobs = [self._entry(t, lp, top) for t, (lp, top) in zip(scored, recorded, strict=False)]

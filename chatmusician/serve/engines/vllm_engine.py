@@ -32,7 +32,7 @@ from typing import Any
 
 from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.serve.config import EngineConfig
-from chatmusician.serve.engines.base import add_offsets, logprob_ids
+from chatmusician.serve.engines.base import add_offsets, finish
 from chatmusician.serve.engines.hf import TransformersEngine
 from chatmusician.serve.requests import encode_prompt
 from chatmusician.serve.types import Completion, GenerationParams, Prepared
@@ -356,7 +356,6 @@ class VllmEngine:
     def _completion(
         self, prepared: Prepared, params: GenerationParams, out, first: float | None
     ) -> Completion:
-        from chatmusician.model.sampling import cut_at_stop
 
         if out is None:  # aborted before its first token
             return Completion("", "stop", len(prepared.ids), 0, first_token_at=first)
@@ -368,8 +367,8 @@ class VllmEngine:
         if prepared.constraints is not None and seq.stop_reason is None:
             ids, reason = self._finish_tune(prepared.constraints, new_ids, params.max_new_tokens)
         # Decoded here, not vLLM's incremental text: that one keeps the first token's word-marker space.
-        text, _ = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
-        scored = logprob_ids(ids, new_ids, self.eos_id, seq.stop_reason is not None)  # EOS has its entry
+        stopped = seq.stop_reason is not None
+        ids, text, scored, _ = finish(self.tokenizer, ids, new_ids, self.eos_id, params.stop, stopped)
         logprobs = None
         if params.logprobs is not None and seq.logprobs is not None:
             logprobs = add_offsets(
