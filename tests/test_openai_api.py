@@ -217,6 +217,30 @@ def test_streaming_usage_chunk_and_stop(client):
     assert streamed == text[: text.find(stop)]
 
 
+def test_streamed_logprobs_equal_the_same_request_not_streamed(client):
+    messages = [{"role": "user", "content": "Compose a hornpipe."}]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 10, "seed": 5, "temperature": 1.0}
+    plain = client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2).choices[0]
+    chunks = [c for c in client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2, stream=True)]
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.message.content
+    assert [t.token for t in streamed] == [t.token for t in plain.logprobs.content]
+    assert (
+        max(abs(a.logprob - b.logprob) for a, b in zip(streamed, plain.logprobs.content, strict=True)) < 1e-4
+    )
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
+    text = client.completions.create(
+        model=MODEL, prompt="X:1\nK:G\n", max_tokens=6, logprobs=1, seed=2, stream=True
+    )
+    pieces = list(text)
+    lp = next(c.choices[0].logprobs for c in pieces if c.choices and c.choices[0].logprobs)
+    answer = "".join(c.choices[0].text for c in pieces if c.choices)
+    assert len(lp.tokens) == len(lp.token_logprobs) >= 1 and all(v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset[0] == 0 and all(0 <= o <= len(answer) for o in lp.text_offset)
+
+
 def test_completions_echo_logprobs_equal_a_local_forward_pass(client, served):
     import torch
 

@@ -362,7 +362,7 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
     def event_stream(
         streams, piece, include_usage: bool, prompt_tokens: int, first_chunks=()
     ) -> StreamingResponse:
-        """SSE of ``piece(index, text | None, finish_reason | None, usage | None)`` chunks, then [DONE]; an error
+        """SSE of ``piece(index, text | None, finish_reason | None, usage | None[, done])`` chunks, then [DONE]; an error
         after the stream started becomes an error event and [DONE]."""
 
         async def sse() -> AsyncIterator[str]:
@@ -373,9 +373,9 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
                 async for index, event in merged(streams):
                     if "delta" in event:
                         yield piece(index, event["delta"], None, None)
-                    elif "done" in event:
+                    elif "done" in event:  # the choice's logprobs (if asked) ride on its last chunk
                         completion_tokens += event["done"]["completion_tokens"]
-                        yield piece(index, "", event["done"]["finish_reason"], None)
+                        yield piece(index, "", event["done"]["finish_reason"], None, event["done"])
                 if include_usage:
                     yield piece(0, None, None, api.usage(prompt_tokens, completion_tokens))
             except Exception as exc:  # noqa: BLE001 - the status line is gone: say it in the stream
@@ -417,10 +417,12 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
             return refusal
         cid, created = api.completion_id(), int(time.time())
 
-        def piece(index, text, finish, usage_):
+        def piece(index, text, finish, usage_, done=None):
             if usage_ is not None:
                 return api.chunk(cid, body.model, created, usage_=usage_)
-            return api.chunk(cid, body.model, created, {"content": text} if text else {}, finish, index=index)
+            logprobs = api.chat_logprobs(done) if done else None
+            delta = {"content": text} if text else {}
+            return api.chunk(cid, body.model, created, delta, finish, index=index, logprobs=logprobs)
 
         role = {"role": "assistant", "content": ""}
         starts = [api.chunk(cid, body.model, created, role, index=i) for i in range(body.n)]
@@ -467,10 +469,11 @@ def build_api(backend: Backend, config: ServeAppConfig) -> FastAPI:
             return refusal
         cid, created = f"cmpl-{api.completion_id()[9:]}", int(time.time())
 
-        def piece(index, text, finish, usage_):
+        def piece(index, text, finish, usage_, done=None):
             if usage_ is not None:
                 return api.text_chunk(cid, body.model, created, usage_=usage_)
-            return api.text_chunk(cid, body.model, created, text, finish, index=index)
+            logprobs = api.completion_logprobs(done, "", False) if done else None
+            return api.text_chunk(cid, body.model, created, text, finish, index=index, logprobs=logprobs)
 
         firsts = [piece(i, t, None, None) for i, t in enumerate(texts) if body.echo and t]
         return event_stream(streams, piece, body.include_usage, sum(prompt_tokens[:: body.n]), firsts)

@@ -135,11 +135,13 @@ class OpenAISampling(LenientModel):
 class ChatCompletionRequest(AbcConstraintFields, OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Return each answer token's logprob (not in streams).")
+    logprobs: bool | None = Field(
+        None, description="Return each answer token's logprob (in a stream: on each choice's last chunk)."
+    )
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many alternatives.")
 
     def params(self, choice: int = 0) -> dict[str, Any]:
-        top = (self.top_logprobs or 0) if self.logprobs and not self.stream else None
+        top = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling(self.max_completion_tokens or self.max_tokens, top, choice)
 
 
@@ -164,7 +166,7 @@ class CompletionRequest(OpenAISampling):
         return list(p)  # type: ignore[arg-type]
 
     def params(self, choice: int = 0) -> dict[str, Any]:
-        return self.sampling(self.max_tokens, None if self.stream else self.logprobs, choice)
+        return self.sampling(self.max_tokens, self.logprobs, choice)
 
 
 def content_text(content: str | list[TextPart]) -> str:
@@ -302,13 +304,14 @@ def chunk(
     finish_reason: str | None = None,
     usage_: dict | None = None,
     index: int = 0,
+    logprobs: dict | None = None,
 ) -> str:
     """One server-sent event carrying a ``chat.completion.chunk`` (no choices when it only carries usage)."""
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = (
         []
         if delta is None
-        else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     )
     if usage_ is not None:
         body["usage"] = usage_
@@ -317,14 +320,14 @@ def chunk(
 
 def text_chunk(
     cid: str, model: str, created: int, text: str | None = None, finish_reason: str | None = None,
-    usage_: dict | None = None, index: int = 0,
+    usage_: dict | None = None, index: int = 0, logprobs: dict | None = None,
 ) -> str:  # fmt: skip
     """One server-sent event carrying a ``text_completion`` chunk (no choices when it only carries usage)."""
     body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model}
     body["choices"] = (
         []
         if text is None
-        else [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        else [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
     )
     if usage_ is not None:
         body["usage"] = usage_

@@ -469,7 +469,7 @@ class VllmEngine:
     def stream(
         self, prepared: Prepared, params: GenerationParams, cancel: threading.Event | None = None
     ) -> Iterator[str | Completion]:
-        """Text pieces as vLLM produces them, then the Completion. Closing the iterator (or ``cancel``) aborts
+        """Text pieces as vLLM produces them, then the Completion (with logprobs when asked). Closing the iterator (or ``cancel``) aborts
         the request. A constrained stream sends text only up to the grammar's last accepting point (a complete
         tune so far), what the answer keeps when the budget runs out, as the transformers engine's stream."""
         from chatmusician.model.sampling import StopScanner
@@ -479,6 +479,7 @@ class VllmEngine:
         request_id = self._submit(prepared, params, True, sink)
         scanner = StopScanner(params.stop)
         ids: list[int] = []
+        steps: list = []
         first, last, finished = None, None, False
         decoded, sent = "", ""
         row = None
@@ -498,6 +499,7 @@ class VllmEngine:
                 if kind == "aborted":
                     break
                 ids.extend(value.outputs[0].token_ids)
+                steps.extend(value.outputs[0].logprobs or [])
                 last, finished = value, value.finished
                 if first is None and ids:
                     first = time.perf_counter()
@@ -527,7 +529,7 @@ class VllmEngine:
             yield Completion("", "stop", len(prepared.ids), 0, first_token_at=first)
             return
         seq = last.outputs[0]
-        seq.token_ids, seq.logprobs = ids, None  # streams carry no logprobs
+        seq.token_ids, seq.logprobs = ids, (steps if params.logprobs is not None else None)
         completion = self._completion(prepared, params, last, first)
         if completion.text.startswith(sent) and (rest := completion.text[len(sent) :]):
             yield rest
