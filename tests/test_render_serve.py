@@ -60,7 +60,7 @@ def test_a_full_queue_refuses_with_backpressure_which_the_ingress_answers_503(re
     from ray.serve.exceptions import BackPressureError
 
     from chatmusician.render.deployment import build_renderer
-    from chatmusician.serve.ingress import HandleBackend
+    from chatmusician.serve.backend import HandleBackend
 
     serve_cfg = ServeRenderConfig(
         num_cpus=0.1, min_replicas=1, max_replicas=1, max_ongoing_requests=1, max_queued_requests=1

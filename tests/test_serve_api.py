@@ -10,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatmusician.prompts import musical_form
+from chatmusician.serve.backend import Overloaded, coalesce_deltas
 from chatmusician.serve.composer import Composer
 from chatmusician.serve.config import ServeAppConfig
-from chatmusician.serve.ingress import Overloaded, build_api, coalesce_deltas
+from chatmusician.serve.ingress import build_api
 from chatmusician.serve.openai_api import ChatMessage, messages_to_turns
 
 TUNE = "X:1\nT:Test\nM:4/4\nL:1/8\nK:G\nGABc d2e2|f2g2 a4|]"

@@ -10,7 +10,7 @@ import pytest
 
 import chatmusician
 from chatmusician.serve.app import app_config
-from chatmusician.serve.engines.vllm_engine import (
+from chatmusician.serve.engines.vllm_support import (
     adapters_touch_lm_head,
     check_adapter_ranks,
     guidance_grammar,
@@ -83,7 +83,7 @@ def test_composer_capacity_is_sized_from_the_engine():
 
 
 def test_eager_mode_by_default_only_without_cuda():
-    from chatmusician.serve.engines.vllm_engine import eager_default
+    from chatmusician.serve.engines.vllm_support import eager_default
 
     assert eager_default(True) is True and eager_default(False) is False
     assert eager_default(None) is (not __import__("torch").cuda.is_available())

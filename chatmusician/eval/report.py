@@ -141,7 +141,7 @@ def markdown(out: Mapping[str, Any], figures: Mapping[str, Any] | None = None) -
         for name, agg in groups:
             vals = " | ".join(_pct(agg.get(c)) for c in cols)
             lines.append(f"| {name} | {agg['tunes']} | {vals} | {agg.get('tokens', 0):.0f} |")
-        lines += ["", "### Music metrics (definitions and sources: README, Evaluation)", "",
+        lines += ["", "### Music metrics (definitions and sources: docs/evaluation.md)", "",
                   "| family | " + " | ".join(_SHARES + _VALUES) + " |", "|---" * (len(_SHARES + _VALUES) + 1) + "|"]  # fmt: skip
         for name, agg in groups:
             vals = [_pct(agg.get(c)) for c in _SHARES] + [_num(agg.get(c)) for c in _VALUES]

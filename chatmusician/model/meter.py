@@ -6,7 +6,7 @@ The grammar (llguidance) keeps syntax; here each step looks at the row's best to
 score order, and keeps those the meter tracker passes, until they hold nearly all of the probability the
 sampler could reach (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
 Greedy decoding of a trained model usually tries one or two. Engine-neutral: :func:`meter_mask_row` takes a
-row's generated ids and its logits, so a vLLM logits processor can call it per row (see the README).
+row's generated ids and its logits, so a vLLM logits processor can call it per row (see docs/serving/constrained.md).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def vllm_python(setting: str) -> str:
 
 def composer_options(config: ServeAppConfig) -> dict[str, Any]:
     """The Composer's deployment options; the vllm engine's replica runs in the vLLM environment
-    (``runtime_env`` ``py_executable``: vLLM pins its own torch and transformers, see README)."""
+    (``runtime_env`` ``py_executable``: vLLM pins its own torch and transformers, see docs/serving/engines.md)."""
     options = _options(config.composer, config.retry_after_s)
     options["max_ongoing_requests"] = composer_capacity(config)
     if config.engine == "vllm":

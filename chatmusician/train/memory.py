@@ -11,7 +11,7 @@ Pure arithmetic on the shapes of a LLaMA-architecture model, in three parts:
   et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1: 34·sbh + 5·as²b bytes
   per GPT layer in 16 bit) count a GPT layer; see :func:`layer_activation_bytes`.
 
-tests/test_train_plan.py measures it against the peak of real fp32 training steps on CPU (README: the error).
+tests/test_train_plan.py measures it against the peak of real fp32 training steps on CPU (docs/planning.md: the error).
 :mod:`chatmusician.train.plan` turns it into a plan and a refusal.
 """
 
