@@ -51,7 +51,7 @@ class ServeBenchConfig:
     overload_engine: str = "vllm"
     """Engine of the overload run."""
     sections: list[str] = field(default_factory=lambda: ["batching", "engines", "mixed", "peer", "overload"])
-    """What to run: batching (batched vs unbatched, transformers), engines (vllm vs transformers, streaming),
+    """What to run: batching (batched vs unbatched, transformers), engines (vllm vs transformers, streamed and not),
     mixed (non-streaming vs streamed with mixed answer lengths, both engines), peer (bare vLLM server vs the
     app, streaming and not), overload."""
     engines: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
@@ -309,14 +309,17 @@ def main(argv: list[str] | None = None) -> dict:
             deploy(model, cfg.max_batch_size, ongoing=max(levels) * 2, queued=-1, engine=engine)
             results["engines"][engine] = []
             for c in levels:
-                asyncio.run(load(url, c, c, cfg.engine_max_tokens, stream=True))  # warm at this level
-                requests = max(cfg.engine_requests_per_level, 4 * c)
-                row = asyncio.run(load(url, c, requests, cfg.engine_max_tokens, stream=True))
-                row.pop("latency_by_request")
-                results["engines"][engine].append(row)
-                print(f"{engine:12s} stream c={c:3d} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
-                      f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s TTFT p50 {row.get('ttft_p50_s', 0):.3f}s "
-                      f"p99 {row.get('ttft_p99_s', 0):.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
+                for stream in (True, False):  # streamed, then the same load not streamed
+                    asyncio.run(load(url, c, c, cfg.engine_max_tokens, stream=stream))  # warm at this level
+                    requests = max(cfg.engine_requests_per_level, 4 * c)
+                    row = asyncio.run(load(url, c, requests, cfg.engine_max_tokens, stream=stream))
+                    row.pop("latency_by_request")
+                    row["stream"] = stream
+                    results["engines"][engine].append(row)
+                    kind = "stream" if stream else "plain "
+                    print(f"{engine:12s} {kind} c={c:3d} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
+                          f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s TTFT p50 {row.get('ttft_p50_s', 0):.3f}s "
+                          f"p99 {row.get('ttft_p99_s', 0):.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
         for engine in cfg.engines if "mixed" in cfg.sections else []:
             deploy(model, cfg.max_batch_size, ongoing=0, queued=-1, engine=engine)
             asyncio.run(load(url, 4, 4, cfg.mixed_short))  # warm-up
@@ -386,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, rows in others:
             for row, ref in zip(rows, base_rows, strict=True):
                 row[f"throughput_vs_{base_name}"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 2)
-                print(f"{name} / {base_name} streaming throughput (tok/s) at c={row['concurrency']}: "
+                kind = "streaming" if row["stream"] else "non-streaming"
+                print(f"{name} / {base_name} {kind} throughput (tok/s) at c={row['concurrency']}: "
                       f"{row[f'throughput_vs_{base_name}']}x")  # fmt: skip
     results["overload_ok"] = True
     if results["overload"] is not None:
