@@ -104,3 +104,6 @@ class QuickstartConfig:
     num_cpus: int = 4
     """Logical CPUs of the embedded Ray (more than the cores, so Data tasks never starve train workers)."""
     keep_serving: bool = False
+    """Leave the API and web UI running at the end until Ctrl-C (default: stop, and print the command that serves)."""
+    log_file: str = "quickstart.log"
+    """File in out_dir that receives Ray's, the workers' and the libraries' output."""
