@@ -18,18 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console as RichConsole
 from rich.console import RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-STYLES = {"stage": "bold cyan", "detail": "dim", "done": "green", "good": "green", "bad": "bold red"}
-
-
-def bar(done: int, total: int, width: int = 24) -> str:
-    """A plain-text bar for lines that must stay readable without a terminal: ``[######..........]``."""
-    filled = round(width * done / max(1, total))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+from chatmusician import terminal
+from chatmusician.terminal import STYLES
 
 
 class Console:
@@ -38,8 +32,7 @@ class Console:
     def __init__(self, stream: IO[str], log: IO[str]):
         self.stream, self.log = stream, log
         self.tty = stream.isatty()
-        self.term = RichConsole(file=stream, soft_wrap=True, highlight=False, width=None if self.tty else 120)
-        self.plain = RichConsole(file=log, soft_wrap=True, highlight=False, width=120, color_system=None)
+        self.term, self.plain = terminal.console(stream), terminal.console(log)
 
     def say(self, text: str | Text = "", style: str | None = None) -> None:
         """One line on the terminal and in the log; ``style`` a key of STYLES or a rich style."""
@@ -92,7 +85,7 @@ class Board:
                     self.rows[label] = self.live.add_task(label, total=total, status="")
                 self.live.update(self.rows[label], completed=done, status=status)
             if milestone:
-                line = Text(f"      {label} {bar(done, total)} {done:>{len(str(total))}}/{total} {status}")
+                line = Text("      " + terminal.progress_line(label, done, total, status))
                 self.console.plain.print(line)
                 if not self.live:
                     self.console.term.print(line)

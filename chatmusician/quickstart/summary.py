@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.table import Table
 
+from chatmusician import terminal
 from chatmusician.quickstart.console import Console
 
 
@@ -63,10 +63,8 @@ def stage_table(s: dict[str, Any]) -> Table:
         ("compose", f"free {_pct(rate['free'])} parse ({goal}), constrained {_pct(rate['constrained'])}; "
                     f"rendered {'ok' if s['render']['ok'] else 'with errors'}", t.get("compose_render", 0)),
     ]  # fmt: skip
-    table = Table(title="ChatMusician quickstart", box=box.SIMPLE_HEAD, show_edge=False, title_justify="left")
-    table.add_column("stage", style="bold")
-    table.add_column("result")
-    table.add_column("time", justify="right")
+    table = terminal.table("ChatMusician quickstart", "stage", "result", "time")
+    table.columns[0].style, table.columns[2].justify = "bold", "right"
     for name, result, seconds in rows:
         style = "red" if name == "compose" and not s["parse_goal_met"] else None
         table.add_row(name, result, f"{seconds:.0f} s", style=style)
