@@ -186,3 +186,27 @@ def test_the_final_summary_is_a_table_and_keeps_long_paths_whole(tmp_path):
     assert "loss 9.10 -> 3.20 over 2 steps" in terminal and "goal >= 80 % NOT met" in terminal
     assert f"chatmusician chat --model {model}\n" in terminal  # a path longer than the width is not wrapped
     assert f"chatmusician serve --model {model}" in terminal and summary["api"] in terminal
+
+
+def test_the_quickstart_is_the_top_layer_and_calls_the_app_only_through_the_client():
+    """Nothing in the library imports the quickstart (the CLI names it by string); its stage modules stay small;
+    no stage module speaks HTTP itself."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "chatmusician"
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    below = [p for p in package.rglob("*.py") if "quickstart" not in p.relative_to(package).parts]
+    assert not [p for p in below if any(n.startswith("chatmusician.quickstart") for n in imports(p))]
+    stages = sorted((package / "quickstart").glob("*.py"))
+    assert stages and all(len(p.read_text().splitlines()) < 200 for p in stages)
+    assert not [p.name for p in stages if imports(p) & {"httpx", "urllib.request", "requests"}]
