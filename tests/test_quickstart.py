@@ -210,3 +210,22 @@ def test_the_quickstart_is_the_top_layer_and_calls_the_app_only_through_the_clie
     stages = sorted((package / "quickstart").glob("*.py"))
     assert stages and all(len(p.read_text().splitlines()) < 200 for p in stages)
     assert not [p.name for p in stages if imports(p) & {"httpx", "urllib.request", "requests"}]
+
+
+def test_step_printer_follows_each_runs_metrics_with_its_own_row(tmp_path):
+    import io
+
+    from chatmusician.quickstart.console import Console, StepPrinter
+
+    rows = [{"step": 1, "loss": 6.7, "lr": 1e-3, "tokens_per_s": 100}, {"step": 2, "loss": 6.2, "lr": 1e-3,
+            "tokens_per_s": 120, "val_loss": 6.1}]  # fmt: skip
+    for name in ("trial_a_00000", "trial_a_00001"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(io.StringIO(), io.StringIO())
+    with StepPrinter(console, "trial", lambda: sorted(tmp_path.glob("*/metrics.jsonl")), 2, 1, numbered=True):
+        pass
+    lines = console.stream.getvalue().splitlines()
+    assert [line.split(" [")[0].strip() for line in lines] == ["trial 1", "trial 1", "trial 1 step 2 val_loss 6.100",
+                                                               "trial 2", "trial 2", "trial 2 step 2 val_loss 6.100"]  # fmt: skip
+    assert lines[1].endswith("2/2 loss 6.200 lr 1.00e-03 120 tok/s")

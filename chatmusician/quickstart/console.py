@@ -133,12 +133,15 @@ def quiet_libraries() -> None:
 
 class StepPrinter:
     """Follows the metrics.jsonl of Train runs (rank 0 writes every step there) on a Board: one row per run,
-    advanced every step, a milestone every ``every`` steps; validation losses as notes."""
+    advanced every step, a milestone every ``every`` steps; validation losses as notes. ``files`` lists the runs'
+    files (those of a sweep's trials appear as they start: rows ``trial 1``, ``trial 2``, ... when ``numbered``)."""
 
-    def __init__(self, console: Console, label: str, files: Callable[[], list[Path]], total: int, every: int):
-        self.label, self.files, self.total, self.every = label, files, total, every
+    def __init__(self, console: Console, label: str, files: Callable[[], list[Path]], total: int, every: int,
+                 numbered: bool = False):  # fmt: skip
+        self.label, self.files, self.total, self.every, self.numbered = label, files, total, every, numbered
         self.board = console.board()
         self.seen: dict[Path, int] = {}
+        self.labels: dict[Path, str] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -158,10 +161,11 @@ class StepPrinter:
             self._poll()
 
     def _poll(self) -> None:
-        files = self.files()
-        for path in files:
+        for path in self.files():
+            if path not in self.labels:
+                self.labels[path] = f"{self.label} {len(self.labels) + 1}" if self.numbered else self.label
+            label = self.labels[path]
             lines = path.read_text().splitlines() if path.exists() else []
-            label = self.label if len(files) == 1 else f"{self.label} {path.parent.name}"
             for line in lines[self.seen.get(path, 0) :]:
                 try:
                     row: dict[str, Any] = json.loads(line)
@@ -169,10 +173,10 @@ class StepPrinter:
                     break  # a line being written: read it next time
                 self.seen[path] = self.seen.get(path, 0) + 1
                 step = int(row.get("step", 0))
-                if "val_loss" in row:
-                    self.board.note(f"{label} step {step} val_loss {row['val_loss']:.3f}")
-                elif "loss" in row:
+                if "loss" in row:
                     status = (f"loss {row['loss']:.3f} lr {row.get('lr', 0):.2e} "
                               f"{row.get('tokens_per_s', 0):.0f} tok/s")  # fmt: skip
                     milestone = step % self.every == 0 or step == self.total or step == 1
                     self.board.update(label, step, self.total, status, milestone)
+                if "val_loss" in row:
+                    self.board.note(f"{label} step {step} val_loss {row['val_loss']:.3f}")

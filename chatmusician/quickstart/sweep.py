@@ -39,7 +39,8 @@ def sweep(cfg: QuickstartConfig, console: Console, pretrained: str, out: Path) -
     every = int(s.overrides.get("log_every", cfg.sft.log_every))
     points = ", ".join(f"{k}: {v}" for k, v in s.space.items())
     console.detail(f"{points}; {steps} steps per trial, ranked on the validation loss")
-    with StepPrinter(console, "trial", lambda: sorted(root.glob("trials/*/metrics.jsonl")), steps, every):
+    trial_files = lambda: sorted(root.glob("trials/*/metrics.jsonl"))  # noqa: E731
+    with StepPrinter(console, "trial", trial_files, steps, every, numbered=True):
         result = tune_sweep.run(s)
     best = result["best"]
     values = best_values(best, s.space)
