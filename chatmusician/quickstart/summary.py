@@ -76,6 +76,7 @@ def print_summary(s: dict[str, Any], console: Console) -> None:
     say = console.say
     say()
     console.show(stage_table(s))
+    say()
     r = s["render"]
     say(f"composed tune ({r['source']}):" if not r["fallback_reason"] else
         f"rendered a fallback, {r['source']}, because {r['fallback_reason']}:", "bold")  # fmt: skip
