@@ -12,6 +12,7 @@ from typing import IO
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 STYLES = {"stage": "bold cyan", "detail": "dim", "done": "green", "good": "green", "bad": "bold red"}
 """Named styles: stage headers, indented details, a finished step, a goal met, a problem."""
@@ -34,6 +35,11 @@ def table(title: str | None = None, *columns: str) -> Table:
     for name in columns:
         t.add_column(name)
     return t
+
+
+def add_row(t: Table, *cells: str, style: str | None = None) -> None:
+    """A row of plain-text cells (a swept value like ``[q_proj, v_proj]`` is text, not rich markup)."""
+    t.add_row(*(Text(c) for c in cells), style=style)
 
 
 def bar(done: int, total: int, width: int = 24) -> str:

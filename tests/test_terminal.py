@@ -21,3 +21,11 @@ def test_off_a_terminal_the_console_writes_plain_unwrapped_lines():
 def test_progress_line_is_the_same_everywhere():
     assert terminal.progress_line("[eval]", 8, 40, "items") == "[eval] [#####...................]  8/40 items"
     assert terminal.progress_line("sft", 90, 80) == "sft [########################] 90/80"  # never past full
+
+
+def test_table_cells_are_text_not_markup():
+    out = io.StringIO()
+    table = terminal.table(None, "trial", "target_modules")
+    terminal.add_row(table, "a1", "[q_proj, v_proj]")
+    terminal.console(out).print(table)
+    assert "[q_proj, v_proj]" in out.getvalue()

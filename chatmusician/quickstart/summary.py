@@ -67,8 +67,8 @@ def stage_table(s: dict[str, Any]) -> Table:
     table.columns[0].style, table.columns[2].justify = "bold", "right"
     for name, result, seconds in rows:
         style = "red" if name == "compose" and not s["parse_goal_met"] else None
-        table.add_row(name, result, f"{seconds:.0f} s", style=style)
-    table.add_row("total", "", f"{t['total']:.0f} s", style="bold")
+        terminal.add_row(table, name, result, f"{seconds:.0f} s", style=style)
+    terminal.add_row(table, "total", "", f"{t['total']:.0f} s", style="bold")
     return table
 
 

@@ -325,7 +325,8 @@ def summary_table(rows: list[dict[str, Any]], cfg: SweepConfig) -> Table:
     for column in table.columns[1:]:
         column.justify = "right"
     for r in rows:
-        table.add_row(
+        terminal.add_row(
+            table,
             r["trial_id"],
             *(_short(r[k]) for k in keys),
             f"{r['best_val_loss']:.4f}",
