@@ -61,8 +61,13 @@ class Board:
 
     def __init__(self, console: Console):
         self.console, self.rows, self.lock = console, {}, threading.Lock()
-        columns = (TextColumn("      {task.description:<12}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn())  # fmt: skip
+        columns = (
+            TextColumn("      {task.description:<12}", markup=False),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}", markup=False),
+            TimeElapsedColumn(),
+        )
         self.live = (  # never redirect sys.stdout: the libraries' prints must keep going to the log
             Progress(*columns, console=console.term, redirect_stdout=False, redirect_stderr=False)
             if console.tty

@@ -50,30 +50,45 @@ def stages(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]
     tunes = nottingham_tunes()[: cfg.max_tunes]
     p, s = cfg.pretrain, cfg.sft
 
-    made = stage.run("model", f"tiny LLaMA ({cfg.model_size}) + SentencePiece tokenizer, {len(tunes)} Nottingham tunes",
-                     lambda: data.model_and_corpora(cfg.model_size, tunes, out))  # fmt: skip
+    made = stage.run(
+        "model",
+        f"tiny LLaMA ({cfg.model_size}) + SentencePiece tokenizer, {len(tunes)} Nottingham tunes",
+        lambda: data.model_and_corpora(cfg.model_size, tunes, out),
+    )
     summary["started_ray"] = started_ray = app.start_ray(cfg.num_cpus)
     try:
-        summary["pt_manifest"] = stage.run("tokenize_pt", "Ray Data: tokenize + pack the pretraining corpus",
-                                           lambda: data.tokenize_pt(made, out, cfg.max_len))  # fmt: skip
+        summary["pt_manifest"] = stage.run(
+            "tokenize_pt",
+            "Ray Data: tokenize + pack the pretraining corpus",
+            lambda: data.tokenize_pt(made, out, cfg.max_len),
+        )
         summary["sft_manifest"] = stage.run(
-            "tokenize_sft", f"Ray Data: tokenize the SFT set ({100 * cfg.val_fraction:.0f} % held out for validation)",
+            "tokenize_sft",
+            f"Ray Data: tokenize the SFT set ({100 * cfg.val_fraction:.0f} % held out for validation)",
             lambda: data.tokenize_sft(made, out, cfg.max_len, cfg.val_fraction),
-        )  # fmt: skip
+        )
         pre = stage.run(
-            "pretrain", f"Ray Train + DeepSpeed ZeRO-{p.zero_stage}: {p.train_type} pretraining of the random base, "
-                        f"{p.max_steps} steps, {p.num_workers} workers, lr {p.lr:g}",
+            "pretrain",
+            f"Ray Train + DeepSpeed ZeRO-{p.zero_stage}: {p.train_type} pretraining of the random base, "
+            f"{p.max_steps} steps, {p.num_workers} workers, lr {p.lr:g}",
             lambda: training.pretrain(cfg, console, made["base"], out),
-        )  # fmt: skip
-        summary["sweep"] = swept = stage.run("sweep", f"Ray Tune: {sweep.trials(cfg.sweep)}-trial LoRA SFT sweep",
-                                             lambda: sweep.sweep(cfg, console, pre["model"], out))  # fmt: skip
-        tuned = stage.run("sft", f"Ray Train: LoRA SFT (r={s.lora.r}) with the sweep's best values, then merge",
-                          lambda: training.sft(cfg, console, pre["model"], swept["values"], out))  # fmt: skip
+        )
+        summary["sweep"] = swept = stage.run(
+            "sweep",
+            f"Ray Tune: {sweep.trials(cfg.sweep)}-trial LoRA SFT sweep",
+            lambda: sweep.sweep(cfg, console, pre["model"], out),
+        )
+        tuned = stage.run(
+            "sft",
+            f"Ray Train: LoRA SFT (r={s.lora.r}) with the sweep's best values, then merge",
+            lambda: training.sft(cfg, console, pre["model"], swept["values"], out),
+        )
         summary["final_model"] = final = tuned["model"]
         summary["eval"] = stage.run(
-            "eval", "evaluate: MusicTheoryBench fixtures (PPL) + ABC quality, Ray Data batch inference",
+            "eval",
+            "evaluate: MusicTheoryBench fixtures (PPL) + ABC quality, Ray Data batch inference",
             lambda: evaluation.evaluate(cfg, console, final, out),
-        )  # fmt: skip
+        )
         with stage.timed("serve", "Ray Serve: the app (REST + OpenAI API + web UI) on the final model"):
             client = app.start_app(final)
             summary["api"], summary["ui"] = client.base_url, f"{client.base_url}/ui/"
