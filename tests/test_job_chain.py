@@ -189,10 +189,10 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
              "data": {"stream": yaml.safe_load(Path(tok_cfg).read_text()) | {"output_dir": None}}},
         )  # fmt: skip
         log = submit("stream-sft", "ray_jobs.sft", "--config", stream_cfg)
-        assert "[sft_stream] step 1/1 loss" in log
+        assert "[sft_stream] [########################] 1/1 loss" in log  # the run's progress line
 
         log = submit("chain-sft", "ray_jobs.sft", "--config", sft_cfg)
-        assert "[sft] step 2/2 loss" in log
+        assert "[sft] [########################] 2/2 loss" in log
         adapter = shared / "runs" / "sft" / "checkpoint_0000002" / "adapter"
         assert (adapter / "adapter_config.json").is_file()
 
