@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import IO
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -27,6 +28,15 @@ def console(file: IO[str] | None = None, min_width: int = 0) -> Console:
     elif min_width > term.width:
         term.width = min_width
     return term
+
+
+def print_whole(term: Console, renderable: RenderableType) -> None:
+    """Print a table whole: off a terminal (a log scrolls sideways) the console widens to the table's natural
+    width rather than wrap a cell, so a trial id or a path stays on one line to find and copy."""
+    if not term.is_terminal:
+        natural = Measurement.get(term, term.options.update(width=100_000), renderable).maximum
+        term.width = max(term.width, natural)
+    term.print(renderable)
 
 
 def table(title: str | None = None, *columns: str) -> Table:

@@ -29,3 +29,12 @@ def test_table_cells_are_text_not_markup():
     terminal.add_row(table, "a1", "[q_proj, v_proj]")
     terminal.console(out).print(table)
     assert "[q_proj, v_proj]" in out.getvalue()
+
+
+def test_off_a_terminal_a_wide_table_widens_the_console_instead_of_wrapping_a_cell():
+    out = io.StringIO()
+    table = terminal.table(None, "trial", *(f"param_{i}" for i in range(8)))
+    terminal.add_row(table, "trial_f0153_00000", *["[q_proj, v_proj, k_proj]"] * 8)
+    terminal.print_whole(terminal.console(out), table)
+    row = out.getvalue().splitlines()[-1]
+    assert row.split()[0] == "trial_f0153_00000" and row.count("[q_proj, v_proj, k_proj]") == 8

@@ -48,8 +48,8 @@ class Console:
 
     def show(self, renderable: RenderableType) -> None:
         """A table or panel, on the terminal and (as plain text) in the log."""
-        self.term.print(renderable)
-        self.plain.print(renderable)
+        terminal.print_whole(self.term, renderable)
+        terminal.print_whole(self.plain, renderable)
 
     def board(self) -> Board:
         return Board(self)

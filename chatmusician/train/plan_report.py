@@ -130,7 +130,7 @@ def print_table(plans: list[Plan], config_source: str | None = None) -> None:
     console = terminal.console(min_width=100)  # 100: three columns never wrap
     source = f" (config.json: {config_source})" if config_source else ""
     console.print(f"model: {plans[0].model}{source}", markup=False)
-    console.print(table)
+    terminal.print_whole(console, table)
     data = plans[0].data
     assumed = f"; step times assume full {plans[0].max_length}-token rows" if data.rows is None else ""
     console.print(f"data: {data.source}{assumed}", markup=False)

@@ -362,7 +362,7 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         if started:
             ray.shutdown()
     out = terminal.console()
-    out.print(summary_table(rows, cfg))
+    terminal.print_whole(out, summary_table(rows, cfg))
     out.print(
         f"[sweep] {len(rows)} trials in {time.perf_counter() - t0:.0f} s; best: trial {best['trial_id']} "
         f"{cfg.metric} {best['best_val_loss']:.4f}; adapter {best['adapter']}",
