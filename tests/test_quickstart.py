@@ -1,7 +1,7 @@
 import json
 
 from chatmusician.corpora import nottingham_tunes
-from chatmusician.quickstart import header_description, manifest_summary, write_corpora
+from chatmusician.quickstart.data import header_description, manifest_summary, write_corpora
 
 
 def test_header_description_takes_the_first_value_of_each_described_field():
@@ -46,7 +46,7 @@ def test_quickstart_yaml_gives_cpu_sized_stages_that_the_cli_can_override():
 
 def test_compose_prompts_start_with_the_original_example_and_describe_tunes_without_titles():
     from chatmusician.prompts import EXAMPLE_PROMPTS
-    from chatmusician.quickstart import compose_prompts
+    from chatmusician.quickstart.compose import compose_prompts
 
     prompts = compose_prompts(nottingham_tunes(), 5)
     assert len(prompts) == 5 and prompts[0] == EXAMPLE_PROMPTS[0]
@@ -55,7 +55,8 @@ def test_compose_prompts_start_with_the_original_example_and_describe_tunes_with
 
 
 def test_parse_rate_first_parsing_and_best_values():
-    from chatmusician.quickstart import best_values, first_parsing, parse_rate
+    from chatmusician.quickstart.compose import first_parsing, parse_rate
+    from chatmusician.quickstart.sweep import best_values
 
     rows = [
         {"arm": "constrained", "parses": True, "abc": "X:1\nK:C\nC|"},
@@ -70,7 +71,7 @@ def test_parse_rate_first_parsing_and_best_values():
 
 
 def test_judge_composition_uses_the_validator_and_the_midi_verdict():
-    from chatmusician.quickstart import judge_composition
+    from chatmusician.quickstart.compose import judge_composition
 
     tune = nottingham_tunes()[0]
     assert judge_composition(tune, midi_ok=True)["parses"] is True
@@ -82,7 +83,9 @@ def test_judge_composition_uses_the_validator_and_the_midi_verdict():
 def test_a_finished_stage_is_reused_and_force_removes_only_the_jobs_folders(tmp_path):
     import io
 
-    from chatmusician.quickstart import GENERATED, Console, Stages, clean
+    from chatmusician.quickstart.config import GENERATED
+    from chatmusician.quickstart.console import Console
+    from chatmusician.quickstart.stages import Stages, clean
 
     console = Console(io.StringIO(), io.StringIO())
     calls = []
@@ -98,7 +101,7 @@ def test_a_finished_stage_is_reused_and_force_removes_only_the_jobs_folders(tmp_
 def test_console_and_log_keeps_library_output_off_the_terminal(tmp_path, capfd):
     import os
 
-    from chatmusician.quickstart import console_and_log
+    from chatmusician.quickstart.console import console_and_log
 
     with console_and_log(tmp_path / "q.log") as console:
         console.say("[1/9] stage")
@@ -129,3 +132,100 @@ def test_default_budgets_fit_the_tunes_the_model_learns():
         p + n + 1 <= cfg.max_len for p, n in zip(prompt_lengths, tune_lengths, strict=True)
     ) / len(tunes)
     assert fits_budget >= 0.95 and whole_rows >= 0.8, (fits_budget, whole_rows)
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_milestone(tmp_path):
+    import io
+
+    from chatmusician.quickstart.console import Console
+
+    console = Console(io.StringIO(), io.StringIO())
+    with console.board() as board:
+        board.update("pretrain", 1, 300, "loss 9.100")
+        board.update("pretrain", 2, 300, "loss 9.000", milestone=False)  # a live bar's tick: no line
+        board.update("pretrain", 10, 300, "loss 8.000")
+        board.note("pretrain step 10 val_loss 8.100")
+    terminal = console.stream.getvalue()
+    assert terminal.splitlines() == [
+        f"      pretrain [{'.' * 24}]   1/300 loss 9.100",
+        f"      pretrain [#{'.' * 23}]  10/300 loss 8.000",
+        "      pretrain step 10 val_loss 8.100",
+    ]
+    assert console.log.getvalue() == terminal and "\x1b[" not in terminal
+
+
+def test_the_final_summary_is_a_table_and_keeps_long_paths_whole(tmp_path):
+    import io
+
+    from chatmusician.quickstart.console import Console
+    from chatmusician.quickstart.summary import print_summary
+
+    model = str(tmp_path / ("very-long-folder-name-" * 6) / "models" / "chatmusician-tiny")
+    tune = nottingham_tunes()[0]
+    summary = {
+        "out_dir": str(tmp_path), "log": str(tmp_path / "quickstart.log"), "loss_plot": str(tmp_path / "loss.png"),
+        "timings_s": {"tokenize_pt": 3, "tokenize_sft": 2, "pretrain": 60, "sweep": 90, "sft": 30, "eval": 40,
+                      "serve": 15, "compose_render": 20, "total": 270},
+        "pt_manifest": {"rows_read": 120, "sequences": 40}, "sft_manifest": {"sequences": 110},
+        "loss": {"pretrain": [9.1, 3.2], "sft": [2.0, 1.1]},
+        "sweep": {"dir": str(tmp_path / "sweep"), "values": {"lr": 0.003}, "best_val_loss": 1.234},
+        "eval": {"dir": str(tmp_path / "eval"), "mtb_ppl_zero_shot": 0.5, "mtb_ppl_few_shot": None,
+                 "abc_parse_success": 0.75},
+        "api": "http://127.0.0.1:5555", "ui": "http://127.0.0.1:5555/ui/", "serving": False,
+        "parse_rate": {"free": 0.5, "constrained": 1.0}, "parse_goal": 0.8, "parse_goal_met": False,
+        "render": {"source": "composed (free) for prompt 1", "fallback_reason": None, "ok": True, "errors": [],
+                   "abc": tune, "files": {"abc": str(tmp_path / "render" / "tune.abc")}},
+        "final_model": model,
+    }  # fmt: skip
+    console = Console(io.StringIO(), io.StringIO())
+    print_summary(summary, console)
+    terminal = console.stream.getvalue()
+    assert "\x1b[" not in terminal and console.log.getvalue() == terminal
+    for row in ("tokenize", "pretrain", "sweep", "sft", "eval", "serve", "compose", "total"):
+        assert any(line.lstrip().startswith(row) for line in terminal.splitlines()), row
+    assert "loss 9.10 -> 3.20 over 2 steps" in terminal and "goal >= 80 % NOT met" in terminal
+    assert f"chatmusician chat --model {model}\n" in terminal  # a path longer than the width is not wrapped
+    assert f"chatmusician serve --model {model}" in terminal and summary["api"] in terminal
+
+
+def test_the_quickstart_is_the_top_layer_and_calls_the_app_only_through_the_client():
+    """Nothing in the library imports the quickstart (the CLI names it by string); its stage modules stay small;
+    no stage module speaks HTTP itself."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "chatmusician"
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    below = [p for p in package.rglob("*.py") if "quickstart" not in p.relative_to(package).parts]
+    assert not [p for p in below if any(n.startswith("chatmusician.quickstart") for n in imports(p))]
+    stages = sorted((package / "quickstart").glob("*.py"))
+    assert stages and all(len(p.read_text().splitlines()) < 200 for p in stages)
+    assert not [p.name for p in stages if imports(p) & {"httpx", "urllib.request", "requests"}]
+
+
+def test_step_printer_follows_each_runs_metrics_with_its_own_row(tmp_path):
+    import io
+
+    from chatmusician.quickstart.console import Console, StepPrinter
+
+    rows = [{"step": 1, "loss": 6.7, "lr": 1e-3, "tokens_per_s": 100}, {"step": 2, "loss": 6.2, "lr": 1e-3,
+            "tokens_per_s": 120, "val_loss": 6.1}]  # fmt: skip
+    for name in ("trial_a_00000", "trial_a_00001"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(io.StringIO(), io.StringIO())
+    with StepPrinter(console, "trial", lambda: sorted(tmp_path.glob("*/metrics.jsonl")), 2, 1, numbered=True):
+        pass
+    lines = console.stream.getvalue().splitlines()
+    assert [line.split(" [")[0].strip() for line in lines] == ["trial 1", "trial 1", "trial 1 step 2 val_loss 6.100",
+                                                               "trial 2", "trial 2", "trial 2 step 2 val_loss 6.100"]  # fmt: skip
+    assert lines[1].endswith("2/2 loss 6.200 lr 1.00e-03 120 tok/s")

@@ -6,12 +6,12 @@ One app for the module (started once); it is shut down at the end so that other 
 from __future__ import annotations
 
 import asyncio
-import base64
 
 import httpx
 import pytest
 from conftest import free_port
 
+from chatmusician.client import ApiError, AppClient
 from chatmusician.corpora import nottingham_files
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,8 @@ def base_url(ray_cluster, tiny_model_path):
 def test_healthz_and_the_official_openai_client(base_url):
     import openai
 
-    assert httpx.get(f"{base_url}/healthz").json()["status"] == "ok"
+    with AppClient(base_url) as app:
+        assert app.health()["status"] == "ok" and app.models() == ["chatmusician"]
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["chatmusician"]
     messages = [
@@ -111,19 +112,18 @@ def test_overload_gives_503_with_retry_after_and_never_another_5xx(base_url):
 
 def test_render_and_compose_through_the_real_renderer(base_url):
     tune = nottingham_files()[0].read_text().strip().split("\n\n")[0]
-    rendered = httpx.post(f"{base_url}/v1/render", json={"abc": tune, "formats": ["midi", "svg"]}, timeout=60)
-    assert rendered.status_code == 200, rendered.text
-    outputs = {k: base64.b64decode(v) for k, v in rendered.json()["outputs"].items()}
-    assert outputs["midi"].startswith(b"MThd") and b"<svg" in outputs["svg"][:500]
-    broken = httpx.post(
-        f"{base_url}/v1/render", json={"abc": "X:1\nK:G\n" + "z" * 10, "formats": ["wav"], "tune_index": 3}
-    )
-    assert broken.status_code == 422 and broken.json()["errors"][0]["code"]
-    composed = httpx.post(
-        f"{base_url}/v1/compose",
-        json={"task": {"family": "form", "fields": {"form": "AABB"}}, "params": {"max_new_tokens": 8}},
-        timeout=60,
-    )
-    body = composed.json()
-    assert composed.status_code == 200 and body["usage"]["completion_tokens"] <= 8
+    with AppClient(base_url, timeout=60) as app:
+        rendered = app.render(tune, ["midi", "svg"])
+        assert rendered.ok, rendered.errors
+        assert rendered.outputs["midi"].startswith(b"MThd") and b"<svg" in rendered.outputs["svg"][:500]
+        broken = app.render("X:1\nK:G\n" + "z" * 10, ["wav"], tune_index=3)  # HTTP 422: a result, not raised
+        assert not broken.ok and broken.errors[0]["code"]
+        composed = app.compose(
+            task={"family": "form", "fields": {"form": "AABB"}}, params={"max_new_tokens": 8}
+        )
+        with pytest.raises(ApiError) as refused:
+            app.compose("a reel", task={"family": "form", "fields": {"form": "AABB"}})
+    assert (refused.value.status, refused.value.code) == (400, "invalid_request")
+    body = composed.body
+    assert composed.completion_tokens <= 8
     assert "AABB" in body["prompt"] and isinstance(body["extraction"]["found"], bool)

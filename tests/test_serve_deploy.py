@@ -59,9 +59,10 @@ def test_serve_command_stopped_with_sigterm_leaves_no_process(tmp_path, tiny_mod
     import sys
     import time
 
-    import httpx
     import psutil
     from conftest import free_port
+
+    from chatmusician.client import AppClient
 
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
@@ -70,13 +71,8 @@ def test_serve_command_stopped_with_sigterm_leaves_no_process(tmp_path, tiny_mod
                "--web_ui", "false", "--composer.num_cpus", "0.1", "--ingress.num_cpus", "0.1"]  # fmt: skip
     server = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        with AppClient(f"http://127.0.0.1:{port}") as app:
+            app.wait_healthy(deadline_s=240, alive=lambda: server.poll() is None)
         started = psutil.Process(server.pid).children(recursive=True)
         assert started and server.poll() is None
         server.send_signal(signal.SIGTERM)

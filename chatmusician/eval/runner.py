@@ -29,6 +29,7 @@ from typing import Any
 from chatmusician.eval import abc_quality, compare, mmlu_ppl, mtb, predictions
 from chatmusician.eval.config import MTB_MODES, EvalConfig
 from chatmusician.eval.replica import Replica, load_for_eval, process
+from chatmusician.terminal import progress_line
 
 # --- planning ------------------------------------------------------------------------------------------------
 
@@ -115,7 +116,8 @@ def run_local(cfg: EvalConfig, items: Sequence[Mapping[str, Any]], model=None, t
     step = cfg.pool.batch_size
     for start in range(0, len(items), step):
         out += process(model, tokenizer, items[start : start + step], cfg)
-        print(f"[eval] {min(start + step, len(items))}/{len(items)} items", file=sys.stderr, flush=True)
+        done = min(start + step, len(items))
+        print(progress_line("[eval]", done, len(items), "items"), file=sys.stderr, flush=True)
     return out
 
 

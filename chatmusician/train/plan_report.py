@@ -120,22 +120,20 @@ def table_rows(plans: list[Plan]) -> list[tuple[str, list[str]]]:
 
 def print_table(plans: list[Plan], config_source: str | None = None) -> None:
     """The plans side by side, the configured one first; ``config_source``: where config.json came from."""
-    from rich.console import Console
-    from rich.table import Table
+    from chatmusician import terminal
 
-    table = Table()
-    table.add_column("")
+    table = terminal.table(None, "")
     for i, plan in enumerate(plans):
         table.add_column(plan.profile + (" (configured)" if i == 0 else ""), justify="right")
     for label, cells in table_rows(plans):
         table.add_row(label, *cells)
-    console = Console(width=max(100, Console().width))  # 100: three columns never wrap
+    console = terminal.console(min_width=100)  # 100: three columns never wrap
     source = f" (config.json: {config_source})" if config_source else ""
-    console.print(f"model: {plans[0].model}{source}")
-    console.print(table)
+    console.print(f"model: {plans[0].model}{source}", markup=False)
+    terminal.print_whole(console, table)
     data = plans[0].data
     assumed = f"; step times assume full {plans[0].max_length}-token rows" if data.rows is None else ""
-    console.print(f"data: {data.source}{assumed}")
+    console.print(f"data: {data.source}{assumed}", markup=False)
 
 
 def run(cfg: PlanConfig) -> list[Plan]:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from typing import Any
 
+from chatmusician.terminal import progress_line
 from chatmusician.train import checkpointing
 from chatmusician.train.batching import (
     micro_batch_loss,
@@ -264,12 +265,11 @@ class Trainer:
         if self.rank or not (step % cfg.log_every == 0 or step in (1, self.total_steps) or evaluated):
             return
         val = f" val_loss {metrics['val_loss']:.4f}" if evaluated else ""
-        print(
-            f"[{cfg.run_name}] step {step}/{self.total_steps} loss {metrics['loss']:.4f}{val} "
-            f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:,.0f}"
-            + (" (skipped: fp16 overflow)" if metrics.get("skipped") else ""),
-            flush=True,
+        status = (
+            f"loss {metrics['loss']:.4f}{val} lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:,.0f}"
+            + (" (skipped: fp16 overflow)" if metrics.get("skipped") else "")
         )
+        print(progress_line(f"[{cfg.run_name}]", step, self.total_steps, status), flush=True)
 
     def close(self) -> None:
         if self.logs is not None:

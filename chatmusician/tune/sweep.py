@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from chatmusician import terminal
 from chatmusician.tune.config import SweepConfig
 from chatmusician.tune.space import (
     SweepConfigError,
@@ -315,24 +318,24 @@ def plot_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def summary_table(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
+def summary_table(rows: list[dict[str, Any]], cfg: SweepConfig) -> Table:
+    """One row per trial: its swept values, best and last validation loss, steps, early stop, time."""
     keys = list(cfg.space)
-    head = ["trial", *keys, "best", "last", "steps", "early", "time_s"]
-    lines = [head]
+    table = terminal.table(f"sweep {cfg.name}", "trial", *keys, "best", "last", "steps", "early", "time_s")
+    for column in table.columns[1:]:
+        column.justify = "right"
     for r in rows:
-        lines.append(
-            [
-                r["trial_id"],
-                *(_short(r[k]) for k in keys),
-                f"{r['best_val_loss']:.4f}",
-                f"{r['last_val_loss']:.4f}",
-                str(r["steps"]),
-                "yes" if r["stopped_early"] else "",
-                str(r["time_s"]),
-            ]
+        terminal.add_row(
+            table,
+            r["trial_id"],
+            *(_short(r[k]) for k in keys),
+            f"{r['best_val_loss']:.4f}",
+            f"{r['last_val_loss']:.4f}",
+            str(r["steps"]),
+            "yes" if r["stopped_early"] else "",
+            str(r["time_s"]),
         )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    return table
 
 
 def _short(value: Any) -> str:
@@ -358,12 +361,15 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
-    print(summary_table(rows, cfg))
-    print(
+    out = terminal.console()
+    terminal.print_whole(out, summary_table(rows, cfg))
+    out.print(
         f"[sweep] {len(rows)} trials in {time.perf_counter() - t0:.0f} s; best: trial {best['trial_id']} "
-        f"{cfg.metric} {best['best_val_loss']:.4f}; adapter {best['adapter']}"
+        f"{cfg.metric} {best['best_val_loss']:.4f}; adapter {best['adapter']}",
+        markup=False,
     )
-    print(
-        f"[sweep] {root}/results.csv, val_loss.png, best.yaml (chatmusician {cfg.command} --config {root}/best.yaml)"
+    out.print(
+        f"[sweep] {root}/results.csv, val_loss.png, best.yaml (chatmusician {cfg.command} --config {root}/best.yaml)",
+        markup=False,
     )
     return {"dir": str(root), "best": {k: v for k, v in best.items() if k != "curve"}, "trials": len(rows)}
