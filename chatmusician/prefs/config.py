@@ -1,0 +1,76 @@
+"""Typed configs of preference data and rounds (``chatmusician prefs | rounds``). Dataclasses only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chatmusician.eval.config import PoolConfig
+
+
+@dataclass
+class RewardWeights:
+    """Weights of the music rewards (each reward is in [0, 1]; the total is their weighted mean)."""
+
+    parses: float = 1.0
+    """A tune is found and the validator reports no error."""
+    plays: float = 1.0
+    """abc2midi (the renderer's judge, sandboxed) writes a MIDI that plays notes for a plausible length."""
+    bar_alignment: float = 1.0
+    """1 - bar-alignment error (NotaGen's BAE): the share of bars lasting what the meter says."""
+    as_requested: float = 1.0
+    """Share of what the prompt asked for (key, meter, unit length, bars) that the tune honours."""
+    structure: float = 0.5
+    """Folk-tune form: half for repeat signs / endings, half for reused bar pairs (motifs)."""
+    novelty: float = 0.5
+    """1 - similarity to the nearest training tune (needs train_tunes; 1 without them)."""
+    user: float = 1.0
+    """Weight of the user reward (user_reward), when one is set."""
+
+
+@dataclass
+class PrefsConfig:
+    """Sample N answers per prompt, score them with music rewards, pair top vs bottom: parquet + manifest
+    (Ray Data batch inference over the evaluation's replica pool)."""
+
+    model: str = "m-a-p/ChatMusician"
+    """Model to sample from: hub id or local path."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or path; default: the model's."""
+    adapter: str | None = None
+    """Optional PEFT adapter folder applied on top of the model (the current policy of a round)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    prompts: str | None = None
+    """JSON/JSONL file of {name, family, fields, request} prompts; default: the evaluation's shipped set."""
+    n_per_prompt: int = 16
+    """Answers sampled per prompt (NotaGen: ~100)."""
+    max_new_tokens: int = 256
+    """Tokens generated per answer."""
+    temperature: float = 1.0
+    """Sampling temperature (high: the pairs need varied answers)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    repetition_penalty: float = 1.1
+    """Repetition penalty."""
+    constrained: bool = False
+    """Sample through the ABC grammar (chatmusician.model.constrained)."""
+    seed: int = 0
+    """Seed of every sample's own generator (sample k of prompt p: the same whatever batch it lands in)."""
+    pair_fraction: float = 0.1
+    """Per prompt: the top fraction (valid, non-copied) is paired with the bottom fraction (at least one each)."""
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    """Reward weights."""
+    user_reward: str | None = None
+    """Optional ``module:function`` called as ``fn(text, request) -> float`` in [0, 1], added with weights.user."""
+    check_midi: bool = True
+    """Run abc2midi (sandboxed) for the plays reward; false: plays counts as 1 for tunes that parse."""
+    train_tunes: str | None = None
+    """Training tunes (ABC file or folder, or JSONL with text): near-copies (> 0.95 similar) are never chosen."""
+    output_dir: str = "./outputs/prefs"
+    """Where pairs.parquet, samples.parquet and manifest.json go."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """Model replica pool (the evaluation's)."""
