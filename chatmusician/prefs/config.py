@@ -74,3 +74,49 @@ class PrefsConfig:
     """Where pairs.parquet, samples.parquet and manifest.json go."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """Model replica pool (the evaluation's)."""
+
+
+@dataclass
+class GuardLimits:
+    """How far a round may move a guard from round 0 (the model before preference training) before the loop stops."""
+
+    validity_drop: float = 0.05
+    """Largest fall of strict validity (a share: 0.05 = 5 points)."""
+    bar_alignment_rise: float = 0.02
+    """Largest rise of the mean bar-alignment error (absolute: MuPT's preference stage rose 0.8 % -> 4.7 %)."""
+    diversity_ratio: float = 0.9
+    """Smallest distinct-n relative to round 0."""
+    memorisation_rise: float = 0.0
+    """Largest rise of the share of near-copies of training tunes."""
+    perplexity_ratio: float = 1.10
+    """Largest validation perplexity relative to round 0."""
+
+
+@dataclass
+class RoundsConfig:
+    """Preference rounds: prefs on the current model -> dpo -> evaluate, K times, each round's model the next
+    round's policy and reference; a table and a plot of the guards, and a stop when a round worsens one past its
+    limit."""
+
+    rounds: int = 3
+    """Rounds K (NotaGen: 3)."""
+    model: str = "m-a-p/ChatMusician"
+    """The model before round 1 (hub id or path)."""
+    adapter: str | None = None
+    """Optional adapter on top of it (an SFT run's adapter), merged in before round 1."""
+    output_dir: str = "./outputs/rounds"
+    """Per round: prefs/, runs/, model/ and eval/; at the top: rounds.md, rounds.csv, rounds.png, rounds.json."""
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    """Preference data settings (model, adapter and output_dir are set per round)."""
+    dpo: str | None = None
+    """YAML of a ``chatmusician dpo`` config (model, pairs, run_name, storage_path are set per round)."""
+    eval_prompts: str | None = None
+    """Prompts of the guard evaluation; default: the evaluation's shipped set."""
+    eval_n_per_prompt: int = 4
+    """Tunes per prompt in the guard evaluation (temperature 0.2, its own seeds: independent of the prefs samples)."""
+    eval_max_new_tokens: int = 256
+    """Tokens generated per tune in the guard evaluation."""
+    val_shards: str | None = None
+    """Tokenized validation split (an SFT run's val shards) for the validation perplexity guard; none: not measured."""
+    limits: GuardLimits = field(default_factory=GuardLimits)
+    """Guard limits."""
