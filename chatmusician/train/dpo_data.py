@@ -130,6 +130,7 @@ def write_pair_shards(cfg: DPOConfig, out_dir: str) -> dict[str, Any]:
         "source": source,
         "pairs": pairs_file(cfg.pairs),
         "sequences": table.num_rows,
+        "tokens": {"input": tokens},  # both answers of every pair (what the planner reads)
         "rows": {"read": table.num_rows, "written": table.num_rows},
         "shards": [
             {"file": "part-00000.parquet", "rows": table.num_rows, "tokens": tokens, "row_groups": groups}
