@@ -59,18 +59,18 @@ def violations(baseline: Mapping[str, Any], current: Mapping[str, Any], limits: 
 
     out = []
     if (v := both("strict_validity")) and v[0] - v[1] > limits.validity_drop + 1e-12:
-        out.append(f"strict validity fell {v[0]:.3f} -> {v[1]:.3f} (limit: -{limits.validity_drop:g})")
+        out.append(f"strict validity {v[0]:.3f} -> {v[1]:.3f} (may fall {limits.validity_drop:g} at most)")
     if (v := both("bar_alignment_error")) and v[1] - v[0] > limits.bar_alignment_rise + 1e-12:
         out.append(
-            f"bar-alignment error rose {v[0]:.4f} -> {v[1]:.4f} (limit: +{limits.bar_alignment_rise:g})"
+            f"bar-alignment error {v[0]:.4f} -> {v[1]:.4f} (may rise {limits.bar_alignment_rise:g} at most)"
         )
     if (v := both("diversity")) and v[1] < v[0] * limits.diversity_ratio - 1e-12:
-        out.append(f"diversity fell {v[0]:.3f} -> {v[1]:.3f} (limit: {limits.diversity_ratio:g}x)")
+        out.append(f"diversity {v[0]:.3f} -> {v[1]:.3f} (must stay >= {limits.diversity_ratio:g}x round 0)")
     if (v := both("memorisation")) and v[1] - v[0] > limits.memorisation_rise + 1e-12:
-        out.append(f"memorisation rose {v[0]:.3f} -> {v[1]:.3f} (limit: +{limits.memorisation_rise:g})")
+        out.append(f"memorisation {v[0]:.3f} -> {v[1]:.3f} (may rise {limits.memorisation_rise:g} at most)")
     if (v := both("val_perplexity")) and v[1] > v[0] * limits.perplexity_ratio + 1e-12:
         out.append(
-            f"validation perplexity rose {v[0]:.3f} -> {v[1]:.3f} (limit: {limits.perplexity_ratio:g}x)"
+            f"validation perplexity {v[0]:.3f} -> {v[1]:.3f} (must stay <= {limits.perplexity_ratio:g}x round 0)"
         )
     return out
 
