@@ -121,10 +121,7 @@ def run_rounds(cfg: RoundsConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     model = cfg.model
     if cfg.adapter:
-        model = str(
-            merge_adapter(cfg.adapter, out / "round-0" / "model", base_model=cfg.model)
-            or out / "round-0" / "model"
-        )
+        model = str(merge_adapter(cfg.adapter, out / "round-0" / "model", base_model=cfg.model))
     rows = [measure(cfg, 0, model) | {"status": "start"}]
     write(rows, out)
     for k in range(1, cfg.rounds + 1):

@@ -1,0 +1,142 @@
+"""Preference-training throughput, as ratios against baselines measured in the same run (not a test).
+
+1. A DPO step vs an SFT step on the same rows: micro batches of pairs from real Nottingham tunes (chosen) and
+   scrambled ones (rejected), one forward + backward of the 2B rows for SFT, and for DPO the same plus a
+   no-grad reference pass with the LoRA adapter disabled (chatmusician.train.dpo_trainer). Same model, LoRA,
+   optimizer and thread count; steady-state tokens/s (first steps dropped), SFT measured before and after DPO to
+   bracket load drift. Goal: DPO >= 0.45x SFT.
+2. Pairs per minute of the prefs job (sampling + rewards + pairing) with the transformers replica pool in one
+   process. The prefs job has no vLLM engine path yet, so there is no vLLM figure to compare (said in the output).
+
+    .venv/bin/python -m benchmarks.dpo [--size micro] [--steps 12] [--skip-prefs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from chatmusician.train.config import DPOConfig, LoraConfig  # noqa: E402
+
+
+def pair_batches(model: str, pairs: int, micro: int, max_length: int) -> list[dict]:
+    """Collated micro batches of ``micro`` pairs each (chosen rows then rejected rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatmusician import corpora
+    from chatmusician.model.loading import load_tokenizer
+    from chatmusician.prompts import build_chat_prompt
+    from chatmusician.train.dpo_data import collate_pairs, read_pairs, tokenize_pairs
+
+    tunes = corpora.nottingham_tunes()[:pairs]
+    prompt = build_chat_prompt("Compose a tune in ABC notation.")
+    rows = [{"prompt": prompt, "chosen": t, "rejected": "|".join(reversed(t.split("|")))} for t in tunes]
+    path = Path(tempfile.mkdtemp(prefix="bench_dpo_")) / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = tokenize_pairs(read_pairs(str(path)), load_tokenizer(model), max_length, 64)
+    out = []
+    for start in range(0, table.num_rows - micro + 1, micro):
+        part = table.slice(start, micro)
+        out.append(
+            collate_pairs({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names}, max_length)
+        )
+    return out
+
+
+def step_rate(cfg: DPOConfig, batches: list[dict], steps: int, warmup: int, dpo: bool) -> float:
+    """Steady-state tokens/s of ``steps`` optimizer steps (one micro batch each), the first ``warmup`` dropped."""
+    import torch
+
+    from chatmusician.train.dpo_trainer import micro_batch_pair_loss
+    from chatmusician.train.modeling import build_model, build_optimizer
+    from chatmusician.train.profiles import get_profile
+
+    torch.manual_seed(0)
+    model = build_model(cfg, get_profile("cpu"))
+    model.train()
+    optimizer = build_optimizer(model, cfg, fused=False)
+    rates = []
+    for i in range(steps):
+        batch = dict(batches[i % len(batches)])
+        tokens = int(batch.pop("num_tokens"))
+        started = time.perf_counter()
+        if dpo:
+            loss, _ = micro_batch_pair_loss(model, batch, cfg)
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            rates.append(tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def prefs_rate(model: str, n_per_prompt: int, max_new_tokens: int) -> dict:
+    from chatmusician.eval.config import PoolConfig
+    from chatmusician.prefs.config import PrefsConfig
+    from chatmusician.prefs.job import build
+
+    cfg = PrefsConfig(model=model, device="cpu", n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
+                      constrained=True, check_midi=True, output_dir=tempfile.mkdtemp(prefix="bench_prefs_"),
+                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
+    started = time.perf_counter()
+    meta = build(cfg)
+    minutes = (time.perf_counter() - started) / 60
+    return {"prefs_engine": "transformers (one process, batch 8, constrained)", "prefs_samples": meta["samples"],
+            "prefs_pairs": meta["pairs"], "prefs_samples_per_min": round(meta["samples"] / minutes, 1),
+            "prefs_pairs_per_min": round(meta["pairs"] / minutes, 2),
+            "prefs_vllm": "not measured: the prefs job samples through the evaluation's transformers pool only"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="DPO vs SFT step throughput; prefs pairs per minute.")
+    parser.add_argument("--size", default="micro", help="tiny model size: nano | micro | small")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
+    parser.add_argument("--micro", type=int, default=4, help="pairs per step")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--n-per-prompt", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--skip-prefs", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from chatmusician.model.tiny import ensure_tiny
+
+    torch.set_num_threads(1)
+    model = str(ensure_tiny(args.size))
+    cfg = DPOConfig(model=model, lora=LoraConfig(r=8, alpha=16), profile="cpu", loss="dpop", lr=1e-4,
+                    max_length=args.max_length, max_prompt_length=64)  # fmt: skip
+    batches = pair_batches(model, args.micro * 4, args.micro, args.max_length)
+    sft_before = step_rate(cfg, batches, args.steps, args.warmup, dpo=False)
+    dpo = step_rate(cfg, batches, args.steps, args.warmup, dpo=True)
+    sft_after = step_rate(cfg, batches, args.steps, args.warmup, dpo=False)
+    sft = (sft_before + sft_after) / 2
+    results: dict[str, object] = {
+        "model": args.size, "pairs_per_step": args.micro, "steps": args.steps,
+        "sft_tokens_per_s": round(sft, 1), "dpo_tokens_per_s": round(dpo, 1), "dpo_vs_sft": round(dpo / sft, 3),
+        "goal": ">= 0.45",
+    }  # fmt: skip
+    print(json.dumps(results), flush=True)
+    if not args.skip_prefs:
+        results |= prefs_rate(str(ensure_tiny("nano")), args.n_per_prompt, args.max_new_tokens)
+        print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
