@@ -53,11 +53,13 @@ def test_strict_validity_needs_parse_play_aligned_bars_and_the_asked_key_and_met
 def test_the_loop_stops_on_a_guard_with_the_table_and_plot_written(tmp_path, monkeypatch):
     measured = iter([BASE, BASE | {"val_perplexity": 10.5}, BASE | {"bar_alignment_error": 0.05}, BASE])
     ran = []
-    monkeypatch.setattr(rounds, "check_config", lambda cfg: None)
+    monkeypatch.setattr(rounds, "check_config", lambda cfg, dpo: None)
     monkeypatch.setattr(
         rounds, "measure", lambda cfg, k, model: {"round": k, "model": model, **next(measured)}
     )
-    monkeypatch.setattr(rounds, "one_round", lambda cfg, k, model: (ran.append(k) or f"m{k}", {"pairs": 3}))
+    monkeypatch.setattr(
+        rounds, "one_round", lambda cfg, k, model, dpo: (ran.append(k) or f"m{k}", {"pairs": 3})
+    )
     cfg = RoundsConfig(rounds=3, model="m0", output_dir=str(tmp_path))
     with pytest.raises(
         rounds.RoundsStopped, match=r"round 2 worsened a guard past its limit: bar-alignment error"

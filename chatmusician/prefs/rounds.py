@@ -25,23 +25,24 @@ class RoundsStopped(RuntimeError):
     """A round worsened a guard past its limit."""
 
 
-def check_config(cfg: RoundsConfig) -> None:
+def check_config(cfg: RoundsConfig, dpo=None) -> None:
     from chatmusician.prefs.job import check_config as check_prefs
 
     if cfg.rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {cfg.rounds}")
-    if not cfg.dpo or not Path(cfg.dpo).is_file():
+    if dpo is None and (not cfg.dpo or not Path(cfg.dpo).is_file()):
         raise ValueError(f"dpo: a chatmusician dpo config YAML is required, got {cfg.dpo!r}")
     if cfg.eval_n_per_prompt < 1:
         raise ValueError("eval_n_per_prompt must be at least 1")
     check_prefs(cfg.prefs)
 
 
-def dpo_config(cfg: RoundsConfig, k: int, model: str, pairs: str):
+def dpo_config(cfg: RoundsConfig, k: int, model: str, pairs: str, base=None):
+    """Round ``k``'s DPO config: ``base`` (a DPOConfig; default: the ``dpo`` YAML) on ``model`` and ``pairs``."""
     from chatmusician.config import load_config
     from chatmusician.train.config import DPOConfig
 
-    base = load_config(DPOConfig, cfg.dpo)
+    base = base if base is not None else load_config(DPOConfig, cfg.dpo)
     root = Path(cfg.output_dir) / f"round-{k}"
     return dataclasses.replace(base, model=model, pairs=pairs, run_name="dpo", storage_path=str(root / "runs"),
                                data=dataclasses.replace(base.data, shards=None, val_shards=None))  # fmt: skip
@@ -91,7 +92,7 @@ def measure(cfg: RoundsConfig, k: int, model: str) -> dict[str, Any]:
     return {"round": k, "model": model, **guards.guard_metrics(out["abc_quality"], ppl)}
 
 
-def one_round(cfg: RoundsConfig, k: int, model: str) -> tuple[str, dict[str, Any]]:
+def one_round(cfg: RoundsConfig, k: int, model: str, dpo=None) -> tuple[str, dict[str, Any]]:
     """prefs on ``model`` -> dpo -> merged model k; (its path, the round's prefs/dpo record)."""
     from chatmusician.model.merge import merge_adapter
     from chatmusician.prefs.job import build
@@ -106,18 +107,20 @@ def one_round(cfg: RoundsConfig, k: int, model: str) -> tuple[str, dict[str, Any
         raise RoundsStopped(
             f"round {k}: no preference pair (no prompt had a valid answer): see {root / 'prefs'}"
         )
-    dcfg = dpo_config(cfg, k, model, prefs_cfg.output_dir)
+    dcfg = dpo_config(cfg, k, model, prefs_cfg.output_dir, dpo)
     result = trainer_for(dcfg).fit()
     merged = root / "model"
     merge_adapter(Path(result.checkpoint.path) / "adapter", merged, base_model=model)
     return str(merged), record
 
 
-def run_rounds(cfg: RoundsConfig) -> list[dict[str, Any]]:
-    """Every round (Ray must be up); the table rows. Stops with :class:`RoundsStopped` on a guard."""
+def run_rounds(cfg: RoundsConfig, dpo=None) -> list[dict[str, Any]]:
+    """Every round (Ray must be up); the table rows (round 0 first: ``{round, model, <guards>, status}``, later
+    rounds also ``pairs`` and ``reward_mean``). ``dpo``: a DPOConfig for programmatic callers (default: the
+    ``dpo`` YAML). Stops with :class:`RoundsStopped` on a guard, after writing the table and plot."""
     from chatmusician.model.merge import merge_adapter
 
-    check_config(cfg)
+    check_config(cfg, dpo)
     out = Path(cfg.output_dir)
     model = cfg.model
     if cfg.adapter:
@@ -125,7 +128,7 @@ def run_rounds(cfg: RoundsConfig) -> list[dict[str, Any]]:
     rows = [measure(cfg, 0, model) | {"status": "start"}]
     write(rows, out)
     for k in range(1, cfg.rounds + 1):
-        model, record = one_round(cfg, k, model)
+        model, record = one_round(cfg, k, model, dpo)
         row = measure(cfg, k, model) | record
         broken = guards.violations(rows[0], row, cfg.limits)
         row["status"] = "stopped: " + "; ".join(broken) if broken else "ok"
