@@ -3,8 +3,8 @@
 1. A DPO step vs an SFT step on the same rows: micro batches of pairs from real Nottingham tunes (chosen) and
    scrambled ones (rejected), one forward + backward of the 2B rows for SFT, and for DPO the same plus a
    no-grad reference pass with the LoRA adapter disabled (chatmusician.train.dpo_trainer). Same model, LoRA,
-   optimizer and thread count; steady-state tokens/s (first steps dropped), SFT measured before and after DPO to
-   bracket load drift. Goal: DPO >= 0.45x SFT.
+   optimizer and thread count; SFT and DPO steps taken in turns (load drift hits both alike); median tokens/s
+   over the rows of each step (first steps dropped). Goal: DPO >= 0.45x SFT.
 2. Pairs per minute of the prefs job (sampling + rewards + pairing) with the transformers replica pool in one
    process. The prefs job has no vLLM engine path yet, so there is no vLLM figure to compare (said in the output).
 
@@ -55,8 +55,9 @@ def pair_batches(model: str, pairs: int, micro: int, max_length: int) -> list[di
     return out
 
 
-def step_rate(cfg: DPOConfig, batches: list[dict], steps: int, warmup: int, dpo: bool) -> float:
-    """Steady-state tokens/s of ``steps`` optimizer steps (one micro batch each), the first ``warmup`` dropped."""
+def step_rates(cfg: DPOConfig, batches: list[dict], steps: int, warmup: int) -> tuple[float, float]:
+    """Median tokens/s of SFT and DPO optimizer steps (one micro batch each), taken in turns on one model (load
+    drift on a shared machine hits both alike); the first ``warmup`` of each are dropped."""
     import torch
 
     from chatmusician.train.dpo_trainer import micro_batch_pair_loss
@@ -67,21 +68,19 @@ def step_rate(cfg: DPOConfig, batches: list[dict], steps: int, warmup: int, dpo:
     model = build_model(cfg, get_profile("cpu"))
     model.train()
     optimizer = build_optimizer(model, cfg, fused=False)
-    rates = []
+    rates: dict[bool, list[float]] = {False: [], True: []}
     for i in range(steps):
-        batch = dict(batches[i % len(batches)])
-        tokens = int(batch.pop("num_tokens"))
-        started = time.perf_counter()
-        if dpo:
-            loss, _ = micro_batch_pair_loss(model, batch, cfg)
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            rates.append(tokens / (time.perf_counter() - started))
-    return statistics.median(rates)
+        for dpo in (False, True):
+            batch = dict(batches[i % len(batches)])
+            tokens = int(batch.pop("num_tokens"))
+            started = time.perf_counter()
+            loss = micro_batch_pair_loss(model, batch, cfg)[0] if dpo else model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                rates[dpo].append(tokens / (time.perf_counter() - started))
+    return statistics.median(rates[False]), statistics.median(rates[True])
 
 
 def prefs_rate(model: str, n_per_prompt: int, max_new_tokens: int) -> dict:
@@ -122,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DPOConfig(model=model, lora=LoraConfig(r=8, alpha=16), profile="cpu", loss="dpop", lr=1e-4,
                     max_length=args.max_length, max_prompt_length=64)  # fmt: skip
     batches = pair_batches(model, args.micro * 4, args.micro, args.max_length)
-    sft_before = step_rate(cfg, batches, args.steps, args.warmup, dpo=False)
-    dpo = step_rate(cfg, batches, args.steps, args.warmup, dpo=True)
-    sft_after = step_rate(cfg, batches, args.steps, args.warmup, dpo=False)
-    sft = (sft_before + sft_after) / 2
+    sft, dpo = step_rates(cfg, batches, args.steps, args.warmup)
     results: dict[str, object] = {
         "model": args.size, "pairs_per_step": args.micro, "steps": args.steps,
         "sft_tokens_per_s": round(sft, 1), "dpo_tokens_per_s": round(dpo, 1), "dpo_vs_sft": round(dpo / sft, 3),

@@ -25,11 +25,15 @@ def sequence_logps(logits, labels):
     shift, labels -100 = not scored. ``logits`` [N, T, V], ``labels`` [N, T]."""
     import torch.nn.functional as F
 
-    targets = labels[:, 1:]  # [N, T-1]
+    # Shift the labels, not the logits (as HF's loss does): no copy of the [N, T, V] logits.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [N, T]: row t's target is token t+1
     mask = targets != IGNORE_INDEX
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [N*(T-1), V]
-    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    nll = nll.view(targets.shape) * mask  # [N, T-1]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)  # [N, T], 0 where ignored
     return -nll.sum(dim=1), mask.sum(dim=1)
 
 
