@@ -5,8 +5,9 @@
    no-grad reference pass with the LoRA adapter disabled (chatmusician.train.dpo_trainer). Same model, LoRA,
    optimizer and thread count; SFT and DPO steps taken in turns (load drift hits both alike); median tokens/s
    over the rows of each step (first steps dropped). Goal: DPO >= 0.45x SFT.
-2. Pairs per minute of the prefs job (sampling + rewards + pairing) with the transformers replica pool in one
-   process. The prefs job has no vLLM engine path yet, so there is no vLLM figure to compare (said in the output).
+2. Samples and pairs per minute of the prefs job (sampling + rewards with abc2midi + pairing, wall clock with the
+   engine's start), the vLLM engine (one actor in .venv-vllm) vs the transformers pool (one process), both
+   unconstrained on the same prompts and seeds; vLLM is skipped, and said so, where its environment is missing.
 
     .venv/bin/python -m benchmarks.dpo [--size micro] [--steps 12] [--skip-prefs]
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from chatmusician.train.config import DPOConfig, LoraConfig  # noqa: E402
@@ -83,21 +85,37 @@ def step_rates(cfg: DPOConfig, batches: list[dict], steps: int, warmup: int) -> 
     return statistics.median(rates[False]), statistics.median(rates[True])
 
 
-def prefs_rate(model: str, n_per_prompt: int, max_new_tokens: int) -> dict:
+def prefs_rate(model: str, n_per_prompt: int, max_new_tokens: int, engine: str) -> dict:
+    """Samples and pairs per minute of the prefs job (sampling + rewards with abc2midi + pairing), wall clock
+    including the engine's start; unconstrained sampling, one replica, batch 8."""
     from chatmusician.eval.config import PoolConfig
     from chatmusician.prefs.config import PrefsConfig
     from chatmusician.prefs.job import build
 
     cfg = PrefsConfig(model=model, device="cpu", n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
-                      constrained=True, check_midi=True, output_dir=tempfile.mkdtemp(prefix="bench_prefs_"),
-                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
+                      engine=engine, check_midi=True, output_dir=tempfile.mkdtemp(prefix="bench_prefs_"),
+                      pool=PoolConfig(use_ray=engine == "vllm", batch_size=8, num_cpus=1))  # fmt: skip
     started = time.perf_counter()
     meta = build(cfg)
     minutes = (time.perf_counter() - started) / 60
-    return {"prefs_engine": "transformers (one process, batch 8, constrained)", "prefs_samples": meta["samples"],
-            "prefs_pairs": meta["pairs"], "prefs_samples_per_min": round(meta["samples"] / minutes, 1),
-            "prefs_pairs_per_min": round(meta["pairs"] / minutes, 2),
-            "prefs_vllm": "not measured: the prefs job samples through the evaluation's transformers pool only"}  # fmt: skip
+    return {f"{engine}_samples": meta["samples"], f"{engine}_pairs": meta["pairs"],
+            f"{engine}_samples_per_min": round(meta["samples"] / minutes, 1),
+            f"{engine}_pairs_per_min": round(meta["pairs"] / minutes, 2)}  # fmt: skip
+
+
+def vllm_usable() -> str | None:
+    """Why the vLLM environment cannot run here (None: it can)."""
+    import subprocess
+
+    from chatmusician.serve.app import vllm_python
+
+    python = vllm_python(".venv-vllm/bin/python")
+    if not Path(python).exists():
+        return f"no vLLM environment at {python}"
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    return (
+        None if probe.returncode == 0 else f"vllm does not import: {probe.stderr.strip().splitlines()[-1:]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(json.dumps(results), flush=True)
     if not args.skip_prefs:
-        results |= prefs_rate(str(ensure_tiny("nano")), args.n_per_prompt, args.max_new_tokens)
+        nano = str(ensure_tiny("nano"))
+        results |= {"prefs_model": "nano", "prefs_n_per_prompt": args.n_per_prompt}
+        results |= prefs_rate(nano, args.n_per_prompt, args.max_new_tokens, "transformers")
+        why_not = vllm_usable()
+        if why_not:
+            results["vllm"] = f"not measured: {why_not}"
+        else:
+            import ray
+
+            ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            try:
+                results |= prefs_rate(nano, args.n_per_prompt, args.max_new_tokens, "vllm")
+            finally:
+                ray.shutdown()
+            results["vllm_vs_transformers_samples_per_min"] = round(
+                results["vllm_samples_per_min"] / results["transformers_samples_per_min"], 3
+            )
         print(json.dumps(results), flush=True)
     return 0
 

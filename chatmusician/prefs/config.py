@@ -72,6 +72,14 @@ class PrefsConfig:
     """Training tunes (ABC file or folder, or JSONL with text): near-copies (> 0.95 similar) are never chosen."""
     output_dir: str = "./outputs/prefs"
     """Where pairs.parquet, samples.parquet and manifest.json go."""
+    engine: str = "transformers"
+    """transformers (the evaluation's replica pool; constrained decoding and adapters) or vllm (.venv-vllm; a merged model, unconstrained)."""
+    vllm_python: str = ".venv-vllm/bin/python"
+    """engine vllm: the vLLM environment's interpreter (env CHATMUSICIAN_VLLM_PYTHON overrides)."""
+    vllm_kv_cache_gib: int = 1
+    """engine vllm on CPU: KV-cache GiB per actor (VLLM_CPU_KVCACHE_SPACE)."""
+    max_prompt_tokens: int = 512
+    """engine vllm: prompt tokens the engine is sized for (max_model_len = this + max_new_tokens)."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """Model replica pool (the evaluation's)."""
 

@@ -33,6 +33,9 @@ def check_config(cfg: PrefsConfig) -> None:
         raise ValueError(f"pair_fraction must be in (0, 0.5], got {cfg.pair_fraction}")
     if cfg.max_new_tokens < 1 or cfg.temperature < 0:
         raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
+    from chatmusician.prefs.vllm_pool import check
+
+    check(cfg)
     rewards.check_weights(cfg.weights)
     rewards.load_user_reward(cfg.user_reward)
 
@@ -56,7 +59,13 @@ def sample(cfg: PrefsConfig, prompts: list[dict[str, Any]]) -> list[dict[str, An
     """Every answer: ``{name, sample, text, tokens}`` (Ray must be up when ``pool.use_ray``)."""
     from chatmusician.eval.runner import abc_items, execute
 
-    results = execute(eval_config(cfg), abc_items(prompts, cfg.n_per_prompt, cfg.seed))
+    items = abc_items(prompts, cfg.n_per_prompt, cfg.seed)
+    if cfg.engine == "vllm":
+        from chatmusician.prefs import vllm_pool
+
+        results = vllm_pool.run(cfg, items)
+    else:
+        results = execute(eval_config(cfg), items)
     out = []
     for r in results:
         _, name, k = json.loads(r["key"])
