@@ -136,3 +136,30 @@ def test_bad_prefs_settings_are_one_line_errors(tiny_model_path, capsys):
         code = main(["prefs", "--model", tiny_model_path, *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def _vllm_missing() -> str | None:
+    from pathlib import Path
+
+    from chatmusician.serve.app import vllm_python
+
+    python = vllm_python(".venv-vllm/bin/python")
+    return None if Path(python).exists() else f"no vLLM environment at {python}"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(_vllm_missing() is not None, reason="the vLLM environment (.venv-vllm) is not built here")
+def test_vllm_engine_samples_every_item_from_its_own_seed(ray_cluster, tiny_model_path, tmp_path):
+    from chatmusician.prefs.job import build
+
+    cfg = PrefsConfig(model=tiny_model_path, n_per_prompt=3, max_new_tokens=24, engine="vllm", check_midi=False,
+                      prompts=None, output_dir=str(tmp_path / "a"), pool=PoolConfig(num_cpus=0.5, batch_size=30))  # fmt: skip
+    meta = build(cfg)
+    texts = pq.read_table(tmp_path / "a" / "samples.parquet")["text"].to_pylist()
+    assert meta["samples"] == 30 and len(set(texts)) > 20  # 10 prompts x 3 seeds: different answers
+    build(replace(cfg, output_dir=str(tmp_path / "b"), pool=PoolConfig(num_cpus=0.5, batch_size=4)))
+    assert (
+        pq.read_table(tmp_path / "b" / "samples.parquet")["text"].to_pylist() == texts
+    )  # batching changes nothing
+    with pytest.raises(ValueError, match="engine vllm samples a merged model"):
+        build(replace(cfg, constrained=True))
