@@ -97,7 +97,7 @@ def test_bad_dpo_settings_are_one_line_errors(tiny_model_path, tmp_path, capsys)
     pairs = write_pairs(tmp_path / "p.parquet", 2)
     for args, expected in [
         (["--loss", "kto"], "loss must be one of ('sigmoid', 'dpop', 'ipo')"),
-        (["--train_type", "full"], "dpo trains a LoRA adapter"),
+        (["--beta", "0"], "beta must be > 0 and dpop_lambda >= 0"),
         (["--pairs", str(tmp_path / "nowhere")], "pairs: no"),
     ]:
         code = main(["dpo", "--model", tiny_model_path, "--pairs", str(pairs), "--profile", "cpu",
@@ -165,3 +165,25 @@ def test_dpo_trains_from_log2_and_resumes_exactly_after_a_lost_worker(ray_cluste
             "kl_estimate",
         ):
             assert m[key] == pytest.approx(ref[key], abs=1e-6), (m["step"], key)
+
+
+@pytest.mark.integration
+def test_full_training_reads_reference_logps_precomputed_with_the_starting_model(ray_cluster, dpo_base):
+    """No adapter to disable: the driver computes the starting model's log-probs once, into the pair shards; at
+    step 1 the policy is that model, so every ratio is 0 again (up to the batch's padding: fp32 round-off)."""
+    import pyarrow.parquet as pq
+
+    from chatmusician.train.dpo_recipe import train
+
+    cfg = replace(dpo_base, run_name="dpo-full", train_type="full", zero_stage=0, num_workers=1, micro_batch_size=2,
+                  global_batch_size=4, max_steps=2, loss="sigmoid", lr=1e-3)  # fmt: skip
+    train(cfg)
+    shards = Path(cfg.storage_path) / cfg.run_name / "pairs_tokenized"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["reference"].startswith("precomputed")
+    ref = pq.read_table(shards / "part-00000.parquet", columns=["ref_chosen_logp", "ref_rejected_logp"])
+    assert ref.num_rows == 16 and all(v < 0 for v in ref["ref_chosen_logp"].to_pylist())
+    steps = {m["step"]: m for m in logged(cfg)}
+    assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[1]["kl_estimate"] == pytest.approx(0, abs=1e-3) and steps[2]["kl_estimate"] != 0
+    assert (Path(cfg.storage_path) / cfg.run_name / "checkpoint_0000002" / "model").is_dir()

@@ -158,7 +158,11 @@ def run(cfg: RoundsConfig) -> list[dict[str, Any]]:
     from chatmusician.ray_local import ray_session
 
     check_config(cfg)
-    with ray_session():
-        rows = run_rounds(cfg)
+    try:
+        with ray_session():
+            rows = run_rounds(cfg)
+    except RoundsStopped as stop:  # not a bug: the guard did its job; the table and plot are written
+        print(f"chatmusician rounds: stopped: {stop}", file=sys.stderr)
+        raise SystemExit(1) from None
     print((Path(cfg.output_dir) / "rounds.md").read_text())
     return rows

@@ -17,6 +17,8 @@ from chatmusician.train.batching import collate
 from chatmusician.train.config import DPOConfig, TrainConfigError
 
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+"""Precomputed reference log-probs (full training: no adapter to disable), when the shards have them."""
 ROW_GROUP_ROWS = 256
 
 
@@ -107,7 +109,9 @@ def write_pair_shards(cfg: DPOConfig, out_dir: str) -> dict[str, Any]:
     from chatmusician.model.loading import load_tokenizer
 
     pairs = read_pairs(cfg.pairs)
-    source = hashlib.sha256(repr((pairs, cfg.max_length, cfg.max_prompt_length)).encode()).hexdigest()[:16]
+    precompute = cfg.train_type == "full"
+    key = (pairs, cfg.max_length, cfg.max_prompt_length, cfg.model, precompute)
+    source = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     fs, root = resolve(out_dir)
     if fs.get_file_info(join(root, "manifest.json")).is_file:
         old = read_manifest(root, fs)
@@ -115,6 +119,9 @@ def write_pair_shards(cfg: DPOConfig, out_dir: str) -> dict[str, Any]:
             return old
     tokenizer = load_tokenizer(cfg.model)
     table = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if precompute:
+        chosen, rejected = reference_logps(cfg.model, table, cfg.max_length)
+        table = table.append_column(REF_COLUMNS[0], chosen).append_column(REF_COLUMNS[1], rejected)
     fs.create_dir(root, recursive=True)
     pq.write_table(table, join(root, "part-00000.parquet"), filesystem=fs, row_group_size=ROW_GROUP_ROWS)
     groups = [min(ROW_GROUP_ROWS, table.num_rows - s) for s in range(0, table.num_rows, ROW_GROUP_ROWS)]
@@ -128,6 +135,9 @@ def write_pair_shards(cfg: DPOConfig, out_dir: str) -> dict[str, Any]:
         "max_source_len": cfg.max_prompt_length,
         "tokenizer": tokenizer_fingerprint(cfg.model, tokenizer),
         "source": source,
+        "reference": "precomputed (the starting model, fp32)"
+        if precompute
+        else "the model with its adapter disabled",
         "pairs": pairs_file(cfg.pairs),
         "sequences": table.num_rows,
         "tokens": {"input": tokens},  # both answers of every pair (what the planner reads)
@@ -140,14 +150,46 @@ def write_pair_shards(cfg: DPOConfig, out_dir: str) -> dict[str, Any]:
     return manifest
 
 
+def reference_logps(model: str, table, max_length: int, pairs_per_batch: int = 8):
+    """The starting model's summed answer log-probs of every pair (float64 arrays: chosen, rejected), in fp32 on
+    this process's GPU when it has one (full training's reference: computed once, before any worker starts)."""
+    import pyarrow as pa
+    import torch
+
+    from chatmusician.model.loading import load_model
+    from chatmusician.train.dpo_loss import sequence_logps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = load_model(model, "fp32").to(device).eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, table.num_rows, pairs_per_batch):
+            part = table.slice(start, pairs_per_batch)
+            batch = collate_pairs(
+                {c: part[c].to_numpy(zero_copy_only=False) for c in PAIR_COLUMNS}, max_length
+            )
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
+            logps, _ = sequence_logps(net(**inputs).logits, batch["labels"].to(device))
+            chosen += logps[: part.num_rows].double().tolist()
+            rejected += logps[part.num_rows :].double().tolist()
+    return pa.array(chosen, pa.float64()), pa.array(rejected, pa.float64())
+
+
 def collate_pairs(batch: dict[str, np.ndarray], max_length: int) -> dict[str, Any]:
     """B pair rows -> one model batch of 2B rows ``[chosen_0..chosen_B-1, rejected_0..rejected_B-1]`` (the
-    recipe's collate: padding, position ids, ``num_tokens``)."""
+    recipe's collate: padding, position ids, ``num_tokens``), plus ``ref_logps`` [2B] when the rows carry
+    precomputed reference log-probs."""
+    import torch
+
     rows = {
         "input_ids": [*batch["chosen_input_ids"], *batch["rejected_input_ids"]],
         "labels": [*batch["chosen_labels"], *batch["rejected_labels"]],
     }
-    return collate(rows, max_length)
+    out = collate(rows, max_length)
+    if REF_COLUMNS[0] in batch:
+        ref = np.concatenate([np.asarray(batch[c], dtype=np.float64) for c in REF_COLUMNS])
+        out["ref_logps"] = torch.from_numpy(ref)
+    return out
 
 
 def pair_batches(plan: dict[str, Any], cfg: DPOConfig, rank: int, world: int, skip: int):
@@ -157,7 +199,7 @@ def pair_batches(plan: dict[str, Any], cfg: DPOConfig, rank: int, world: int, sk
     reader = ShardRowReader(
         plan["files"], plan["filesystem"], plan["chunks"], rank=rank, world=world,
         micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, window=cfg.data.shuffle_window,
-        shuffle=cfg.data.shuffle, columns=PAIR_COLUMNS,
+        shuffle=cfg.data.shuffle, columns=PAIR_COLUMNS + REF_COLUMNS,
     )  # fmt: skip
     for batch in reader.batches(skip):
         yield collate_pairs(batch, cfg.max_length)

@@ -3,7 +3,8 @@ worker (profiles, ZeRO stages, LoRA, checkpoints, exact resume, fault tolerance,
 preference step (:mod:`chatmusician.train.dpo_trainer`) over tokenized pairs.
 
 Supports: losses sigmoid (DPO), dpop (DPO-Positive, NotaGen's) and ipo with ``beta`` / ``dpop_lambda``; LoRA
-runs whose reference is the same model with its adapter disabled; validation perplexity on an SFT validation
+runs whose reference is the same model with its adapter disabled, and full runs whose reference log-probs are
+computed once on the driver with the starting model (fp32, its GPU if it has one) and stored in the pair shards; validation perplexity on an SFT validation
 split (``data.val_shards``: the guard a preference round watches). The pairs (``pairs``: a ``chatmusician
 prefs`` folder or a parquet file) are tokenized on the driver into ``data.shards`` (default
 ``<storage_path>/<run_name>/pairs_tokenized``) before any worker starts.
@@ -29,10 +30,6 @@ def validate(cfg: DPOConfig) -> None:
     if cfg.beta <= 0 or cfg.dpop_lambda < 0:
         raise TrainConfigError(
             f"beta must be > 0 and dpop_lambda >= 0, got beta {cfg.beta}, lambda {cfg.dpop_lambda}"
-        )
-    if cfg.train_type != "lora":
-        raise TrainConfigError(
-            "dpo trains a LoRA adapter (the reference is the model with the adapter disabled): set train_type lora"
         )
     if not 0 < cfg.max_prompt_length <= cfg.max_length - 3:
         raise TrainConfigError(f"max_prompt_length must be in 1..max_length - 3, got {cfg.max_prompt_length}")

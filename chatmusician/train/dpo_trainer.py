@@ -3,7 +3,8 @@ resume, checkpoints, validation, logs, fault tolerance) with a preference step.
 
 A step: ``accumulation`` micro batches of ``micro_batch_size`` pairs; each is one forward pass of the policy over
 its 2B rows (chosen then rejected, prompts masked) and one of the reference under ``no_grad``: for LoRA the same
-model with its adapter disabled (peft's ``disable_adapter``: no second copy in memory). Each micro batch's loss
+model with its adapter disabled (peft's ``disable_adapter``: no second copy in memory); full training reads the
+reference log-probs precomputed with the starting model (:func:`chatmusician.train.dpo_data.reference_logps`). Each micro batch's loss
 is its pairs' mean; DeepSpeed averages micro batches and ranks, so the step's gradient is that of the mean over
 every pair of the step. Logged per step: loss, reward margin and accuracy, chosen / rejected log-probs, the KL
 estimate (:func:`chatmusician.train.dpo_loss.pair_stats`), tokens/s.
@@ -25,7 +26,9 @@ def reference_mode(engine):
     module = engine.module if hasattr(engine, "module") else engine
     if hasattr(module, "disable_adapter"):
         return module.disable_adapter()
-    raise ValueError("train_type full has no reference model here: DPO needs train_type lora")
+    raise ValueError(
+        "this model has no adapter to disable: full training reads precomputed reference log-probs"
+    )
 
 
 def micro_batch_pair_loss(engine, batch: dict[str, Any], cfg):
@@ -35,8 +38,11 @@ def micro_batch_pair_loss(engine, batch: dict[str, Any], cfg):
     labels = batch["labels"]
     model_inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     logps, counts = sequence_logps(engine(**model_inputs).logits, labels)  # [2B]
-    with torch.no_grad(), reference_mode(engine):
-        ref, _ = sequence_logps(engine(**model_inputs).logits, labels)
+    ref = batch.get("ref_logps")  # full training: precomputed with the starting model
+    if ref is None:
+        with torch.no_grad(), reference_mode(engine):
+            ref, _ = sequence_logps(engine(**model_inputs).logits, labels)
+    ref = ref.to(logps.dtype)
     b = logps.shape[0] // 2
     losses = pair_losses(logps[:b], logps[b:], ref[:b], ref[b:], cfg.loss, cfg.beta, cfg.dpop_lambda,
                          counts[:b], counts[b:])  # fmt: skip
