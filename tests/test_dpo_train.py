@@ -187,3 +187,14 @@ def test_full_training_reads_reference_logps_precomputed_with_the_starting_model
     assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert steps[1]["kl_estimate"] == pytest.approx(0, abs=1e-3) and steps[2]["kl_estimate"] != 0
     assert (Path(cfg.storage_path) / cfg.run_name / "checkpoint_0000002" / "model").is_dir()
+
+
+@pytest.mark.integration
+def test_zero3_partitions_the_model_and_the_disabled_adapter_is_still_the_reference(ray_cluster, dpo_base):
+    from chatmusician.train.dpo_recipe import train
+
+    cfg = replace(dpo_base, run_name="dpo-zero3", zero_stage=3, max_steps=2, checkpoint_every=2)
+    train(cfg)
+    steps = {m["step"]: m for m in logged(cfg)}
+    assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[2]["kl_estimate"] != 0 and steps[2]["reward_margin"] > 0
