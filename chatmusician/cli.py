@@ -84,6 +84,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "chatmusician.eval.runner:run",
         "Evaluate: MusicTheoryBench (PPL + generation), MMLU (OpenCompass PPL), ABC quality (Ray Data batch inference).",
     ),
+    "prefs": (
+        "chatmusician.prefs.config:PrefsConfig",
+        "chatmusician.prefs.job:run",
+        "Preference pairs: sample N answers per prompt, score with music rewards, pair top vs bottom (Ray Data).",
+    ),
+    "dpo": (
+        "chatmusician.train.config:DPOConfig",
+        "chatmusician.train.dpo_recipe:run",
+        "Preference training (DPO / DPO-Positive / IPO) on pairs (Ray Train + DeepSpeed + LoRA).",
+    ),
+    "rounds": (
+        "chatmusician.prefs.config:RoundsConfig",
+        "chatmusician.prefs.rounds:run",
+        "Preference rounds: prefs on the current model -> dpo -> evaluate, guards checked every round.",
+    ),
     "serve": (
         "chatmusician.serve.config:ServeAppConfig",
         "chatmusician.serve.app:run_serve",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -245,3 +246,85 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def ray_head(env: dict, cpus: int = 4):
+    """A ``ray start --head`` of its own (own ports, own temp dir) and ``submit(job_id, module, *args)`` against it;
+    stopped by killing only its own process group."""
+    temp_dir = tempfile.mkdtemp(prefix="cmhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         *head_port_flags(dashboard)],
+        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def submit(job_id: str, module: str, *args: str, timeout: int = 600) -> str:
+        deadline = time.monotonic() + 240
+        while True:
+            done = subprocess.run(
+                [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--",
+                 sys.executable, "-m", module, *args],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+            out = done.stdout + done.stderr
+            if not any(r in out for r in REFUSED) or time.monotonic() > deadline:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(2)  # poll interval while the agent comes up
+        assert done.returncode == 0 and "succeeded" in done.stdout, out[-4000:]
+        return done.stdout
+
+    try:
+        yield submit
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_prefs_then_dpo_jobs_on_ray_start_head(tiny_model_path, tmp_path):
+    """``ray_jobs.prefs`` samples through a Ray Data replica pool on the cluster and writes pairs; ``ray_jobs.dpo``
+    trains on them (1 CPU worker, LoRA, 2 steps) and leaves an adapter."""
+    shared = tmp_path / "shared"
+    prompts = str(tmp_path / "prompts.json")
+    Path(prompts).write_text(json.dumps([
+        {"name": "reel", "family": "text_to_music", "fields": {"description": {"M": "4/4", "K": "D"}},
+         "request": {"key": "D"}},
+        {"name": "waltz", "family": "text_to_music", "fields": {"description": {"M": "3/4", "K": "G"}},
+         "request": {"meter": "3/4"}},
+    ]))  # fmt: skip
+    prefs_cfg = write_yaml(tmp_path / "prefs.yaml", {
+        "model": tiny_model_path, "device": "cpu", "prompts": prompts, "n_per_prompt": 4, "max_new_tokens": 40,
+        "constrained": True, "pair_fraction": 0.5, "user_reward": "tests.test_prefs_rounds:tie_breaker",
+        "output_dir": str(shared / "prefs"), "pool": {"replicas": 1, "num_cpus": 1, "batch_size": 8},
+    })  # fmt: skip
+    dpo_cfg = write_yaml(tmp_path / "dpo.yaml", {
+        "run_name": "dpo", "storage_path": str(shared / "runs"), "model": tiny_model_path,
+        "pairs": str(shared / "prefs"), "loss": "dpop", "profile": "cpu", "zero_stage": 0, "num_workers": 1,
+        "cpus_per_worker": 1, "global_batch_size": 2, "micro_batch_size": 1, "max_length": 128,
+        "max_prompt_length": 48, "max_steps": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 2,
+        "keep_last": 1, "max_failures": 0, "log_every": 1,
+    })  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    with ray_head(env) as submit:
+        log = submit("prefs", "ray_jobs.prefs", "--config", prefs_cfg)
+        manifest = json.loads((shared / "prefs" / "manifest.json").read_text())
+        assert manifest["samples"] == 8 and manifest["pairs"] >= 1 and f'"pairs": {manifest["pairs"]}' in log
+        pairs = pq.read_table(shared / "prefs" / "pairs.parquet")
+        assert {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"} <= set(pairs.column_names)
+        log = submit("dpo", "ray_jobs.dpo", "--config", dpo_cfg)
+        assert "[dpo] step 2/2 loss" in log and "margin" in log
+        assert (shared / "runs" / "dpo" / "checkpoint_0000002" / "adapter" / "adapter_config.json").is_file()

@@ -190,3 +190,34 @@ class PlanConfig(TrainConfig):
     """Also plan the same run on the other GPU profiles, side by side (the exit status follows ``profile`` only)."""
     json: bool = False
     """Print the plans as JSON instead of a table."""
+
+
+DPO_LOSSES = ("sigmoid", "dpop", "ipo")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference training on ``prompt``/``chosen``/``rejected`` pairs (``chatmusician prefs`` writes them) with
+    the same Ray Train + DeepSpeed + LoRA recipe: DPO (sigmoid), DPO-Positive (dpop, NotaGen's) or IPO."""
+
+    MODE: ClassVar[str] = "dpo"
+    VAL_MODE: ClassVar[str | None] = None  # validation perplexity on any tokenized split (the SFT one)
+
+    run_name: str = "dpo"
+    """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
+    profile: str = "v100"
+    """Hardware profile: a800 (bf16), v100 (fp16 + dynamic loss scaling), cpu (fp32, gloo)."""
+    pairs: str = "./outputs/prefs"
+    """The pairs: a ``chatmusician prefs`` folder (its pairs.parquet) or a parquet file with prompt, chosen, rejected."""
+    loss: str = "dpop"
+    """sigmoid (DPO, Rafailov et al. 2023), dpop (DPO-Positive, Pal et al. 2024; NotaGen's) or ipo (Azar et al. 2023, TRL's per-token form)."""
+    beta: float = 0.1
+    """Strength of the pull to the reference (DPO's beta; IPO's tau). NotaGen: 0.1."""
+    dpop_lambda: float = 10.0
+    """DPO-Positive's lambda: weight of max(0, ref_chosen_logp - policy_chosen_logp) inside the sigmoid. NotaGen: 10."""
+    max_prompt_length: int = 1536
+    """Prompt tokens kept (the rest of max_length goes to the answer), as the SFT layout."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW (lower than SFT's: preference steps move a trained model)."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent in linear warmup before the cosine decay."""

@@ -10,16 +10,24 @@ from typing import Any
 
 from chatmusician.train.config import TrainConfig, TrainConfigError
 
+_RUN_MODE = object()
 
-def shard_plan(path: str, cfg: TrainConfig, where: str = "shards") -> dict[str, Any]:
+
+def shard_plan(path: str, cfg: TrainConfig, where: str = "shards", mode: Any = _RUN_MODE) -> dict[str, Any]:
     """What workers need to read a shards folder themselves, from its manifest alone (files and row groups:
     no footer is read, so a launch or a Tune trial costs one small read however many files there are), after
     checking the shards fit this run (tokenizer, vocabulary, mode, ``max_len`` <= ``max_length``: one line
-    naming both sides), plus a fingerprint of its rows (what a checkpoint's data position counts in)."""
+    naming both sides), plus a fingerprint of its rows (what a checkpoint's data position counts in). ``mode``:
+    the mode the shards must have (default: the run's ``MODE``; None: any)."""
     from chatmusician.data.manifest import ShardMismatch, ShardsNotFinished, checked_plan
 
     try:
-        plan = checked_plan(path, model=cfg.model, max_length=cfg.max_length, mode=getattr(cfg, "MODE", None))
+        plan = checked_plan(
+            path,
+            model=cfg.model,
+            max_length=cfg.max_length,
+            mode=getattr(cfg, "MODE", None) if mode is _RUN_MODE else mode,
+        )
     except ShardsNotFinished:
         raise TrainConfigError(
             f"{path}: no manifest.json; not a finished `chatmusician tokenize` output (re-run it, or fix data.shards)"

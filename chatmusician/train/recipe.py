@@ -105,11 +105,16 @@ def check_resume(cfg: TrainConfig, storage: tuple[Any, str], shape: checkpointin
 
 
 def trainer_for(
-    cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_filesystem=None, callbacks=None
+    cfg: TrainConfig,
+    datasets: dict[str, Any] | None = None,
+    storage_filesystem=None,
+    callbacks=None,
+    loop=None,
 ):
     """The ``TorchTrainer`` of run ``cfg.run_name`` (not started; Ray must be connected: see :func:`train`):
     what :func:`train` fits, and what a Tune trial builds for itself (``callbacks``: Ray Train user callbacks,
-    e.g. Tune's report callback). Everything that can fail is checked here, before a worker is asked for."""
+    e.g. Tune's report callback). ``loop``: the worker function (default: the recipe's Trainer; DPO passes its
+    own). Everything that can fail is checked here, before a worker is asked for."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,7 +143,8 @@ def trainer_for(
         total_steps = cfg.max_steps or total_steps_for(datasets["train"].count(), cfg)
     val_path = inputs.val_shards_path(cfg)
     if val_path:
-        loop_config["val_plan"] = inputs.shard_plan(val_path, cfg, "validation shards")
+        val_mode = getattr(cfg, "VAL_MODE", getattr(cfg, "MODE", None))
+        loop_config["val_plan"] = inputs.shard_plan(val_path, cfg, "validation shards", mode=val_mode)
     loop_config["total_steps"] = total_steps
 
     storage = checkpointing.storage_location(cfg, storage_filesystem)
@@ -159,7 +165,7 @@ def trainer_for(
     ingest.preserve_order = True  # the stream: deterministic row order, what makes skipping rows a resume
     fs, root = storage
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend=profile.backend),
