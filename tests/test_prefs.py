@@ -117,11 +117,31 @@ def test_prefs_job_files_and_answers_independent_of_batching(tiny_model_path, tm
     assert meta["rewards"]["reward"]["count"] == 8 and 0 <= meta["rewards"]["reward"]["min"] <= 1
     assert sorted(meta["prompts_without_pair"] + sorted(set(pairs["name"].to_pylist()))) == ["jig", "reel"]
     assert all(s["prompt"].startswith("Human: ") and s["prompt"].endswith("Assistant: ") for s in samples)
-    again = build(replace(cfg, output_dir=str(tmp_path / "b"), pool=PoolConfig(use_ray=False, batch_size=1)))
+    # The web UI's votes join the scored pairs as they are (a line a crash cut short is counted and skipped).
+    from chatmusician.serve.votes import append_vote, vote_record
+
+    votes = tmp_path / "votes.jsonl"
+    append_vote(votes, vote_record("Human: a jig </s> Assistant: ", "X:1\nK:G\nGAB|", "la la", "m"), 10_000)
+    with votes.open("a") as f:
+        f.write('{"prompt": "cut')
+    again = build(
+        replace(
+            cfg,
+            output_dir=str(tmp_path / "b"),
+            pool=PoolConfig(use_ray=False, batch_size=1),
+            votes=str(votes),
+        )
+    )
     assert again["rewards"] == meta["rewards"]
     assert pq.read_table(tmp_path / "b" / "samples.parquet")["text"].to_pylist() == [
         s["text"] for s in samples
     ]
+    both = pq.read_table(tmp_path / "b" / "pairs.parquet").to_pylist()
+    assert again["votes"] == {"pairs": 1, "skipped_lines": 1} and again["pairs"] == meta["pairs"] + 1
+    assert [(r["source"], r["chosen"]) for r in both if r["source"] == "web-ui"] == [
+        ("web-ui", "X:1\nK:G\nGAB|")
+    ]
+    assert [r["chosen"] for r in both if r["source"] == "rewards"] == pairs["chosen"].to_pylist()
 
 
 def test_bad_prefs_settings_are_one_line_errors(tiny_model_path, capsys):

@@ -70,6 +70,9 @@ class PrefsConfig:
     """Run abc2midi (sandboxed) for the plays reward; false: plays counts as 1 for tunes that parse."""
     train_tunes: str | None = None
     """Training tunes (ABC file or folder, or JSONL with text): near-copies (> 0.95 similar) are never chosen."""
+    votes: str | None = None
+    """The web UI's "two takes" picks (the Serve app's votes_path, JSON lines): added to the pairs as they are,
+    with source web-ui (a corrupt or cut line is counted and skipped)."""
     output_dir: str = "./outputs/prefs"
     """Where pairs.parquet, samples.parquet and manifest.json go."""
     engine: str = "transformers"

@@ -19,6 +19,7 @@ from chatmusician.prefs import pairs as pairing
 from chatmusician.prefs import rewards
 from chatmusician.prefs.config import PrefsConfig
 from chatmusician.prompts import build_chat_prompt
+from chatmusician.serve.votes import read_votes
 
 MANIFEST_FORMAT = "chatmusician.prefs/1"
 
@@ -38,6 +39,8 @@ def check_config(cfg: PrefsConfig) -> None:
     check(cfg)
     rewards.check_weights(cfg.weights)
     rewards.load_user_reward(cfg.user_reward)
+    if cfg.votes and not Path(cfg.votes).is_file():
+        raise FileNotFoundError(f"votes: no file {cfg.votes} (the Serve app's votes_path)")
 
 
 def eval_config(cfg: PrefsConfig) -> EvalConfig:
@@ -134,7 +137,10 @@ def write(out_dir: str | Path, rows: list[dict], pairs: list[dict], meta: dict) 
     pq.write_table(
         pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), root / "samples.parquet"
     )
-    schema_rows = pairs or [{"name": "", "prompt": "", "chosen": "", "rejected": ""}]
+    columns = list(dict.fromkeys(k for p in pairs for k in p))  # votes carry no scores: those cells are null
+    schema_rows = [{k: p.get(k) for k in columns} for p in pairs] or [
+        {"name": "", "prompt": "", "chosen": "", "rejected": "", "source": ""}
+    ]
     table = pa.Table.from_pylist(schema_rows)
     pq.write_table(table if pairs else table.slice(0, 0), root / "pairs.parquet")
     (root / "manifest.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
@@ -153,7 +159,16 @@ def build(cfg: PrefsConfig, midi_check=None) -> dict[str, Any]:
     print(f"[prefs] {len(prompts)} prompts x {cfg.n_per_prompt} samples", file=sys.stderr, flush=True)
     rows = score_samples(cfg, prompts, sample(cfg, prompts), midi_check)
     pairs, empty = pairing.make_pairs(rows, cfg.pair_fraction)
-    meta = manifest(cfg, rows, pairs, empty) | {"wall_s": time.perf_counter() - started}
+    pairs = [p | {"source": "rewards"} for p in pairs]
+    votes, skipped = read_votes(cfg.votes) if cfg.votes else ([], 0)
+    pairs += [
+        {"name": "web-ui", **{k: v[k] for k in ("prompt", "chosen", "rejected")}, "source": "web-ui"}
+        for v in votes
+    ]
+    meta = manifest(cfg, rows, pairs, empty) | {
+        "wall_s": time.perf_counter() - started,
+        "votes": {"pairs": len(votes), "skipped_lines": skipped},
+    }
     write(cfg.output_dir, rows, pairs, meta)
     return meta
 
