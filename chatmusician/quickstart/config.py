@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chatmusician.eval.config import AbcQualityConfig, EvalConfig, MTBConfig, PoolConfig
-from chatmusician.train.config import LoraConfig, PretrainConfig, SFTConfig
+from chatmusician.prefs.config import PrefsConfig, RoundsConfig
+from chatmusician.train.config import DPOConfig, LoraConfig, PretrainConfig, SFTConfig
 from chatmusician.tune.config import AshaConfig, SweepConfig
 
-GENERATED = ("data", "shards", "runs", "sweep", "models", "eval", "render", "stages")
+GENERATED = ("data", "shards", "runs", "sweep", "models", "preference", "eval", "render", "stages")
 """The folders of out_dir this job writes (``force`` removes these and nothing else)."""
 
 
@@ -83,6 +84,34 @@ class QuickstartConfig:
         )
     )
     """LoRA SFT on the pretrained base (model, data, storage_path and max_length are filled in by the job)."""
+    preference: bool = True
+    """Run one preference round on the SFT model (prefs -> DPO-Positive -> merge); the next stages use its model."""
+    prefs_prompts: int = 8
+    """Text-to-music requests the preference round samples answers for and measures its guards on."""
+    rounds: RoundsConfig = field(
+        default_factory=lambda: RoundsConfig(
+            prefs=PrefsConfig(
+                device="cpu", n_per_prompt=8, max_new_tokens=512, pair_fraction=0.25,
+                pool=PoolConfig(replicas=1, num_cpus=1.0, batch_size=8),
+            ),
+            eval_n_per_prompt=4,
+            eval_max_new_tokens=512,
+        )
+    )  # fmt: skip
+    """The preference round's sampling, rewards and guard limits (model, prompts and paths are filled in by the job)."""
+    dpo: DPOConfig = field(
+        default_factory=_cpu_stage(
+            DPOConfig,
+            "quickstart-dpo",
+            lora=LoraConfig(r=16, alpha=32, dropout=0.0),
+            lr=5e-4,
+            max_steps=16,
+            global_batch_size=4,
+            micro_batch_size=2,
+            max_prompt_length=128,
+        )
+    )
+    """DPO-Positive on the preference pairs (model, pairs and paths are filled in per round)."""
     eval: EvalConfig = field(
         default_factory=lambda: EvalConfig(
             mtb=MTBConfig(modes=["ppl_zero_shot", "ppl_few_shot"], bootstrap=200),

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from chatmusician.quickstart import app, compose, data, evaluation, render, sweep, training
+from chatmusician.quickstart import app, compose, data, evaluation, preference, render, sweep, training
 from chatmusician.quickstart.config import QuickstartConfig
 from chatmusician.quickstart.console import Console, console_and_log, quiet_libraries
 from chatmusician.quickstart.stages import Stages, clean
@@ -40,7 +40,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
 
 
 def stages(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]:
-    """The platform's story: data -> tokenize -> pretrain -> sweep -> SFT -> eval -> serve -> compose -> render."""
+    """The platform's story: data -> tokenize -> pretrain -> sweep -> SFT -> preference round -> eval -> serve ->
+    compose -> render."""
     from chatmusician.corpora import nottingham_tunes
 
     quiet_libraries()
@@ -83,7 +84,16 @@ def stages(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]
             f"Ray Train: LoRA SFT (r={s.lora.r}) with the sweep's best values, then merge",
             lambda: training.sft(cfg, console, pre["model"], swept["values"], out),
         )
-        summary["final_model"] = final = tuned["model"]
+        final = tuned["model"]
+        if cfg.preference:
+            summary["preference"] = prefs = stage.run(
+                "preference",
+                f"preference round: {cfg.rounds.prefs.n_per_prompt} answers to {cfg.prefs_prompts} requests, music "
+                f"rewards, {cfg.dpo.loss} on LoRA r={cfg.dpo.lora.r}, {cfg.dpo.max_steps} steps",
+                lambda: preference.preference_round(cfg, console, final, tunes, out),
+            )
+            final = prefs["model"]
+        summary["final_model"] = final
         summary["eval"] = stage.run(
             "eval",
             "evaluate: MusicTheoryBench fixtures (PPL) + ABC quality, Ray Data batch inference",

@@ -46,6 +46,20 @@ def _loss(losses: list[float]) -> str:
     )
 
 
+def _preference(p: dict[str, Any]) -> str:
+    """Before -> after of the round's guards (strict validity: parses, plays, no bar-duration error, as asked)."""
+    b, a = p["before"], p["after"] or {}
+    parts = [f"strict validity {_pct(b.get('strict_validity'))} -> {_pct(a.get('strict_validity'))}",
+             f"diversity {_num(b.get('diversity'))} -> {_num(a.get('diversity'))}",
+             f"val ppl {_num(b.get('val_perplexity'))} -> {_num(a.get('val_perplexity'))}",
+             f"{p['pairs']} pairs"]  # fmt: skip
+    return ", ".join(parts) + ("" if p["status"] == "ok" else f" ({p['status'][:80]})")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def stage_table(s: dict[str, Any]) -> Table:
     """One row per stage: what it gave and how long it took (0 s: reused from an earlier run)."""
     t, rate, ev = s["timings_s"], s["parse_rate"], s["eval"]
@@ -57,6 +71,7 @@ def stage_table(s: dict[str, Any]) -> Table:
         ("sweep", f"best {json.dumps(s['sweep']['values'])}, val_loss {s['sweep']['best_val_loss']:.3f}",
          t.get("sweep", 0)),
         ("sft", _loss(s["loss"]["sft"]), t.get("sft", 0)),
+        *([("preference", _preference(s["preference"]), t.get("preference", 0))] if s.get("preference") else []),
         ("eval", f"MusicTheoryBench zero-shot {_pct(ev.get('mtb_ppl_zero_shot'))}, few-shot "
                  f"{_pct(ev.get('mtb_ppl_few_shot'))}; ABC parse {_pct(ev.get('abc_parse_success'))}", t.get("eval", 0)),
         ("serve", f"{s['api']}", t.get("serve", 0)),
