@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["model", "tokenize_pt", "tokenize_sft", "pretrain", "sweep", "sft", "eval"]
+STAGES = ["model", "tokenize_pt", "tokenize_sft", "pretrain", "sweep", "sft", "preference", "eval"]
 SMALL = [  # every stage, a few steps each: the test checks the wiring and the output, not the music
     "--max_tunes", "120",
     "--pretrain.max_steps", "6",
@@ -25,6 +25,12 @@ SMALL = [  # every stage, a few steps each: the test checks the wiring and the o
     "--eval.abc_quality.max_new_tokens", "48",
     "--compose_prompts", "2",
     "--compose_max_new_tokens", "64",
+    "--prefs_prompts", "2",
+    "--rounds.prefs.n_per_prompt", "4",
+    "--rounds.prefs.max_new_tokens", "48",
+    "--rounds.eval_n_per_prompt", "1",
+    "--rounds.eval_max_new_tokens", "48",
+    "--dpo.max_steps", "2",
 ]  # fmt: skip
 
 
@@ -60,6 +66,14 @@ def test_quickstart_runs_every_stage_prints_what_to_do_next_and_reuses_its_stage
     assert len(summary["compose"]["rows"]) == 4 and all(
         r["status"] == 200 for r in summary["compose"]["rows"]
     )
+
+    # The preference round ran and measured its guards; a barely trained model may give no valid pair, and then
+    # the round says so and the SFT model goes on.
+    pref = summary["preference"]
+    assert set(pref["before"]) >= {"strict_validity", "diversity", "val_perplexity"}
+    assert pref["status"] == "ok" or pref["status"].startswith("stopped:")
+    assert summary["final_model"] == pref["model"] and (pref["status"] != "ok" or pref["after"])
+    assert "preference" in terminal and "strict validity" in terminal
 
     final = Path(summary["final_model"])
     assert (final / "config.json").is_file() and f"chatmusician chat --model {final}" in terminal
