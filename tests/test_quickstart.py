@@ -90,7 +90,7 @@ def test_a_finished_stage_is_reused_and_force_removes_only_the_jobs_folders(tmp_
     console = Console(io.StringIO(), io.StringIO())
     calls = []
     for _ in range(2):
-        stages = Stages(tmp_path, console, {"timings_s": {}})
+        stages = Stages(tmp_path, console, {"timings_s": {}}, total=9)
         assert stages.run("model", "build", lambda: calls.append(1) or {"base": "b"}) == {"base": "b"}
     assert calls == [1] and "reused" in console.stream.getvalue()
     (tmp_path / "mine.txt").write_text("keep")

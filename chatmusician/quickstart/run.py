@@ -47,7 +47,7 @@ def stages(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]
     quiet_libraries()
     summary: dict[str, Any] = {"out_dir": str(out), "timings_s": {}}
     started = time.perf_counter()
-    stage = Stages(out, console, summary)
+    stage = Stages(out, console, summary, total=10 if cfg.preference else 9)
     tunes = nottingham_tunes()[: cfg.max_tunes]
     p, s = cfg.pretrain, cfg.sft
 

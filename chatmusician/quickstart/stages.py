@@ -14,14 +14,11 @@ from typing import Any
 from chatmusician.quickstart.config import GENERATED
 from chatmusician.quickstart.console import Console
 
-STAGES = 9
-
-
 class Stages:
-    """Stage headers ``[n/9] title``, ``done in N s``; ``summary["timings_s"][key]`` per stage."""
+    """Stage headers ``[n/total] title``, ``done in N s``; ``summary["timings_s"][key]`` per stage."""
 
-    def __init__(self, out: Path, console: Console, summary: dict[str, Any]):
-        self.dir, self.console, self.summary, self.n = out / "stages", console, summary, 0
+    def __init__(self, out: Path, console: Console, summary: dict[str, Any], total: int):
+        self.dir, self.console, self.summary, self.n, self.total = out / "stages", console, summary, 0, total
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def run(self, key: str, title: str, fn: Callable[[], Any]) -> Any:
@@ -29,7 +26,7 @@ class Stages:
         done = self.dir / f"{key}.json"
         if done.exists():
             self.n += 1
-            self.console.stage(self.n, STAGES, title, f": reused ({done})")
+            self.console.stage(self.n, self.total, title, f": reused ({done})")
             self.summary["timings_s"][key] = 0.0
             return json.loads(done.read_text())
         with self.timed(key, title):
@@ -41,7 +38,7 @@ class Stages:
     def timed(self, key: str, title: str) -> Iterator[None]:
         """A stage done every run (the running app, what is asked of it): its header, its time."""
         self.n += 1
-        self.console.stage(self.n, STAGES, title)
+        self.console.stage(self.n, self.total, title)
         t = time.perf_counter()
         try:
             yield
