@@ -14,6 +14,7 @@ from typing import Any
 from chatmusician.quickstart.config import GENERATED
 from chatmusician.quickstart.console import Console
 
+
 class Stages:
     """Stage headers ``[n/total] title``, ``done in N s``; ``summary["timings_s"][key]`` per stage."""
 
