@@ -61,3 +61,62 @@ def bar(done: int, total: int, width: int = 24) -> str:
 def progress_line(label: str, done: int, total: int, status: str = "") -> str:
     """One progress line: ``label [######....] 60/300 status`` (what a live bar shows, as text)."""
     return f"{label} {bar(done, total)} {done:>{len(str(total))}}/{total} {status}".rstrip()
+
+
+class MetricsFollower:
+    """Prints a run's progress from its metrics.jsonl (one JSON row per logged step) as the project's progress lines:
+    what a driver shows when the workers' own lines stay off the terminal. A background thread polls the file."""
+
+    def __init__(self, path, label: str, total: int | None, write=print, every_s: float = 1.0):
+        import threading
+        from pathlib import Path
+
+        self.path, self.label, self.total, self.write, self.every_s = Path(path), label, total, write, every_s
+        self.seen = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="metrics-follower", daemon=True)
+
+    def __enter__(self) -> MetricsFollower:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        import json
+
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for line in lines[self.seen :]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return  # a line being written: read it next time
+            self.seen += 1
+            step, status = int(row.get("step", 0)), step_status(row)
+            line = (
+                progress_line(self.label, step, self.total, status)
+                if self.total
+                else f"{self.label} step {step} {status}"
+            )
+            self.write(line)
+
+
+def step_status(row: dict) -> str:
+    """A metrics row as a progress line's status: loss, validation loss, learning rate, tokens/s."""
+    parts = []
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.3f}")
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.3f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    return " ".join(parts)

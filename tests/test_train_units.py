@@ -518,3 +518,21 @@ def test_zero3_builds_the_model_already_partitioned(tiny_model_path, tmp_path, m
             assert sizes[3] == sizes[2] and sizes[3][0] > 0, (train_type, sizes)
     finally:
         dist.destroy_process_group()
+
+
+def test_local_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from chatmusician.train.config import SFTConfig
+    from chatmusician.train.recipe import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    cfg = SFTConfig(model="models/base", storage_path="./runs")
+    cfg.data.shards, cfg.data.val_shards = "shards/sft", None
+    out = absolute_paths(cfg)
+    assert out.model == str(tmp_path / "models" / "base") and out.storage_path == str(tmp_path / "runs")
+    assert out.data.shards == str(tmp_path / "shards" / "sft") and out.data.val_shards is None
+    hub = absolute_paths(SFTConfig(model="m-a-p/ChatMusician-Base", storage_path="s3://bucket/runs"))
+    assert (hub.model, hub.storage_path) == (
+        "m-a-p/ChatMusician-Base",
+        "s3://bucket/runs",
+    )  # hub ids and URIs stay

@@ -104,9 +104,10 @@ def check_placement(cfg: TrainConfig) -> None:
 
 
 @contextmanager
-def connected() -> Iterator[None]:
+def connected(log_to_driver: bool = True) -> Iterator[None]:
     """Ray for a train entry point: the caller's, ``RAY_ADDRESS``'s cluster, or a local one started here (and
-    shut down after). Every entry connects before it builds a trainer, so the placement check always runs."""
+    shut down after; ``log_to_driver`` False keeps its workers' output off this terminal). Every entry connects
+    before it builds a trainer, so the placement check always runs."""
     import ray
 
     from chatmusician.ray_local import ray_session
@@ -115,5 +116,6 @@ def connected() -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    with ray_session(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True):
+    quiet = {} if log_to_driver else {"logging_level": "ERROR"}  # a person's terminal: no Ray start-up lines
+    with ray_session(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=log_to_driver, **quiet):
         yield

@@ -20,6 +20,7 @@ Rooms: this module is the driver (validate, plan, launch); :mod:`chatmusician.tr
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -190,10 +191,52 @@ def train(cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_file
     ``datasets`` overrides ``cfg.data`` with ready Ray Datasets (``{"train": ...}``, rows per the shard contract).
     ``storage_filesystem``: a pyarrow filesystem that ``storage_path`` is a path in (instead of a URI's).
     """
+    from contextlib import nullcontext
+
+    from chatmusician.terminal import MetricsFollower
     from chatmusician.train.placement import connected
 
-    with connected():
+    cfg = absolute_paths(cfg)
+    # On a person's terminal with a local Ray and local storage, Ray's and the workers' raw lines stay off the
+    # terminal and the driver prints the run's progress from its metrics.jsonl; in a job's log (or on a cluster,
+    # where the workers' lines are the only channel) the workers print the same progress lines themselves.
+    metrics = Path(cfg.storage_path) / cfg.run_name / "metrics.jsonl"
+    interactive = sys.stdout.isatty() and not ray_running_or_addressed() and "://" not in cfg.storage_path
+    follow = MetricsFollower(metrics, f"[{cfg.run_name}]", cfg.max_steps) if interactive else nullcontext()
+    if interactive:
+        import logging
+        import warnings
+
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's start-up and Train's status lines
+        warnings.filterwarnings("ignore", module=r"ray\.")
+    with connected(log_to_driver=not interactive), follow:
         return trainer_for(cfg, datasets, storage_filesystem).fit()
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local relative paths made absolute: the workers do not run in the driver's directory."""
+    import dataclasses
+
+    def local(path: str | None, must_exist: bool) -> str | None:
+        if not path or "://" in path or Path(path).is_absolute() or (must_exist and not Path(path).exists()):
+            return path  # a URI, an absolute path, or a hub id (a model that is no local folder)
+        return str(Path(path).absolute())
+
+    data = dataclasses.replace(
+        cfg.data, shards=local(cfg.data.shards, False), val_shards=local(cfg.data.val_shards, False)
+    )
+    return dataclasses.replace(
+        cfg, model=local(cfg.model, True), storage_path=local(cfg.storage_path, False), data=data
+    )
+
+
+def ray_running_or_addressed() -> bool:
+    """Ray is already up in this process, or ``RAY_ADDRESS`` names a cluster to join."""
+    import os
+
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def run(cfg: TrainConfig):
