@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_file
     from chatmusician.terminal import MetricsFollower
     from chatmusician.train.placement import connected
 
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(cfg, storage_is_local=storage_filesystem is None)
     # On a person's terminal with a local Ray and local storage, Ray's and the workers' raw lines stay off the
     # terminal and the driver prints the run's progress from its metrics.jsonl; in a job's log (or on a cluster,
     # where the workers' lines are the only channel) the workers print the same progress lines themselves.
@@ -213,8 +213,9 @@ def train(cfg: TrainConfig, datasets: dict[str, Any] | None = None, storage_file
         return trainer_for(cfg, datasets, storage_filesystem).fit()
 
 
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its local relative paths made absolute: the workers do not run in the driver's directory."""
+def absolute_paths(cfg: TrainConfig, storage_is_local: bool = True) -> TrainConfig:
+    """``cfg`` with its local relative paths made absolute: the workers do not run in the driver's directory
+    (``storage_is_local`` False: ``storage_path`` is a path in a given filesystem, left as it is)."""
     import dataclasses
 
     def local(path: str | None, must_exist: bool) -> str | None:
@@ -226,7 +227,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         cfg.data, shards=local(cfg.data.shards, False), val_shards=local(cfg.data.val_shards, False)
     )
     return dataclasses.replace(
-        cfg, model=local(cfg.model, True), storage_path=local(cfg.storage_path, False), data=data
+        cfg,
+        model=local(cfg.model, True),
+        storage_path=local(cfg.storage_path, False) if storage_is_local else cfg.storage_path,
+        data=data,
     )
 
 
