@@ -14,7 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -132,40 +134,8 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(
-        prefix="cmchain-", dir="/tmp"
-    )  # short: Ray's socket paths have a length limit
-    dashboard = free_port()
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=4", "--resources={\"cpu_node\": 1}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats", *head_port_flags(dashboard)],
-        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-
-    def submit(job_id: str, module: str, *args: str, fails: bool = False, timeout: int = 600) -> str:
-        """``ray job submit`` (blocking); retried only while the job agent refuses, up to a deadline. A job
-        that must fail must do so within ``timeout`` (a hang raises TimeoutExpired)."""
-        deadline = time.monotonic() + 240
-        while True:
-            done = subprocess.run(
-                [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--",
-                 sys.executable, "-m", module, *args],
-                env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-            )  # fmt: skip
-            out = done.stdout + done.stderr
-            if not any(r in out for r in REFUSED) or time.monotonic() > deadline:
-                break
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(2)  # poll interval while the agent comes up
-        if fails:
-            assert done.returncode != 0 and "failed" in out, out[-4000:]
-            return out
-        assert done.returncode == 0 and "succeeded" in done.stdout, out[-4000:]
-        return done.stdout
-
-    try:
+    with ray_head(env, 4, '--resources={"cpu_node": 1}') as cluster:
+        submit, address = cluster.submit, cluster.address
         submit("chain-tokenize", "ray_jobs.tokenize", "--config", tok_cfg)
         manifest = json.loads((shared / "shards" / "manifest.json").read_text())
         assert manifest["mode"] == "sft" and manifest["sequences"] >= 8, manifest
@@ -225,7 +195,7 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
         assert deployed.returncode == 0, deployed.stderr[-2000:]
         with AppClient(f"http://127.0.0.1:{http_port}", timeout=120) as app:
             # The app comes up: replicas load the merged model (the cluster's head must stay up meanwhile).
-            app.wait_healthy(deadline_s=300, alive=lambda: head.poll() is None, interval_s=2)
+            app.wait_healthy(deadline_s=300, alive=cluster.alive, interval_s=2)
             reply = app.chat([{"role": "user", "content": "Compose a reel."}], max_tokens=8)
         assert 0 < reply["usage"]["completion_tokens"] <= 8
         status = subprocess.run(
@@ -239,30 +209,33 @@ def test_tokenize_sft_merge_evaluate_serve_chain_on_ray_start_head(tiny_model_pa
                 env=env, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert f"Job 'chain-{job}' succeeded" in status.stdout, status.stdout + status.stderr  # SUCCEEDED
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
-        try:
-            head.wait(10)  # the raylet outlives SIGTERM: do not wait long for it
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class Head:
+    submit: Callable[..., str]
+    """``submit(job_id, module, *args, fails=False, timeout=600)``: ``ray job submit`` (blocking) and its output."""
+    address: str
+    alive: Callable[[], bool]
 
 
 @contextmanager
-def ray_head(env: dict, cpus: int = 4):
-    """A ``ray start --head`` of its own (own ports, own temp dir) and ``submit(job_id, module, *args)`` against it;
-    stopped by killing only its own process group."""
+def ray_head(env: dict, cpus: int = 4, *flags: str):
+    """A ``ray start --head`` of its own (own ports, own temp dir, ``flags`` added) to submit jobs to; stopped by
+    killing only its own process group."""
     temp_dir = tempfile.mkdtemp(prefix="cmhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+        [RAY, "start", "--head", "--block", f"--num-cpus={cpus}", *flags, "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
          *head_port_flags(dashboard)],
         env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
 
-    def submit(job_id: str, module: str, *args: str, timeout: int = 600) -> str:
+    def submit(job_id: str, module: str, *args: str, fails: bool = False, timeout: int = 600) -> str:
+        """Retried only while the job agent refuses, up to a deadline. A job that must fail must do so within
+        ``timeout`` (a hang raises TimeoutExpired)."""
         deadline = time.monotonic() + 240
         while True:
             done = subprocess.run(
@@ -275,15 +248,18 @@ def ray_head(env: dict, cpus: int = 4):
                 break
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)  # poll interval while the agent comes up
+        if fails:
+            assert done.returncode != 0 and "failed" in out, out[-4000:]
+            return out
         assert done.returncode == 0 and "succeeded" in done.stdout, out[-4000:]
         return done.stdout
 
     try:
-        yield submit
+        yield Head(submit, address, lambda: head.poll() is None)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # only this cluster's processes (its own session)
         try:
-            head.wait(10)
+            head.wait(10)  # the raylet outlives SIGTERM: do not wait long for it
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -319,7 +295,8 @@ def test_prefs_then_dpo_jobs_on_ray_start_head(tiny_model_path, tmp_path):
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    with ray_head(env) as submit:
+    with ray_head(env) as cluster:
+        submit = cluster.submit
         log = submit("prefs", "ray_jobs.prefs", "--config", prefs_cfg)
         manifest = json.loads((shared / "prefs" / "manifest.json").read_text())
         assert manifest["samples"] == 8 and manifest["pairs"] >= 1 and f'"pairs": {manifest["pairs"]}' in log
