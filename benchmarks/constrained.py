@@ -130,7 +130,7 @@ def run_arm(model, tok, constrained: bool, batch: int, cfg: ConstrainedBenchConf
     import torch
 
     from chatmusician.abc.grammar import AbcConstraints
-    from chatmusician.model import constrained as C
+    from chatmusician.model import constrained_decoding as C
     from chatmusician.prompts import build_chat_prompt
 
     prompts = [build_chat_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(cfg.prompts)]

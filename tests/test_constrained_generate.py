@@ -66,7 +66,8 @@ def test_sampled_constrained_answers_are_complete_tunes_with_the_asked_header(en
 
 
 def test_cut_back_to_the_last_complete_line_and_eos_only_when_complete(engine):
-    from chatmusician.model.constrained import AbcLogitsProcessor, RowState, new_matcher
+    from chatmusician.model.constrained import RowState, new_matcher
+    from chatmusician.model.constrained_decoding import AbcLogitsProcessor
 
     tok = engine.tokenizer
     head = "X:1\nM:4/4\nK:C\nCDEF GABc|\n"

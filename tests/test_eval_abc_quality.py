@@ -91,7 +91,7 @@ def test_constrained_generation_masks_before_each_rows_draw_with_each_prompts_re
     from chatmusician.eval import replica
     from chatmusician.eval.config import EvalConfig
     from chatmusician.eval.runner import abc_items, abc_results
-    from chatmusician.model import constrained
+    from chatmusician.model import constrained_decoding as constrained
     from chatmusician.model.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(tiny_model_path).eval(), load_tokenizer(tiny_model_path)

@@ -71,7 +71,7 @@ def generate_counted(
     import torch
     from transformers import GenerationConfig
 
-    from chatmusician.model.constrained import finish, logits_processor
+    from chatmusician.model.constrained_decoding import finish, logits_processor
     from chatmusician.model.sampling import RowSampler, RowSampling
 
     if not prompts:

@@ -178,7 +178,7 @@ class TransformersEngine:
         return Completion(text, reason, len(prepared.ids), len(scored), list(ids), logprobs)
 
     def _processors(self, constraints, budgets: Sequence[int], samplings, tops):
-        from chatmusician.model.constrained import logits_processor
+        from chatmusician.model.constrained_decoding import logits_processor
         from chatmusician.model.sampling import LogprobRecorder, RowSampler
 
         recorder = LogprobRecorder(tops)
