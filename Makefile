@@ -28,14 +28,19 @@ format: setup
 	$(VENV)/ruff format .
 	$(VENV)/ruff check --fix .
 
+# Two test processes (TEST_WORKERS), each taking whole files (a file's module fixtures are built once); the
+# slowest files go first (tests/conftest.py), so neither process ends long before the other.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup lint docs
-	$(VENV)/python -m pytest -q tests
+	$(VENV)/python -m pytest -q $(PYTEST_PARALLEL) tests
 
 test-unit: setup
-	$(VENV)/python -m pytest -q -m "not integration" tests
+	$(VENV)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration" tests
 
 test-integration: setup
-	$(VENV)/python -m pytest -q -m integration tests
+	$(VENV)/python -m pytest -q $(PYTEST_PARALLEL) -m integration tests
 
 # Run as modules (-m) so that benchmarks/tokenize.py never shadows the standard library's tokenize.
 bench: setup
