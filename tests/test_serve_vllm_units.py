@@ -137,3 +137,32 @@ def test_a_failed_engine_step_aborts_its_requests():
     thread.join(timeout=30)
     assert [kind for kind, _, _ in errors] == ["error", "error"]
     assert sorted(engine.llm.aborted) == ["a", "b"] and engine.llm.steps == 1
+
+
+@pytest.mark.integration
+def test_the_engine_core_in_its_own_process_answers_as_in_process_and_leaves_with_the_engine(tiny_model_path):
+    """``vllm.engine_process``: vLLM's engine core in its own process (as `vllm serve` runs it) gives the same
+    greedy answers and logprobs, streamed and final-only, and its processes end with the engine's shutdown."""
+    import os
+    import subprocess
+
+    from chatmusician.serve.engines.vllm_env import runtime_env
+
+    env = runtime_env(str(Path(".venv-vllm/bin/python").absolute()), kv_cache_gib=1)  # not resolved: a venv
+    proc = subprocess.run(
+        [env["py_executable"], str(Path(__file__).parent / "vllm_engine_process.py"), tiny_model_path],
+        env={**os.environ, **env["env_vars"]},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    inside, own = result["in_process"], result["own_process"]
+    assert own["final"] and own["stream"] and own["stream"] == own["stream_completion"]
+    assert (own["final"], own["stream"]) == (inside["final"], inside["stream"])
+    assert own["final_logprobs"] == pytest.approx(inside["final_logprobs"], abs=1e-4)
+    assert (
+        inside["children"] == 0 and own["children"] >= 1
+    )  # the engine core ran beside, not in, this process
+    assert own["alive_after_shutdown"] == []

@@ -63,7 +63,10 @@ class Composer:
         self._generate_batch.set_max_batch_size(config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # sizes of the batches generated so far (stats)
-        self.cancelled: list[int] = []  # completion tokens of requests whose caller went away (stats)
+        self.cancelled: list[
+            int | None
+        ] = []  # completion tokens of requests whose caller went away (None: vLLM
+        # knows, its final-only answers send nothing before the end; its ``aborted`` count says they stopped)
         self.probes = 0
         self.in_flight = 0  # requests being generated (the health probe waits for none)
         rows = getattr(self.engine, "admission_rows", None)
@@ -108,6 +111,7 @@ class Composer:
             "batches": len(self.batch_sizes),
             "largest_batch": max(self.batch_sizes, default=0),
             "cancelled": list(self.cancelled),
+            "engine_aborted": getattr(self.engine, "aborted", None),
             "probes": self.probes,
             **self.observed,
         }
@@ -169,7 +173,7 @@ class Composer:
         """A continuous-batching engine takes each request on arrival: no batch to wait for or behind."""
         self.batch_sizes = [*self.batch_sizes[-999:], 1]
 
-        def cancelled(tokens: int) -> None:
+        def cancelled(tokens: int | None) -> None:
             self.cancelled = [*self.cancelled[-99:], tokens]
 
         try:

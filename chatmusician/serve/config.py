@@ -43,6 +43,9 @@ class VllmOptions:
     """Largest LoRA rank served (vLLM allocates adapter slots of this rank)."""
     enforce_eager: bool | None = None
     """No CUDA graphs / torch.compile; None = eager on CPU (no graphs there), graphs on CUDA (faster decoding)."""
+    engine_process: bool | None = None
+    """vLLM's engine core (scheduler and model) in its own process, as `vllm serve` and AsyncLLM run it, off the
+    replica's GIL and event loop; None = own process on CUDA, in the replica on CPU (where it starts much faster)."""
     gpu_memory_utilization: float = 0.9
     """Share of the GPU's memory vLLM takes for weights and KV cache (ignored on CPU)."""
     kv_cache_gib: int = 1

@@ -38,6 +38,7 @@ from chatmusician.serve.engines.vllm_support import (
     LoopSink,
     check_adapter_ranks,
     eager_default,
+    engine_process_default,
     guidance_grammar,
     patch_prompt_logprobs_with_lora,
     reserve_tokens,
@@ -48,12 +49,14 @@ from chatmusician.serve.types import Completion, GenerationParams, Prepared
 
 
 class VllmEngine:
-    """The Composer engine on vLLM's ``LLMEngine`` in this process (same interface as :class:`TransformersEngine`).
+    """The Composer engine on vLLM's ``LLMEngine`` (same interface as :class:`TransformersEngine`).
 
     One thread owns the engine: it adds and aborts requests handed to it and calls ``step()`` while any
     request runs, so every request, streamed or not, joins vLLM's continuous batch; each request's outputs go
-    to its caller's queue. (vLLM's ``AsyncLLM`` always runs the engine core in a second process: ~1 min to
-    start here instead of seconds, and nothing gained for one replica.)
+    to its caller's queue (streams get deltas, other requests their final output only). With
+    ``vllm.engine_process`` (the default on CUDA) the engine core runs in its own process, as in `vllm serve`
+    and ``AsyncLLM``, and ``step()`` only collects its outputs; on CPU it runs in this thread (a second process
+    there takes several times longer to start than the model).
     """
 
     continuous_batching = True
@@ -88,6 +91,7 @@ class VllmEngine:
         self._wake = threading.Event()
         self._closed = False
         self.failed_steps = 0
+        self.aborted = 0  # requests stopped while running (their caller went away)
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -115,7 +119,8 @@ class VllmEngine:
             disable_log_stats=True,
             seed=0,
         )
-        return LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+        self.engine_process = engine_process_default(c.vllm.engine_process)
+        return LLMEngine.from_engine_args(args, enable_multiprocessing=self.engine_process)
 
     def _loop(self) -> None:
         """The engine thread: run handed-over commands, then one scheduler step while requests run."""
@@ -148,12 +153,13 @@ class VllmEngine:
         self._commands.append(command)
         self._wake.set()
 
-    def _submit(self, prepared: Prepared, params: GenerationParams, delta: bool, sink: queue.Queue) -> str:
-        """Hand one request to the engine thread; its outputs (and a failure to add it) arrive in ``sink``."""
+    def _submit(self, prepared: Prepared, params: GenerationParams, kind: str, sink: queue.Queue) -> str:
+        """Hand one request to the engine thread; its outputs (vLLM's ``RequestOutputKind`` ``kind``: DELTA,
+        CUMULATIVE or FINAL_ONLY) and a failure to add it arrive in ``sink``."""
         from vllm.inputs import TokensPrompt
 
         request_id = f"cm-{next(self._ids)}"
-        sampling = self._sampling(prepared, params, delta)
+        sampling = self._sampling(prepared, params, kind)
         lora = self._lora(prepared.adapter)
 
         def add() -> None:
@@ -172,7 +178,8 @@ class VllmEngine:
     def _abort(self, request_id: str) -> None:
         def abort() -> None:
             sink = self._sinks.pop(request_id, None)
-            if sink is not None:
+            if sink is not None:  # still running: stopped here, before its budget
+                self.aborted += 1
                 self.llm.abort_request([request_id])
                 sink.put(("aborted", request_id, None))
 
@@ -188,7 +195,7 @@ class VllmEngine:
 
         check_constraints(self.tokenizer, constraints)
 
-    def _sampling(self, prepared: Prepared, params: GenerationParams, delta: bool):
+    def _sampling(self, prepared: Prepared, params: GenerationParams, kind: str):
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         kwargs = sampling_kwargs(params, self.pad_id, self.eos_id)
@@ -200,8 +207,7 @@ class VllmEngine:
             kwargs["max_tokens"] = params.max_new_tokens - reserve_tokens(params.max_new_tokens)
         if prepared.prompt_logprobs is not None:
             kwargs["prompt_logprobs"] = prepared.prompt_logprobs
-        kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE
-        return SamplingParams(**kwargs, output_kind=kind)
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind[kind])
 
     def _row(self, constraints: AbcConstraints):
         """A constrained row's grammar state, replayed over vLLM's ids: where the answer may be cut back to (an
@@ -289,7 +295,7 @@ class VllmEngine:
         """All rows go to vLLM at once, joining its batch of every other running request; a row whose
         ``cancel`` is set is aborted (its answer so far is returned)."""
         sink: queue.Queue = queue.Queue()
-        rows = {self._submit(p, q, False, sink): i for i, (p, q) in enumerate(items)}
+        rows = {self._submit(p, q, "CUMULATIVE", sink): i for i, (p, q) in enumerate(items)}
         last: dict[int, Any] = {}
         first: dict[int, float] = {}
         open_rows, aborted = set(rows.values()), set()
@@ -321,16 +327,18 @@ class VllmEngine:
         return [self._completion(p, q, last.get(i), first.get(i)) for i, (p, q) in enumerate(items)]
 
     async def agenerate(
-        self, prepared: Prepared, params: GenerationParams, on_cancel: Callable[[int], None] | None = None
+        self,
+        prepared: Prepared,
+        params: GenerationParams,
+        on_cancel: Callable[[int | None], None] | None = None,
     ) -> Completion:
         """One request, awaited on the caller's event loop (no thread per request): it enters vLLM's batch at
-        once and leaves it when it is done. Cancelling the await aborts it (``on_cancel`` gets the number of
-        tokens it had generated)."""
+        once and leaves it when it is done. vLLM sends its answer once (final output only: no per-token
+        traffic into this process, so no first-token time either). Cancelling the await aborts it
+        (``on_cancel`` gets None: how far it got is vLLM's to know)."""
         sink = LoopSink(asyncio.get_running_loop())
-        request_id = self._submit(prepared, params, True, sink)
-        ids: list[int] = []
-        steps: list = []
-        first, last, prompt_steps, finished = None, None, None, False
+        request_id = self._submit(prepared, params, "FINAL_ONLY", sink)
+        last, finished = None, False
         try:
             while not finished:
                 kind, _, value = await sink.queue.get()
@@ -339,25 +347,15 @@ class VllmEngine:
                     raise value
                 if kind == "aborted":
                     break
-                seq = value.outputs[0]
-                ids.extend(seq.token_ids)
-                steps.extend(seq.logprobs or [])
-                prompt_steps = prompt_steps or value.prompt_logprobs
                 last, finished = value, value.finished
-                if first is None and ids:
-                    first = time.perf_counter()
         except asyncio.CancelledError:
             if on_cancel is not None:
-                on_cancel(len(ids))
+                on_cancel(None)
             raise
         finally:
             if not finished:
                 self._abort(request_id)
-        if last is not None:  # the deltas put together: the answer as one cumulative output
-            seq = last.outputs[0]
-            seq.token_ids, seq.logprobs = ids, (steps if params.logprobs is not None else None)
-            last.prompt_logprobs = prompt_steps
-        return self._completion(prepared, params, last, first)
+        return self._completion(prepared, params, last, None)
 
     def probe(self) -> None:
         """Health check: one greedy token with its logprob; a non-finite one raises RuntimeError."""
@@ -377,7 +375,7 @@ class VllmEngine:
 
         cancel = cancel or threading.Event()
         sink: queue.Queue = queue.Queue()
-        request_id = self._submit(prepared, params, True, sink)
+        request_id = self._submit(prepared, params, "DELTA", sink)
         scanner = StopScanner(params.stop)
         ids: list[int] = []
         steps: list = []
@@ -440,3 +438,5 @@ class VllmEngine:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self.engine_process:  # the engine core's process (and its workers) go with the replica
+            self.llm.engine_core.shutdown()

@@ -34,6 +34,15 @@ def eager_default(enforce_eager: bool | None) -> bool:
     return not torch.cuda.is_available()
 
 
+def engine_process_default(engine_process: bool | None) -> bool:
+    """``None``: the engine core in its own process on CUDA (vLLM's own way), in this process on CPU."""
+    if engine_process is not None:
+        return engine_process
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class LoopSink:
     """The engine thread's ``put`` into an asyncio queue of the caller's event loop."""
 
