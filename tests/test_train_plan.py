@@ -14,7 +14,7 @@ import pytest
 
 from chatmusician.cli import main
 from chatmusician.config import load_config
-from chatmusician.train.config import LoraConfig, SFTConfig
+from chatmusician.train.config import DPOConfig, LoraConfig, SFTConfig
 from chatmusician.train.memory import (
     Architecture,
     activation_bytes,
@@ -283,6 +283,35 @@ def test_full_training_time_is_palms_6n_per_token(llama2_7b, tmp_path):
     assert full.seconds_per_step == pytest.approx(seconds, rel=1e-9)
     lora = build_plan(_sft(llama2_7b, tmp_path, profile="a800"), LLAMA2_7B, mfu=0.5)
     assert 0.66 < lora.seconds_per_step / full.seconds_per_step < 0.72
+
+
+# ---------------------------------------------------------------- preference runs
+
+
+def test_a_preference_run_is_planned_as_pairs_with_its_reference_pass(llama2_7b, tmp_path, capsys):
+    """``chatmusician dpo`` puts a pair's chosen and rejected through one forward pass and, with LoRA, its
+    reference too (the adapter off, no gradients): six pairs a V100 at 2,048 tokens fit as six SFT rows
+    (24.5 GiB) but not as pairs (their activations double), and the planner says so before any worker starts;
+    a step of pairs carries twice the tokens, each costing the reference's forward 2·N more."""
+    shards = {"data.shards": str(tmp_path)}
+    sft = _sft(llama2_7b, tmp_path, micro_batch_size=6, global_batch_size=48)
+    dpo = load_config(DPOConfig, ROOT / "configs" / "dpo.yaml", model=llama2_7b, **shards)
+    dpo = replace(dpo, micro_batch_size=6, global_batch_size=48)
+    assert preflight(sft).fits
+    with pytest.raises(PlanRefused, match="needs 32.9 GiB per GPU .* fits with micro_batch_size: 1"):
+        preflight(dpo)
+    rows, pairs = build_plan(sft, LLAMA2_7B), build_plan(dpo, LLAMA2_7B)
+    assert pairs.tokens_per_step == 2 * rows.tokens_per_step  # no manifest: whole rows of both answers
+    n, trainable = rows.params.compute, rows.params.trainable
+    assert (rows.flops_per_token, pairs.flops_per_token) == (4 * n + 2 * trainable, 6 * n + 2 * trainable)
+    full = build_plan(
+        replace(dpo, train_type="full", zero_stage=3), LLAMA2_7B
+    )  # reference log-probs precomputed
+    assert full.flops_per_token == 6 * full.params.compute
+    # The command plans an SFT-shaped config as pairs when asked.
+    args = ["plan", "--config", str(ROOT / "configs" / "sft.yaml"), "--model_config", llama2_7b]
+    code = main([*args, "--micro_batch_size", "6", "--global_batch_size", "48", "--preference", "true"])
+    assert code == 2 and "32.9 GiB" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the command

@@ -57,6 +57,8 @@ class DataConfig:
 class TrainConfig:
     """Continual pretraining or SFT with Ray Train + DeepSpeed ZeRO + LoRA (one recipe: chatmusician.train.recipe)."""
 
+    PREFERENCE: ClassVar[bool] = False  # rows are chosen/rejected pairs (the planner: two sequences per row)
+
     run_name: str = "chatmusician"
     """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
     storage_path: str = "./runs"
@@ -190,6 +192,8 @@ class PlanConfig(TrainConfig):
     """Also plan the same run on the other GPU profiles, side by side (the exit status follows ``profile`` only)."""
     json: bool = False
     """Print the plans as JSON instead of a table."""
+    preference: bool = False
+    """Plan a preference run (chatmusician dpo): each row a chosen/rejected pair, and LoRA's reference pass."""
 
 
 DPO_LOSSES = ("sigmoid", "dpop", "ipo")
@@ -201,6 +205,7 @@ class DPOConfig(TrainConfig):
     the same Ray Train + DeepSpeed + LoRA recipe: DPO (sigmoid), DPO-Positive (dpop, NotaGen's) or IPO."""
 
     MODE: ClassVar[str] = "dpo"
+    PREFERENCE: ClassVar[bool] = True
     VAL_MODE: ClassVar[str | None] = None  # validation perplexity on any tokenized split (the SFT one)
 
     run_name: str = "dpo"

@@ -61,9 +61,9 @@ class DataPlan:
     """What the shards' manifest says a run will read."""
 
     rows: int | None
-    """Training rows (sequences) in the shards; None without a manifest."""
+    """Training rows in the shards (sequences, or preference pairs); None without a manifest."""
     tokens_per_row: float
-    """Mean tokens per row (cut at max_length); max_length when there is no manifest."""
+    """Mean tokens per row (a sequence cut at max_length, a pair's two); the longest when there is no manifest."""
     steps_per_epoch: int | None
     """Optimizer steps of one pass over the rows."""
     total_steps: int | None
@@ -72,14 +72,27 @@ class DataPlan:
     """Where the numbers come from: the manifest's path, or why there is none."""
 
 
+def sequences_per_row(cfg: TrainConfig) -> int:
+    """Sequences one row puts through the model at once: a pair's chosen and rejected share a forward pass."""
+    return 2 if cfg.PREFERENCE else 1
+
+
+def flops_per_token(cfg: TrainConfig, params: ParamCount) -> float:
+    """Training FLOPs per token; a LoRA preference run adds its reference's forward pass (the same model with
+    the adapter off, 2·N; full training reads reference log-probs computed before the run)."""
+    flops = train_flops_per_token(params.compute, params.trainable)
+    return flops + 2 * params.compute if cfg.PREFERENCE and cfg.train_type == "lora" else flops
+
+
 def data_plan(cfg: TrainConfig, manifest: dict[str, Any] | None, source: str) -> DataPlan:
-    """Rows and steps from a ``chatmusician tokenize`` manifest (or only max_steps without one)."""
+    """Rows and steps from a ``chatmusician tokenize`` (or pairs) manifest (or only max_steps without one)."""
+    longest = cfg.max_length * sequences_per_row(cfg)
     if manifest is None:
-        return DataPlan(None, float(cfg.max_length), None, cfg.max_steps, source)
+        return DataPlan(None, float(longest), None, cfg.max_steps, source)
     shards = manifest.get("shards") or []
     rows = sum(s["rows"] for s in shards) if shards and "rows" in shards[0] else manifest["sequences"]
     tokens = manifest["tokens"]["input"]
-    per_row = min(tokens / rows, cfg.max_length) if rows else 0.0
+    per_row = min(tokens / rows, longest) if rows else 0.0
     # The trainer's own step count (whole micro batches per worker, rest carried to the next epoch).
     from chatmusician.train.recipe import total_steps_for
 
@@ -119,9 +132,11 @@ class Plan:
     train_type: str
     """lora or full."""
     micro_batch_size: int
-    """Sequences per GPU per forward pass."""
+    """Rows per GPU per forward pass (a preference row: two sequences)."""
     global_batch_size: int
-    """Sequences per optimizer step over all GPUs."""
+    """Rows per optimizer step over all GPUs."""
+    sequences_per_row: int
+    """1; 2 for preference pairs (chosen and rejected in one forward pass)."""
     max_length: int
     """Tokens per sequence the memory model assumes (the longest a row may be)."""
     activation_checkpointing: bool
@@ -217,7 +232,7 @@ def build_plan(
             profile.precision,
             cfg.train_type,
             cfg.lora,
-            cfg.micro_batch_size,
+            cfg.micro_batch_size * sequences_per_row(cfg),
             cfg.max_length,
             ckpt,
             profile.use_gpu,
@@ -232,6 +247,7 @@ def build_plan(
         world_size=cfg.num_workers,
         train_type=cfg.train_type,
         micro_batch_size=cfg.micro_batch_size,
+        sequences_per_row=sequences_per_row(cfg),
         global_batch_size=cfg.global_batch_size,
         max_length=cfg.max_length,
         activation_checkpointing=cfg.activation_checkpointing,
@@ -243,7 +259,7 @@ def build_plan(
         margin=margin,
         checkpoint_bytes=checkpoint_bytes(params, profile.precision, stage),
         data=data_plan(cfg, manifest, manifest_source),
-        flops_per_token=train_flops_per_token(params.compute, params.trainable),
+        flops_per_token=flops_per_token(cfg, params),
         mfu=mfu,
         peak_flops=profile.peak_flops,
     )

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, replace
 from typing import Any
 
-from chatmusician.train.config import PlanConfig, TrainConfig
+from chatmusician.train.config import DPOConfig, PlanConfig, TrainConfig
 from chatmusician.train.memory import GIB
 from chatmusician.train.plan import Plan, build_plan, check_fits, read_model_config, read_shards_manifest
 from chatmusician.train.profiles import PROFILES, get_profile
@@ -15,7 +15,8 @@ from chatmusician.train.profiles import PROFILES, get_profile
 def profiles_to_plan(cfg: PlanConfig) -> list[TrainConfig]:
     """The configured run first, then (``compare``) the same run on every other GPU profile, at the same
     ZeRO stage where that profile runs it, else at its default."""
-    base = TrainConfig(**{k: v for k, v in vars(cfg).items() if k in TrainConfig.__dataclass_fields__})
+    kind = DPOConfig if cfg.preference else TrainConfig  # a preference run: rows are pairs
+    base = kind(**{k: v for k, v in vars(cfg).items() if k in TrainConfig.__dataclass_fields__})
     configs = [base]
     for name, profile in PROFILES.items() if cfg.compare else ():
         if name != cfg.profile and profile.use_gpu:
@@ -91,7 +92,12 @@ def table_rows(plans: list[Plan]) -> list[tuple[str, list[str]]]:
             lambda p, d: f"{p.train_type}, ZeRO-{p.zero_stage}, {p.world_size} x {p.profile} ({p.precision})",
         ),
         row("parameters (trainable)", lambda p, d: f"{_count(p.params.base)} ({_count(p.params.trainable)})"),
-        row("micro batch x length", lambda p, d: f"{p.micro_batch_size} x {p.max_length}"),
+        row(
+            "micro batch x length",
+            lambda p, d: (
+                f"{p.micro_batch_size}{' pairs' if p.sequences_per_row == 2 else ''} x {p.max_length}"
+            ),
+        ),
         row("weights", lambda p, d: _gib(p.states.weights)),
         row("gradients", lambda p, d: _gib(p.states.gradients)),
         row("optimizer states", lambda p, d: _gib(p.states.optimizer)),
