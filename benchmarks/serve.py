@@ -79,6 +79,9 @@ class ServeBenchConfig:
     """Peer section: tokens per /v1/completions answer."""
     peer_requests_per_level: int = 48
     """Peer section: requests measured per level (at least 4x the concurrency)."""
+    engine_process: bool | None = None
+    """vllm engine: its engine core in its own process, as bare vLLM runs it (vllm.engine_process; None: the
+    engine's default, in the replica on CPU)."""
     size: str = "nano"
     """Tiny model size."""
     json: str | None = None
@@ -238,7 +241,14 @@ async def peer_levels(url: str, model: str, levels: list[int], requests: int, ma
     return out
 
 
-def deploy(model: str, max_batch_size: int, ongoing: int, queued: int, engine: str = "transformers") -> None:
+def deploy(
+    model: str,
+    max_batch_size: int,
+    ongoing: int,
+    queued: int,
+    engine: str = "transformers",
+    engine_process: bool | None = None,
+) -> None:
     from ray import serve
 
     from chatmusician.serve.app import app_config, build_app
@@ -251,7 +261,7 @@ def deploy(model: str, max_batch_size: int, ongoing: int, queued: int, engine: s
             "web_ui": False,
             "max_batch_size": max_batch_size,
             "composer": {"num_cpus": 1, "max_ongoing_requests": ongoing, "max_queued_requests": queued},
-            "vllm": {"max_num_seqs": 64},
+            "vllm": {"max_num_seqs": 64, "engine_process": engine_process},
             "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 512, "max_queued_requests": 512},
             "render": {"serve": {"num_cpus": 0.25, "max_replicas": 1}},
         }
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
         for engine in cfg.engines if "engines" in cfg.sections else []:
             levels = cfg.engine_concurrency
-            deploy(model, cfg.max_batch_size, ongoing=max(levels) * 2, queued=-1, engine=engine)
+            deploy(model, cfg.max_batch_size, max(levels) * 2, -1, engine, cfg.engine_process)
             results["engines"][engine] = []
             for c in levels:
                 for stream in (True, False):  # streamed, then the same load not streamed
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                           f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s TTFT p50 {row.get('ttft_p50_s', 0):.3f}s "
                           f"p99 {row.get('ttft_p99_s', 0):.3f}s statuses {row['statuses']}", flush=True)  # fmt: skip
         for engine in cfg.engines if "mixed" in cfg.sections else []:
-            deploy(model, cfg.max_batch_size, ongoing=0, queued=-1, engine=engine)
+            deploy(model, cfg.max_batch_size, 0, -1, engine, cfg.engine_process)
             asyncio.run(load(url, 4, 4, cfg.mixed_short))  # warm-up
             rows = {}
             for stream in (False, True):
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 server.terminate()
                 server.wait(timeout=60)
-            deploy(model, cfg.max_batch_size, ongoing=0, queued=-1, engine="vllm")
+            deploy(model, cfg.max_batch_size, 0, -1, "vllm", cfg.engine_process)
             app = asyncio.run(peer_levels(url, "chatmusician", cfg.peer_levels, cfg.peer_requests_per_level,
                                           cfg.peer_max_tokens))  # fmt: skip
             results["peer"] = {"bare": bare, "app": app}
