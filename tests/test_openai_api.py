@@ -444,10 +444,10 @@ def test_disconnected_non_streaming_request_stops(served):
         assert cancelled[-1] < CAP // 2, cancelled
 
 
-@pytest.mark.parametrize("served", ["vllm"], indirect=True)  # the property of a continuous-batching engine
 def test_short_non_streaming_request_is_not_held_behind_a_long_one(base_url, served):
-    """Continuous batching for non-streaming requests (vllm): a short request sent while a long one generates
-    comes back first (with @serve.batch it waited for the long one's whole batch)."""
+    """A short request sent while a long one generates comes back first: vLLM's continuous batch takes it at
+    once; on the transformers engine it starts the next batch beside the running one (concurrent_batches: 2;
+    with one batch at a time it waited for the long one's whole batch)."""
     long_body = {"model": MODEL, "messages": [{"role": "user", "content": "Compose a long suite."}],
                  "max_tokens": CAP, "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
     short_body = {**long_body, "max_tokens": 4}

@@ -78,7 +78,10 @@ def test_composer_capacity_is_sized_from_the_engine():
     from chatmusician.serve.app import composer_capacity
 
     assert composer_capacity(app_config({"engine": "vllm", "vllm": {"max_num_seqs": 64}})) == 128
-    assert composer_capacity(app_config({"max_batch_size": 8})) == 16
+    assert composer_capacity(app_config({"max_batch_size": 8})) == 24  # 2 batches generating, 1 assembling
+    assert composer_capacity(app_config({"max_batch_size": 8, "concurrent_batches": 1})) == 16
+    with pytest.raises(ValueError, match="concurrent_batches must be at least 1"):
+        app_config({"concurrent_batches": 0})
     assert composer_capacity(app_config({"composer": {"max_ongoing_requests": 5}})) == 5
 
 

@@ -21,7 +21,11 @@ def app_config(args: dict[str, Any] | ServeAppConfig | None = None) -> ServeAppC
     if isinstance(args, ServeAppConfig):
         return args
     parser = make_parser(ServeAppConfig)
-    return namespace_to_config(ServeAppConfig, parser.parse_object(args or {}), parser)
+    config = namespace_to_config(ServeAppConfig, parser.parse_object(args or {}), parser)
+    for name in ("max_batch_size", "concurrent_batches"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    return config
 
 
 def _options(o: DeploymentOptions, retry_after_s: int) -> dict[str, Any]:
@@ -38,11 +42,11 @@ def composer_capacity(config: ServeAppConfig) -> int:
     """The Composer's ``max_ongoing_requests``: as configured, or (0) sized from the engine's own capacity."""
     if config.composer.max_ongoing_requests:
         return config.composer.max_ongoing_requests
-    if config.engine == "vllm":
-        return (
-            2 * config.vllm.max_num_seqs
-        )  # vLLM schedules max_num_seqs; the rest wait inside it, not at Serve
-    return 2 * config.max_batch_size  # one batch generating, the next one assembling
+    if config.engine == "vllm":  # vLLM schedules max_num_seqs; the rest wait inside it, not at Serve
+        return 2 * config.vllm.max_num_seqs
+    return (
+        config.concurrent_batches + 1
+    ) * config.max_batch_size  # the batches generating, the next assembling
 
 
 def vllm_python(setting: str) -> str:

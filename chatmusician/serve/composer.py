@@ -62,11 +62,12 @@ class Composer:
         self.engine = load_engine(config)
         self._generate_batch.set_max_batch_size(config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # Ray Serve has no setter for this one; its batch queue reads it when the first request arrives.
+        self._generate_batch.set_max_batch_size.__self__.max_concurrent_batches = config.concurrent_batches
         self.batch_sizes: list[int] = []  # sizes of the batches generated so far (stats)
-        self.cancelled: list[
-            int | None
-        ] = []  # completion tokens of requests whose caller went away (None: vLLM
-        # knows, its final-only answers send nothing before the end; its ``aborted`` count says they stopped)
+        # Completion tokens of the requests whose caller went away (None: vLLM's final-only answers say nothing
+        # before the end; its ``aborted`` count says they were stopped).
+        self.cancelled: list[int | None] = []
         self.probes = 0
         self.in_flight = 0  # requests being generated (the health probe waits for none)
         rows = getattr(self.engine, "admission_rows", None)

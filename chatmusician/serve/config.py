@@ -99,7 +99,8 @@ class DeploymentOptions:
     """GPUs per replica."""
     max_ongoing_requests: int = 16
     """Requests a replica works on at once (the composer batches among these); 0 on the Composer = sized from
-    the engine (vllm: 2 x max_num_seqs, so that its batch refills at once; else 2 x max_batch_size)."""
+    the engine (vllm: 2 x max_num_seqs, so that its batch refills at once; else (concurrent_batches + 1) x
+    max_batch_size: the batches generating and the next one assembling)."""
     max_queued_requests: int = 64
     """Requests waiting at each caller beyond that; more are refused with 503 + Retry-After (backpressure)."""
 
@@ -114,6 +115,9 @@ class ServeAppConfig(EngineConfig):
     """Dynamic batching: concurrent requests generated together (1 disables batching)."""
     batch_wait_timeout_s: float = 0.05
     """How long the first request of a batch waits for others to join."""
+    concurrent_batches: int = 2
+    """Batches generated at once (transformers engine): a request arriving while a batch generates starts the
+    next batch at once, beside it on the same model, instead of waiting for the running batch's longest answer."""
     stream_interval_s: float = 0.05
     """A stream sends what was generated at most this often (its first piece at once; 0 = every piece as it
     comes): under load fewer, longer events, so the proxy and Ingress spend less per token (vLLM's server makes
