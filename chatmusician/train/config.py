@@ -57,8 +57,6 @@ class DataConfig:
 class TrainConfig:
     """Continual pretraining or SFT with Ray Train + DeepSpeed ZeRO + LoRA (one recipe: chatmusician.train.recipe)."""
 
-    PREFERENCE: ClassVar[bool] = False  # rows are chosen/rejected pairs (the planner: two sequences per row)
-
     run_name: str = "chatmusician"
     """Name of the run under storage_path; re-running the same name resumes from its last checkpoint."""
     storage_path: str = "./runs"
@@ -205,7 +203,7 @@ class DPOConfig(TrainConfig):
     the same Ray Train + DeepSpeed + LoRA recipe: DPO (sigmoid), DPO-Positive (dpop, NotaGen's) or IPO."""
 
     MODE: ClassVar[str] = "dpo"
-    PREFERENCE: ClassVar[bool] = True
+    PREFERENCE: ClassVar[bool] = True  # rows are chosen/rejected pairs (the planner: two sequences per row)
     VAL_MODE: ClassVar[str | None] = None  # validation perplexity on any tokenized split (the SFT one)
 
     run_name: str = "dpo"

@@ -74,14 +74,14 @@ class DataPlan:
 
 def sequences_per_row(cfg: TrainConfig) -> int:
     """Sequences one row puts through the model at once: a pair's chosen and rejected share a forward pass."""
-    return 2 if cfg.PREFERENCE else 1
+    return 2 if getattr(cfg, "PREFERENCE", False) else 1
 
 
 def flops_per_token(cfg: TrainConfig, params: ParamCount) -> float:
     """Training FLOPs per token; a LoRA preference run adds its reference's forward pass (the same model with
     the adapter off, 2·N; full training reads reference log-probs computed before the run)."""
     flops = train_flops_per_token(params.compute, params.trainable)
-    return flops + 2 * params.compute if cfg.PREFERENCE and cfg.train_type == "lora" else flops
+    return flops + 2 * params.compute if sequences_per_row(cfg) == 2 and cfg.train_type == "lora" else flops
 
 
 def data_plan(cfg: TrainConfig, manifest: dict[str, Any] | None, source: str) -> DataPlan:
