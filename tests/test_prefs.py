@@ -30,14 +30,20 @@ def test_rewards_of_a_good_tune_a_misaligned_one_and_text():
     asked = {"key": "D", "meter": "4/4", "unit_length": "1/8"}
     good = rewards.components(metrics(REEL, asked), asked)
     assert good == {"parses": 1.0, "plays": 1.0, "bar_alignment": 1.0, "as_requested": 1.0,
-                    "structure": pytest.approx(0.5 + 0.5 * 0.0), "novelty": 1.0}  # fmt: skip
+                    "structure": pytest.approx(0.5 + 0.5 * 0.0), "novelty": 1.0, "strict": 1.0}  # fmt: skip
     other = rewards.components(
         metrics(REEL, {"key": "G", "meter": "4/4", "bars": 12}), {"key": "G", "meter": "4/4", "bars": 12}
     )
     assert other["as_requested"] == pytest.approx(1 / 3)  # meter yes; key no; 5 bars is not 12 +- 1
+    assert other["strict"] == 0.0  # not the asked key
     bad = metrics(BROKEN_BARS, asked)
     # 1 of 4 checked bars wrong: the 9/8 second bar (the short first bar is a pickup, tolerated)
     assert rewards.components(bad, asked)["bar_alignment"] == pytest.approx(0.75)
+    assert rewards.components(bad, asked)["strict"] == 0.0  # a bar off its meter
+    # chosen_strict: only a strictly valid tune may be chosen (the misaligned one still parses and plays)
+    assert rewards.score(bad, asked, RewardWeights())["valid"]
+    assert not rewards.score(bad, asked, RewardWeights(), chosen_strict=True)["valid"]
+    assert rewards.score(metrics(REEL, asked), asked, RewardWeights(), chosen_strict=True)["valid"]
     assert rewards.components(metrics("I cannot write music.", asked), asked) == dict.fromkeys(
         rewards.REWARDS, 0.0
     )

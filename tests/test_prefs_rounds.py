@@ -48,6 +48,12 @@ def test_strict_validity_needs_parse_play_aligned_bars_and_the_asked_key_and_met
     got = guards.guard_metrics({"tunes_detail": tunes, "all": {"distinct_n": 0.7, "memorised": 0.0}}, 12.0)
     assert got == {"strict_validity": 0.2, "bar_alignment_error": None, "diversity": 0.7, "memorisation": 0.0,
                    "val_perplexity": 12.0}  # fmt: skip
+    # the prefs job's strict reward is the same test, on its own rows (syntax_ok; parse_success = it and plays)
+    from chatmusician.prefs.rewards import strictly_valid
+
+    asked = {"key": "D", "meter": "4/4"}
+    rows = [{k if k != "parse_success" else "syntax_ok": v for k, v in t.items()} for t in tunes]
+    assert [strictly_valid(r, asked) for r in rows] == [guards.strictly_valid(t) for t in tunes]
 
 
 def test_the_loop_stops_on_a_guard_with_the_table_and_plot_written(tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ class RewardWeights:
     """Folk-tune form: half for repeat signs / endings, half for reused bar pairs (motifs)."""
     novelty: float = 0.5
     """1 - similarity to the nearest training tune (needs train_tunes; 1 without them)."""
+    strict: float = 0.0
+    """1 when the tune is strictly valid (the rounds' guard: parses, plays, no bar off its meter, the asked key and
+    meter), else 0: weighs the whole of the guard rather than its parts."""
     user: float = 1.0
     """Weight of the user reward (user_reward), when one is set."""
 
@@ -62,6 +65,8 @@ class PrefsConfig:
     """Seed of every sample's own generator (sample k of prompt p: the same whatever batch it lands in)."""
     pair_fraction: float = 0.1
     """Per prompt: the top fraction (valid, non-copied) is paired with the bottom fraction (at least one each)."""
+    chosen_strict: bool = False
+    """Choose only strictly valid tunes (the strict reward's test), not merely ones that parse and play."""
     weights: RewardWeights = field(default_factory=RewardWeights)
     """Reward weights."""
     user_reward: str | None = None

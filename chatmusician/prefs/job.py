@@ -103,7 +103,7 @@ def score_samples(
             if user_fn
             else None
         )
-        r |= rewards.score(r, by_name[r["name"]]["request"], cfg.weights, user)
+        r |= rewards.score(r, by_name[r["name"]]["request"], cfg.weights, user, cfg.chosen_strict)
         r.pop("body", None), r.pop("music_tokens", None)
     return rows
 

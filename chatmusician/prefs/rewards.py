@@ -5,7 +5,8 @@ Each reward is in [0, 1] and comes from what the evaluation already measures
 error), ``plays`` (abc2midi's verdict through the renderer's judge), ``bar_alignment`` (1 - NotaGen's
 bar-alignment error), ``as_requested`` (the share of the asked key / meter / unit length / bar count honoured),
 ``structure`` (half for repeat signs or endings, half for the share of reused bar pairs) and ``novelty``
-(1 - similarity to the nearest training tune). The total is the weighted mean (:class:`RewardWeights`), with an
+(1 - similarity to the nearest training tune); ``strict`` is 1 for a strictly valid tune (parses, plays, no bar
+off its meter, the asked key and meter: the rounds' guard, :func:`strictly_valid`). The total is the weighted mean (:class:`RewardWeights`), with an
 optional user reward. A tune is *valid* when it parses, plays and is no near-copy of a training tune: only valid
 tunes are ever chosen.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from chatmusician.prefs.config import RewardWeights
 
-REWARDS = ("parses", "plays", "bar_alignment", "as_requested", "structure", "novelty")
+REWARDS = ("parses", "plays", "bar_alignment", "as_requested", "structure", "novelty", "strict")
 """The built-in rewards, in report order (the user reward is ``user``)."""
 BARS_TOLERANCE = 1
 """An asked bar count is honoured within this many bars (a pickup or a closing bar counted apart)."""
@@ -57,7 +58,20 @@ def components(metrics: Mapping[str, Any], request: Mapping[str, Any] | None = N
         "structure": 0.5 * bool(metrics.get("has_repeats"))
         + 0.5 * float(metrics.get("repeated_bigram_share") or 0),
         "novelty": 1.0 - float(metrics.get("nearest_train_similarity") or 0.0),
+        "strict": float(strictly_valid(metrics, request)),
     }
+
+
+def strictly_valid(metrics: Mapping[str, Any], request: Mapping[str, Any] | None = None) -> bool:
+    """Parses, plays (or was not checked), no bar off its meter (bar-alignment error 0) and the key and meter are
+    the asked ones (where ``request`` asks): the strict validity the rounds guard (:mod:`chatmusician.prefs.guards`)."""
+    request = request or {}
+    return (
+        bool(metrics.get("syntax_ok"))
+        and metrics.get("midi_ok") is not False
+        and (metrics.get("bar_alignment_error") or 0.0) == 0.0
+        and all(metrics.get(f"{k}_as_requested") is not False for k in ("key", "meter") if k in request)
+    )
 
 
 def check_weights(weights: RewardWeights) -> None:
@@ -112,10 +126,13 @@ def score(
     request: Mapping[str, Any] | None,
     weights: RewardWeights,
     user: float | None = None,
+    chosen_strict: bool = False,
 ) -> dict[str, Any]:
-    """Every reward of one answer, its total and whether it is valid: ``{reward_<name>..., reward, valid}``."""
+    """Every reward of one answer, its total and whether it is valid: ``{reward_<name>..., reward, valid}``
+    (``chosen_strict``: valid also needs the strict reward, so only strictly valid tunes are chosen)."""
     parts = components(metrics, request)
     out: dict[str, Any] = {f"reward_{k}": v for k, v in parts.items()}
     if user is not None:
         out["reward_user"] = user
-    return out | {"reward": total(parts, weights, user), "valid": is_valid(metrics)}
+    valid = is_valid(metrics) and (not chosen_strict or parts["strict"] == 1.0)
+    return out | {"reward": total(parts, weights, user), "valid": valid}
