@@ -41,8 +41,9 @@ _GENERATION_MODE = (
 _GENERATION_TEMPO = (
     'TEMPO: /[1-3]/ "/" ("2" | "4" | "8" | "16") "=" (/[4-9]/ /[0-9]/ | /[12]/ /[0-9]/ /[0-9]/)'
 )
-# Generation's note lengths: 1-8 units, halves to eighths (abc2midi wrote empty or broken MIDI for A/27).
-_GENERATION_LEN = 'LEN: /[1-8]/ ("/" ("2" | "4" | "8"))? | "/" "/"? ("2" | "4" | "8")?'
+# Generation's note lengths: 1-8 units, halves to eighths (abc2midi wrote empty or broken MIDI for A/27; it
+# reads //2 //4 //8 as // (a quarter unit), abcnotes and the validator as /2 /4 /8).
+_GENERATION_LEN = 'LEN: /[1-8]/ ("/" ("2" | "4" | "8"))? | "/" ("2" | "4" | "8")? | "//"'
 # Generation's decorations: !name! and the one-character ones that are not letters or are bowings (u, v):
 # two other letters side by side make a word that ends a tune's body for every reader (extract_tunes).
 _GENERATION_DECORATION = 'DECORATION: "!" /[a-zA-Z0-9.<>()+\\-]/{1,20} "!" | /[.~uv]/'

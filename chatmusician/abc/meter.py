@@ -30,7 +30,7 @@ from chatmusician.abc.fields import default_unit_length, parse_unit_length
 LENGTHS = ("",) + tuple(
     [f"{a}" for a in range(1, 9)]
     + [f"{a}/{b}" for a in range(1, 9) for b in (2, 4, 8)]
-    + ["/", "//", "/2", "/4", "/8", "//2", "//4", "//8"]
+    + ["/", "//", "/2", "/4", "/8"]  # not //2 //4 //8: abc2midi reads them as // (abcnotes: 1/4 1/8 1/16)
 )
 # The generation grammar's L: values.
 UNITS = ("1/1", "1/2", "1/4", "1/8", "1/16", "1/32")
@@ -53,6 +53,12 @@ def length(num: str | None, slash: str | None, den: str | None) -> Fraction:
     """A length suffix's value in units (abcnotes.note_length: A2 -> 2, A/ -> 1/2, A3/2 -> 3/2)."""
     n, d = abcnotes.note_length(num, slash, den)
     return Fraction(n, d)
+
+
+def check_suffix(slashes: str | None, den: str | None) -> None:
+    """Violation for a length abc2midi times differently from abcnotes (``//`` then a number)."""
+    if slashes and len(slashes) > 1 and den:
+        raise Violation(f"the length {slashes}{den}")
 
 
 def split_suffix(suffix: str) -> tuple[str | None, str | None, str | None]:
@@ -121,12 +127,27 @@ class _Line:
     def __init__(self, state: State, final: bool):
         self.s, self.final, self.at = state, final, 0
         self.clean, self.clean_at = state, 0  # the last clean state, and where in the line it is
-        self.dots: tuple[int, bool] | None = None  # a broken rhythm waiting for its right note
+        # A broken rhythm waiting for its right note: (count, right note longer, the left note's whole length).
+        self.dots: tuple[int, bool, Fraction] | None = None
         self.tuplet: list | None = None  # [q, p, notes left]
         self.chord: Fraction | None = None  # the open chord's first note (units), once seen
         self.chord_open = self.grace = False
-        self.last_sound: tuple[Fraction, bool] | None = None  # its whole-note length, in a tuplet
+        self.last_sound: tuple[Fraction, bool, bool] | None = None  # whole-note length, in a tuplet, dotted
         self.chord_suffix: str | None = None  # the chord's first note's suffix, while it may still grow
+        self.chord_lengthed = False  # the chord's first note has a length of its own
+        self.base = 0  # where in the line the text given to music() starts (a resumed scan)
+        self.snap: tuple[int, dict] | None = (
+            None  # (position, scanner) at the last item start well before the end
+        )
+
+    @staticmethod
+    def resumed(snap: tuple[int, dict], final: bool) -> _Line:
+        """A scanner that continues from a :attr:`snap` (the text from its position on is scanned)."""
+        at, attrs = snap
+        other = _Line.__new__(_Line)
+        other.__dict__.update(attrs)
+        other.final, other.base, other.snap = final, at, snap
+        return other
 
     def _fail(self, why: str) -> None:
         raise Violation(why)
@@ -136,8 +157,12 @@ class _Line:
         s, factor = self.s, Fraction(1)
         if s.whole_rest:
             self._fail("a note after a whole-bar rest")
+        dotted_now = self.dots is not None
         if self.dots is not None:
-            factor *= dotted(*self.dots)
+            if raw * s.unit != self.dots[2]:
+                # abc2midi keeps a broken pair's total (C2>D lasts 3 units, abcnotes 7/2): equal notes only
+                self._fail("a broken rhythm between notes of different lengths")
+            factor *= dotted(*self.dots[:2])
             self.dots = None
         in_tuplet = self.tuplet is not None
         if in_tuplet:
@@ -145,7 +170,7 @@ class _Line:
             factor *= Fraction(q, p)
             self.tuplet = [q, p, left - 1] if left > 1 else None
         whole = raw * factor * s.unit
-        self.last_sound = (whole, in_tuplet)
+        self.last_sound = (whole, in_tuplet, dotted_now)
         meter = s.bar_meter if s.sounding else s.meter
         self.s = replace(s, duration=s.duration + whole, sounding=True, bar_meter=meter)
 
@@ -159,8 +184,7 @@ class _Line:
             q, p, left = self.tuplet
             return tuplet_fits(rest, state.unit, left, Fraction(q, p))
         if self.dots is not None:
-            f = dotted(*self.dots) * state.unit
-            return any(on_grid(rest - x * f, state.unit) for x in extensions(""))
+            return on_grid(rest - dotted(*self.dots[:2]) * self.dots[2], state.unit)
         return on_grid(rest, state.unit)
 
     def _check(self) -> None:
@@ -211,11 +235,19 @@ class _Line:
         line = re.split(r"(?<!\\)%", line)[0]
         j, end = 0, len(line)
         while j < end:
+            if j + 4 <= end and not self.final and line[j - 1 : j] != "\\":
+                # Items that start here end before the text's last 4 characters: no token appended later can
+                # change them, so a later scan may resume from here (MeterTracker: incremental).
+                attrs = dict(self.__dict__)
+                del attrs["snap"]
+                self.snap = (self.base + j, attrs)
             part = line[j:]
             at_end = lambda m, n=len(part): m.end() == n and not self.final  # noqa: E731 - may still grow
             if part[0] == "[" and len(part) > 3 and part[2] == ":":
                 m = _INLINE.match(part)
                 if m is not None:
+                    if self.dots:
+                        self._fail("an inline field inside a broken rhythm")
                     self.last_sound = None
                     self._field(m.group(1), m.group(2))
                     self._check()
@@ -233,6 +265,7 @@ class _Line:
                 continue
             m = _NOTE.match(part)
             if m is not None:
+                check_suffix(*m.group(5, 6))
                 raw = length(*m.group(4, 5, 6))
                 suffix = "".join(g or "" for g in m.group(4, 5, 6))
                 if self.grace:
@@ -243,6 +276,7 @@ class _Line:
                         self._may_sound(tuple(raw * m for m in extensions("")))  # with the chord's length
                         self.chord = raw
                         self.chord_suffix = suffix if at_end(m) else None
+                        self.chord_lengthed = bool(suffix)
                 else:
                     self._pending_sound(raw, suffix if at_end(m) else None)
                 j += m.end()
@@ -253,18 +287,26 @@ class _Line:
                 continue
             m = _CHORD_END.match(part)
             if m is not None:
+                check_suffix(*m.group(2, 3))
                 if self.chord_open and self.chord is not None:
                     firsts = extensions(self.chord_suffix) if self.chord_suffix is not None else (self.chord,)
                     self.chord_open = False
                     suffix = "".join(g or "" for g in m.groups())
-                    sizes = extensions(suffix) if at_end(m) else (length(*m.groups()),)
+                    if self.chord_lengthed and suffix:
+                        # abc2midi then takes the chord's own length alone ([C2E]2 lasts 2, abcnotes 4)
+                        self._fail("a chord with lengths inside and outside")
+                    sizes = (
+                        extensions(suffix)
+                        if at_end(m) and not self.chord_lengthed
+                        else (length(*m.groups()),)
+                    )
                     self._pending_sizes(tuple(sorted({a * b for a in firsts for b in sizes})))
                 self.chord_open = False
                 j += m.end()
                 continue
             m = _BAR.match(part)
             if m is not None:
-                self.at = j + m.end()
+                self.at = self.base + j + m.end()
                 self._bar(m.group(), partial=at_end(m))
                 j += m.end()
                 continue
@@ -273,14 +315,14 @@ class _Line:
                 if self.last_sound is None or self.chord_open or self.grace:
                     j += m.end()  # abcnotes: not a broken rhythm here (the grammar keeps these rare)
                     continue
-                whole, in_tuplet = self.last_sound
-                if in_tuplet or self.tuplet is not None:
-                    self._fail("broken rhythm in a tuplet")
+                whole, in_tuplet, was_dotted = self.last_sound
+                if in_tuplet or self.tuplet is not None or was_dotted:
+                    self._fail("broken rhythm in a tuplet or after a broken rhythm's right note")
                 n, longer_left = len(m.group()), m.group()[0] == ">"
                 grow = whole * (dotted(n, longer_left) - 1)
                 self.s = replace(self.s, duration=self.s.duration + grow)
                 self.last_sound = None
-                self.dots = (n, not longer_left)
+                self.dots = (n, not longer_left, whole)
                 self._check()
                 j += m.end()
                 continue
@@ -293,6 +335,7 @@ class _Line:
                     self.s = replace(self.s, whole_rest=True)
                     self.last_sound = None
                 else:
+                    check_suffix(*m.group(3, 4))
                     suffix = "".join(g or "" for g in m.group(2, 3, 4))
                     self._pending_sound(length(*m.group(2, 3, 4)), suffix if at_end(m) else None)
                 j += m.end()
@@ -367,7 +410,12 @@ class _Line:
         before = (self.s, self.dots, self.tuplet)
         for size in sizes:
             self.s, self.dots, self.tuplet = before[0], before[1], list(before[2]) if before[2] else None
-            self._sound(size)
+            try:
+                self._sound(size)
+            except Violation:
+                if before[1] is None:
+                    raise
+                continue  # a length unequal to the broken rhythm's left note
             if self._fits(self.s):
                 return
         self._fail("no length of this note fits the bar")
@@ -409,12 +457,27 @@ def header_line(state: State, line: str) -> State:
     return state
 
 
-def scan(state: State, text: str, final: bool, mid_line: bool = False) -> tuple[State, int]:
+def scan(
+    state: State, text: str, final: bool, mid_line: bool = False, resume=None, out: dict | None = None
+) -> tuple[State, int]:
     """The state after ``text`` (lines from a clean point; ``mid_line``: it starts after a bar line), or
     Violation. Non-final: the text may still grow (its last note may get a longer suffix, its last line more
-    notes); then the state returned is the last clean point and the offset is where in ``text`` it is."""
+    notes); then the state returned is the last clean point and the offset is where in ``text`` it is.
+    ``resume``: a :attr:`_Line.snap` in ``text``'s first line (positions counted from ``text``'s start): the
+    scan goes on from there. ``out["line"]``: the last line's scanner, with the
+    offset of its line in ``text`` (``out["at"]``), when the scan stopped inside a body line."""
     lines, offset = text.split("\n"), 0
     for k, line in enumerate(lines):
+        if k == 0 and resume is not None:
+            complete = len(lines) > 1
+            scanner = _Line.resumed(resume, complete or final)
+            clean = scanner.music(line[scanner.base :])
+            if not (complete or final):
+                if out is not None:
+                    out["line"], out["at"] = scanner, 0
+                return clean, scanner.clean_at
+            state = clean
+            continue
         if k:
             offset += len(lines[k - 1]) + 1
             mid_line = False
@@ -443,6 +506,8 @@ def scan(state: State, text: str, final: bool, mid_line: bool = False) -> tuple[
         scanner = _Line(state, complete or final)
         clean = scanner.music(line)
         if not (complete or final):
+            if out is not None:
+                out["line"], out["at"] = scanner, offset
             return clean, offset + scanner.clean_at
         state = clean
     return state, len(text)
@@ -464,12 +529,16 @@ class MeterTracker:
         self.tail = ""  # the text since the last clean point (scanned again with each candidate)
         self.mid_line = False  # the tail starts after a bar line, not at a line start
         self.broken = False  # text it could not follow was pushed (a forced token): it checks nothing more
+        self.snap: tuple[int, dict] | None = None  # a scanner inside the tail to resume from (cheap checks)
+
+    def _scan(self, text: str, final: bool, out: dict | None = None) -> tuple[State, int]:
+        return scan(self.state, text, final, self.mid_line, self.snap, out)
 
     def allows(self, text: str) -> bool:
         if self.broken:
             return True
         try:
-            scan(self.state, self.tail + text, final=False, mid_line=self.mid_line)
+            self._scan(self.tail + text, final=False)
         except Violation:
             return False
         return True
@@ -478,11 +547,18 @@ class MeterTracker:
         if self.broken:
             return
         self.tail += text
+        out: dict = {}
         try:
-            state, at = scan(self.state, self.tail, final=False, mid_line=self.mid_line)
+            state, at = self._scan(self.tail, final=False, out=out)
         except Violation:
-            self.broken = True
+            self.broken, self.snap = True, None
             return
+        line = out.get("line")
+        snap = line.snap if line is not None else None
+        self.snap = None
+        if snap is not None and out["at"] + snap[0] >= at:  # rebased onto the tail that is kept
+            attrs = dict(snap[1], clean_at=snap[1]["clean_at"] + out["at"] - at)
+            self.snap = (snap[0] + out["at"] - at, attrs)
         if at:
             self.mid_line = not self.tail[:at].endswith("\n") if "\n" not in self.tail[at - 1 : at] else False
             self.state, self.tail = state, self.tail[at:]
@@ -491,7 +567,7 @@ class MeterTracker:
         if self.broken:
             return False
         try:
-            return can_end(scan(self.state, self.tail, final=True, mid_line=self.mid_line)[0])
+            return can_end(self._scan(self.tail, final=True)[0])
         except Violation:
             return False
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from fractions import Fraction
 
-from chatmusician.abc.meter import LENGTHS, METERS, UNITS, MeterTracker, Violation, length, scan, split_suffix
+from chatmusician.abc.meter import LENGTHS, METERS, UNITS, MeterTracker, Violation, length, split_suffix
 
 # Candidates tried per row and step, at most; candidates kept, at most; the probability they must cover.
 MAX_TRIED = 64
@@ -46,6 +46,7 @@ def copy_tracker(tracker: MeterTracker) -> MeterTracker:
         tracker.mid_line,
         tracker.broken,
     )
+    other.snap = tracker.snap
     return other
 
 
@@ -93,7 +94,7 @@ def field_endings(text: str) -> list[str]:
 def bar_fill(tracker: MeterTracker) -> str | None:
     """Rests that fill the bar in progress exactly ("" when it is empty or full; None when unknown)."""
     try:
-        state, _ = scan(tracker.state, tracker.tail, final=True, mid_line=tracker.mid_line)
+        state, _ = tracker._scan(tracker.tail, final=True)
     except Violation:
         return None
     if not state.body or not state.sounding or state.bar_meter is None or state.whole_rest:
