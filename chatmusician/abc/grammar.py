@@ -21,10 +21,11 @@ GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_BARS_LIMIT = 1000
 GENERATION_TEXT_CHARS = 48
 GENERATION_HEADER_FIELDS = 8
-# Generation's K: modifiers: explicit accidentals and clefs (an unknown one voids the key line; octave= and
+# Generation's K: modifiers: explicit accidentals (^^ __ ^ _ =; the validator rejects "=^b" or "^_b") and clefs
+# (an unknown one voids the key line; octave= and
 # transpose= and the perc clef pushed notes out of MIDI's range).
 _GENERATION_MODIFIER = (
-    'MODIFIER: /[\\^_=]/ /[\\^_]/? /[A-Ga-g]/ | "clef="? ("treble" | "bass" | "alto" | "tenor")'
+    'MODIFIER: ("^" "^"? | "_" "_"? | "=") /[A-Ga-g]/ | "clef="? ("treble" | "bass" | "alto" | "tenor")'
 )
 # Generation's quoted strings: an annotation (^ _ < > @ then text) or a plain chord symbol (abc2midi plays
 # those and wrote broken MIDI files for empty or odd ones).

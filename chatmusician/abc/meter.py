@@ -10,9 +10,14 @@ whose every bar is as long as its meter: each closed bar full, except a short fi
 short bar closed by a repeat/double bar/ending that completes it; the bar in progress never over-full and
 fillable with the lengths the generation grammar allows; the last bar full or completing the anacrusis.
 The validator's ``bar_duration`` check tolerates more (any short bar beside a section boundary), so what
-the tracker passes the validator passes. To stay exact it rejects a few constructs whose timing abcnotes
-and abc2midi read differently: ``&`` overlays, tuplets with ``:``, broken rhythm inside or into a tuplet,
-grace notes or a tuplet while a broken rhythm waits for its note, notes after a ``Z``/``X`` in its bar.
+the tracker passes the validator passes. To stay exact it rejects the constructs whose timing abcnotes
+and abc2midi read differently (each found by playing random-model tunes through abc2midi): ``&`` overlays,
+tuplets with ``:``, ``(5``/``(7``/``(9`` in 3/4, 3/8, 3/2 (abc2midi: in the time of 3, abcnotes: of 2), broken
+rhythm inside or into a tuplet, between notes of different lengths (abc2midi keeps the pair's total) or
+chained, ``>``/``<`` not right after a note, rest or chord (abcnotes: none, abc2midi: one), grace notes or a
+tuplet or an inline field while a broken rhythm waits for its note, a chord with lengths both inside and outside
+(abc2midi takes the outer alone), ``//2``/``//4``/``//8`` (abc2midi: ``//``), a body line starting like a field
+line (``F:|``: abc2midi skips it), notes after a ``Z``/``X`` in its bar.
 """
 
 from __future__ import annotations
@@ -255,9 +260,13 @@ class _Line:
                     continue
             partial = re.fullmatch(r"\[([A-Za-z]):([^\]]*)", part)
             if not self.final and partial is not None:
+                if self.dots:
+                    self._fail("an inline field inside a broken rhythm")
                 self.unit_may_change(partial.group(1), partial.group(2), done=False)
                 return self.clean  # an inline field still being written
             if not self.final and len(part) < 4 and re.fullmatch(r"\[([H-Zh-z]:?)?", part):
+                if self.dots and len(part) > 1:
+                    self._fail("an inline field inside a broken rhythm")
                 return self.clean  # an inline field or chord not yet told apart
             m = re.match(r"\s+", part)
             if m is not None:
@@ -313,8 +322,9 @@ class _Line:
             m = re.match("<+|>+", part)
             if m is not None:
                 if self.last_sound is None or self.chord_open or self.grace:
-                    j += m.end()  # abcnotes: not a broken rhythm here (the grammar keeps these rare)
-                    continue
+                    # abcnotes: no broken rhythm here (after a slur, grace group, decoration, bar...);
+                    # abc2midi: one, on the notes around it
+                    self._fail("'>' or '<' not right after a note, rest or chord")
                 whole, in_tuplet, was_dotted = self.last_sound
                 if in_tuplet or self.tuplet is not None or was_dotted:
                     self._fail("broken rhythm in a tuplet or after a broken rhythm's right note")
@@ -346,6 +356,9 @@ class _Line:
                     self._fail("a tuplet with ':' or after a broken rhythm")
                 meter = abcnotes.parse_meter(self.s.meter_text) if self.s.meter is not None else None
                 compound = meter is not None and meter[0] % 3 == 0 and meter[0] > 3
+                if meter is not None and meter[0] == 3 and m.group(1) in "579":
+                    # abc2midi counts 3/4, 3/8, 3/2 as compound here ((5 in the time of 3), abcnotes not
+                    self._fail("(5, (7 or (9 in a meter of three beats")
                 t = abcnotes.Tuplet(num=m.group(1), compound=compound, line=0, char=0, text="")
                 self.tuplet = [t.q, t.p, t.r]
                 self._check()
@@ -382,7 +395,9 @@ class _Line:
             return
         written = value.strip()
         options = (
-            [written] if done or value != value.rstrip() else [u for u in UNITS if u.startswith(written)]
+            [written]
+            if done or (written and value != value.rstrip())
+            else [u for u in UNITS if u.startswith(written)]
         )
         before = self.s
         for option in options:
@@ -418,6 +433,9 @@ class _Line:
                 continue  # a length unequal to the broken rhythm's left note
             if self._fits(self.s):
                 return
+            s = self.s
+            if s.bar_meter is not None and s.sounding and not s.whole_rest and s.duration > s.bar_meter:
+                break  # over-full: every longer size is too (sizes ascend)
         self._fail("no length of this note fits the bar")
 
 
@@ -425,7 +443,7 @@ def meter_may_be(value: str, done: bool) -> None:
     """Violation unless the M: value written so far (``done``: all of it) is, or may become, one of
     :data:`METERS`."""
     written = value.strip()
-    if done or value != value.rstrip():
+    if done or (written and value != value.rstrip()):  # "M: " may still get its value
         ok = written in METERS
     else:
         ok = any(m.startswith(written) for m in METERS)
@@ -492,6 +510,9 @@ def scan(
                 continue
             return state, offset
         field = None if mid_line else _FIELD_LINE.match(line)
+        if field is not None and field.group(1) not in abcnotes.tune_body_fields:
+            # "F:|..." is a note and a repeat to abcnotes (and the validator), a field line to abc2midi
+            raise Violation(f"a music line that starts like a field line: {line[:2]!r}")
         if field is not None and field.group(1) in abcnotes.tune_body_fields:
             if not complete:
                 _Line(state, False).unit_may_change(field.group(1), line[2:], done=final)
