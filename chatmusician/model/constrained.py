@@ -223,6 +223,8 @@ class RowState:
         for heads in closers:
             best = None
             for head in heads:
+                if head and self.matcher.validate_tokens(list(head)) != len(head):
+                    continue  # the grammar refuses the head: no tail after it can fit
                 head_text = ll_tok.decode_str(list(head))
                 tails = sorted([*encoded, *self._fills(ll_tok, head_text)], key=len)
                 for tokens in tails:

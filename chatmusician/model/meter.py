@@ -4,7 +4,7 @@ duration model, incremental).
 
 The grammar (llguidance) keeps syntax; here each step looks at the row's best tokens the grammar allows, in
 score order, and keeps those the meter tracker passes, until they hold nearly all of the probability the
-sampler could reach (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
+sampler could reach once the failed ones are masked (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
 Greedy decoding of a trained model usually tries one or two. Engine-neutral: :func:`meter_mask_row` takes a
 row's generated ids and its logits, so a vLLM logits processor can call it per row (see docs/serving/constrained.md).
 """
@@ -19,7 +19,7 @@ from chatmusician.abc.meter import LENGTHS, METERS, UNITS, MeterTracker, Violati
 
 # Candidates tried per row and step, at most; candidates kept, at most; the probability they must cover.
 MAX_TRIED = 64
-MAX_KEPT = 16
+MAX_KEPT = 8
 MASS = 0.98
 _SUFFIX_START = frozenset("/12345678]")
 _TEXTS: dict[
@@ -103,17 +103,30 @@ def bar_fill(tracker: MeterTracker) -> str | None:
 
 
 def keep_row(
-    tracker: MeterTracker, order: Sequence[int], probs: Sequence[float], texts: Sequence[str], eos_id: int
+    tracker: MeterTracker,
+    order: Sequence[int],
+    probs: Sequence[float],
+    texts: Sequence[str],
+    eos_id: int,
+    beyond: float = 0.0,
+    limit: int = MAX_KEPT,
 ) -> list[int]:
-    """Of the candidates ``order`` (best first, all allowed by the grammar, with their probabilities), those
-    the meter allows, stopping once they cover :data:`MASS` of the probability or :data:`MAX_KEPT` passed."""
+    """Of the candidates ``order`` (best first, all allowed by the grammar, with their probabilities; ``beyond``:
+    the probability of the allowed tokens after them), those the meter allows, stopping once they hold
+    :data:`MASS` of the probability not yet known to fail (what the sampler can reach once the meter has
+    masked the failures), or ``limit`` passed."""
+    rest = [0.0] * len(probs)  # probability of the candidates after each one, and beyond
+    total = beyond
+    for i in range(len(probs) - 1, -1, -1):
+        rest[i] = total
+        total += probs[i]
     kept, mass = [], 0.0
-    for token, p in zip(order, probs, strict=False):
+    for i, token in enumerate(order):
         ok = tracker.can_end() if token == eos_id else tracker.allows(texts[token])
         if ok:
             kept.append(token)
-            mass += p
-            if mass >= MASS or len(kept) >= MAX_KEPT:
+            mass += probs[i] if i < len(probs) else 0.0
+            if len(kept) >= limit or mass >= MASS * (mass + (rest[i] if i < len(rest) else 0.0)) > 0.0:
                 break
     return kept
 
@@ -130,16 +143,18 @@ def meter_mask_row(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: 
         return []
     k = min(n, MAX_TRIED)
     top = torch.topk(scores, k)
-    probs = torch.softmax(scores.float(), dim=-1)[top.indices].tolist()
-    kept = keep_row(tracker, top.indices.tolist(), probs, texts, eos_id)
+    all_probs = torch.softmax(scores.double(), dim=-1)
+    probs = all_probs[top.indices]
+    beyond = float(all_probs.sum() - probs.sum()) if n > k else 0.0
+    kept = keep_row(tracker, top.indices.tolist(), probs.tolist(), texts, eos_id, max(0.0, beyond))
     if not kept and n > k:
         # The best all fail: the row may need a length to finish its last note ("d4" -> "d4/8" in a full
         # bar), then anything else allowed, best first.
         order = torch.argsort(scores, descending=True)[k:n].tolist()
         suffixes = [t for t in order if texts[t][:1] in _SUFFIX_START]
-        kept = keep_row(tracker, suffixes, [0.0] * len(suffixes), texts, eos_id)[:1]
+        kept = keep_row(tracker, suffixes, [], texts, eos_id, limit=1)
         if not kept:
-            kept = keep_row(tracker, order, [0.0] * len(order), texts, eos_id)[:1]
+            kept = keep_row(tracker, order, [], texts, eos_id, limit=1)
     if kept:
         keep = torch.zeros_like(allowed)
         keep[torch.tensor(kept, device=scores.device)] = True
