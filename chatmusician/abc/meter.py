@@ -140,6 +140,8 @@ class _Line:
         self.last_sound: tuple[Fraction, bool, bool] | None = None  # whole-note length, in a tuplet, dotted
         self.chord_suffix: str | None = None  # the chord's first note's suffix, while it may still grow
         self.chord_lengthed = False  # the chord's first note has a length of its own
+        self.tie_ok = False  # the last item was a note or a chord's end: a tie may follow
+        self.grace_done = False  # a grace group closed and no note, rest or chord came after it yet
         self.base = 0  # where in the line the text given to music() starts (a resumed scan)
         self.snap: tuple[int, dict] | None = (
             None  # (position, scanner) at the last item start well before the end
@@ -247,6 +249,7 @@ class _Line:
                 del attrs["snap"]
                 self.snap = (self.base + j, attrs)
             part = line[j:]
+            after_note, self.tie_ok = self.tie_ok, False
             at_end = lambda m, n=len(part): m.end() == n and not self.final  # noqa: E731 - may still grow
             if part[0] == "[" and len(part) > 3 and part[2] == ":":
                 m = _INLINE.match(part)
@@ -288,6 +291,8 @@ class _Line:
                         self.chord_lengthed = bool(suffix)
                 else:
                     self._pending_sound(raw, suffix if at_end(m) else None)
+                self.tie_ok = not self.grace and not self.chord_open
+                self.grace_done = self.grace_done and self.grace
                 j += m.end()
                 continue
             if part[0] == "[" and re.match(r"\[[\|\d]", part) is None:
@@ -311,6 +316,7 @@ class _Line:
                     )
                     self._pending_sizes(tuple(sorted({a * b for a in firsts for b in sizes})))
                 self.chord_open = False
+                self.tie_ok = True
                 j += m.end()
                 continue
             m = _BAR.match(part)
@@ -338,6 +344,7 @@ class _Line:
                 continue
             m = _REST.match(part)
             if m is not None:
+                self.grace_done = False
                 if m.group(1) in "XZ":
                     if self.s.sounding or self.dots or self.tuplet:
                         self._fail("a whole-bar rest after notes")
@@ -366,12 +373,18 @@ class _Line:
                 continue
             if part[0] == "&":
                 self._fail("voice overlay")
+            if part[0] == "-" and not after_note:
+                # abcnotes ties only the note just before; abc2midi also ties across spaces, lines, grace groups
+                # and out of chords (its next note is then not struck)
+                self._fail("a tie not right after a note or chord")
             if part[0] == "{":
                 if self.dots or self.tuplet:
                     self._fail("grace notes inside a broken rhythm or tuplet")
+                if self.grace_done:
+                    self._fail("two grace groups with no note between them (abc2midi moves the notes after)")
                 self.grace = True
             elif part[0] == "}":
-                self.grace = False
+                self.grace, self.grace_done = False, True
             if not self.final and re.fullmatch(r"\^\^?|__?|=", part) and not (self.grace or self.chord_open):
                 self._may_sound(extensions(""))  # an accidental: a note follows
             m = _SKIP.match(part)
