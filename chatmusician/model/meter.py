@@ -91,7 +91,7 @@ def field_endings(text: str) -> list[str]:
     return [colon + v[len(written) :] for v in values[:4]]
 
 
-def bar_fill(tracker: MeterTracker) -> str | None:
+def bar_fill(tracker: MeterTracker, again: bool = True) -> str | None:
     """Rests that fill the bar in progress exactly ("" when it is empty or full; None when unknown); a broken
     rhythm waiting for its second note gets a rest as long as its first one."""
     try:
@@ -103,14 +103,14 @@ def bar_fill(tracker: MeterTracker) -> str | None:
         except Violation:
             return None
         line = out.get("line")
-        if line is None or not line.dots or line.tuplet or line.chord_open or line.grace:
+        if not again or line is None or not line.dots or line.tuplet or line.chord_open or line.grace:
             return None
         right = _rest_text(line.dots[2] / line.s.unit)
         if right.count("z") != 1:
             return None
         after = copy_tracker(tracker)
         after.push(right)
-        rest = None if after.broken else bar_fill(after)
+        rest = None if after.broken else bar_fill(after, again=False)
         return None if rest is None else right + rest
     if not state.body or not state.sounding or state.bar_meter is None or state.whole_rest:
         return ""
