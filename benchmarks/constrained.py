@@ -1,10 +1,14 @@
-"""Constrained vs unconstrained generation: parse success and tokens/s, on a trained tiny model and a random one.
+"""Constrained vs unconstrained generation: parse success, metrical correctness and tokens/s, on a trained tiny
+model and a random one.
 
     .venv/bin/python -m benchmarks.constrained [--model PATH] [--prompts 8] [--max_new_tokens 256]
 
 ``--model`` is the quickstart's trained model (e.g. its merged SFT model); without it the benchmark trains
 the nano model itself for ``--train_steps`` on the Nottingham tunes (plain PyTorch, a few minutes on CPU).
-The random model is the untrained nano model. Same prompts and seeds for every arm, one run. Parse success =
+The random model is the untrained nano model. Same prompts and seeds for every arm, one run. Metrical
+correctness per arm (constrained decoding is meter-aware): the share of tunes with no ``bar_duration`` issue
+from the validator (an answer with no tune counts as not correct), and the bar-alignment error, bars whose
+length differs from the meter / bars checked, over all the arm's tunes (NotaGen's metric). Parse success =
 an ABC tune is found, the validator reports no error other than bar durations, and abc2midi writes a MIDI that
 the renderer's judge finds usable (it parses, plays notes and lasts about what the bars say:
 ``chatmusician.render.judge``; abc2midi's messages are warnings there, as in rendering). Speed = generated tokens/s, constrained vs unconstrained, at batch 1 and 8, plus
@@ -115,6 +119,21 @@ def parses(text: str) -> bool:
         return (Path(tmp) / "t.mid").exists() and usable_midi(Path(tmp) / "t.mid", tune, out.returncode)
 
 
+def bar_counts(text: str) -> tuple[int, int] | None:
+    """(bars whose length differs from the meter, bars checked) of the answer's tune, by the validator's
+    ``bar_duration`` check; None when no tune is found."""
+    from chatmusician.abc import extract_tunes, parse_tune
+    from chatmusician.eval.music_metrics import bar_alignment
+
+    found = extract_tunes(text)
+    if not found.tunes:
+        return None
+    try:
+        return bar_alignment(parse_tune(found.tunes[0]))
+    except Exception:  # noqa: BLE001 - a tune the tokenizer cannot read: nothing checked
+        return None
+
+
 def usable_midi(path: Path, tune: str, returncode: int) -> bool:
     """The renderer's judgement of a MIDI: it parses, plays notes and lasts about what the bars say."""
     from chatmusician.render.judge import midi_facts, midi_problem
@@ -169,8 +188,11 @@ def run_arm(model, tok, constrained: bool, batch: int, cfg: ConstrainedBenchConf
     for p in made:
         if p is not None:
             mask_s, mask_steps = mask_s + p.mask_seconds, mask_steps + p.steps * len(p.active)
+    counts = [bar_counts(t) for t in texts]
     return {
         "parse": sum(parses(t) for t in texts) / len(texts),
+        "bars_ok": sum(c is not None and c[0] == 0 for c in counts) / len(texts),
+        "bar_error": sum(c[0] for c in counts if c) / max(1, sum(c[1] for c in counts if c)),
         "tok_s": tokens / seconds,
         "mask_ms": 1e3 * mask_s / mask_steps if mask_steps else None,
     }
@@ -197,6 +219,8 @@ def main(cfg: ConstrainedBenchConfig) -> None:
             mask = f"{cons['mask_ms']:.3f}" if cons["mask_ms"] is not None else "-"
             print(
                 f"{name:8s} batch {batch}: parse {plain['parse']:.0%} -> {cons['parse']:.0%} constrained; "
+                f"no bar-duration issue {plain['bars_ok']:.0%} -> {cons['bars_ok']:.0%}; "
+                f"bar-alignment error {plain['bar_error']:.1%} -> {cons['bar_error']:.1%}; "
                 f"tokens/s {plain['tok_s']:.0f} -> {cons['tok_s']:.0f} ({statistics.median(ratios):.2f}x median; "
                 f"rounds {', '.join(f'{r:.2f}' for r in ratios)}); mask {mask} ms/token/row",
                 flush=True,

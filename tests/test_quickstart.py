@@ -80,6 +80,17 @@ def test_judge_composition_uses_the_validator_and_the_midi_verdict():
     assert not prose["found"] and not prose["parses"]
 
 
+def test_strict_validity_needs_every_bar_as_long_as_its_meter():
+    from chatmusician.quickstart.compose import judge_composition, strict_rate
+
+    right = judge_composition("X:1\nM:6/8\nL:1/8\nK:D\nA|dfe dcB|A3 A2:|\n", midi_ok=True)
+    short = judge_composition("X:1\nM:6/8\nL:1/8\nK:D\nA|dfe dc|A3 A2 z|\n", midi_ok=True)
+    assert right["parses"] and right["strict"]
+    assert short["parses"] and not short["strict"]  # parses and plays, but a bar is an eighth short
+    assert not judge_composition("X:1\nM:6/8\nL:1/8\nK:D\nA|dfe dcB|\n", midi_ok=False)["strict"]
+    assert strict_rate([right, short]) == 0.5 and strict_rate([]) == 0.0
+
+
 def test_a_finished_stage_is_reused_and_force_removes_only_the_jobs_folders(tmp_path):
     import io
 
@@ -173,6 +184,7 @@ def test_the_final_summary_is_a_table_and_keeps_long_paths_whole(tmp_path):
                  "abc_parse_success": 0.75},
         "api": "http://127.0.0.1:5555", "ui": "http://127.0.0.1:5555/ui/", "serving": False,
         "parse_rate": {"free": 0.5, "constrained": 1.0}, "parse_goal": 0.8, "parse_goal_met": False,
+        "strict_rate": {"free": 0.25, "constrained": 1.0},
         "render": {"source": "composed (free) for prompt 1", "fallback_reason": None, "ok": True, "errors": [],
                    "abc": tune, "files": {"abc": str(tmp_path / "render" / "tune.abc")}},
         "final_model": model,
@@ -184,6 +196,7 @@ def test_the_final_summary_is_a_table_and_keeps_long_paths_whole(tmp_path):
     for row in ("tokenize", "pretrain", "sweep", "sft", "eval", "serve", "compose", "total"):
         assert any(line.lstrip().startswith(row) for line in terminal.splitlines()), row
     assert "loss 9.10 -> 3.20 over 2 steps" in terminal and "goal >= 80 % NOT met" in terminal
+    assert "strictly valid (parses, plays, no bar-duration error): free 25 %, constrained 100 %" in terminal
     assert f"chatmusician chat --model {model}\n" in terminal  # a path longer than the width is not wrapped
     assert f"chatmusician serve --model {model}" in terminal and summary["api"] in terminal
 

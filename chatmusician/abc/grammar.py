@@ -21,10 +21,11 @@ GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_BARS_LIMIT = 1000
 GENERATION_TEXT_CHARS = 48
 GENERATION_HEADER_FIELDS = 8
-# Generation's K: modifiers: explicit accidentals and clefs (an unknown one voids the key line; octave= and
+# Generation's K: modifiers: explicit accidentals (^^ __ ^ _ =; the validator rejects "=^b" or "^_b") and clefs
+# (an unknown one voids the key line; octave= and
 # transpose= and the perc clef pushed notes out of MIDI's range).
 _GENERATION_MODIFIER = (
-    'MODIFIER: /[\\^_=]/ /[\\^_]/? /[A-Ga-g]/ | "clef="? ("treble" | "bass" | "alto" | "tenor")'
+    'MODIFIER: ("^" "^"? | "_" "_"? | "=") /[A-Ga-g]/ | "clef="? ("treble" | "bass" | "alto" | "tenor")'
 )
 # Generation's quoted strings: an annotation (^ _ < > @ then text) or a plain chord symbol (abc2midi plays
 # those and wrote broken MIDI files for empty or odd ones).
@@ -41,8 +42,9 @@ _GENERATION_MODE = (
 _GENERATION_TEMPO = (
     'TEMPO: /[1-3]/ "/" ("2" | "4" | "8" | "16") "=" (/[4-9]/ /[0-9]/ | /[12]/ /[0-9]/ /[0-9]/)'
 )
-# Generation's note lengths: 1-8 units, halves to eighths (abc2midi wrote empty or broken MIDI for A/27).
-_GENERATION_LEN = 'LEN: /[1-8]/ ("/" ("2" | "4" | "8"))? | "/" "/"? ("2" | "4" | "8")?'
+# Generation's note lengths: 1-8 units, halves to eighths (abc2midi wrote empty or broken MIDI for A/27; it
+# reads //2 //4 //8 as // (a quarter unit), abcnotes and the validator as /2 /4 /8).
+_GENERATION_LEN = 'LEN: /[1-8]/ ("/" ("2" | "4" | "8"))? | "/" ("2" | "4" | "8")? | "//"'
 # Generation's decorations: !name! and the one-character ones that are not letters or are bowings (u, v):
 # two other letters side by side make a word that ends a tune's body for every reader (extract_tunes).
 _GENERATION_DECORATION = 'DECORATION: "!" /[a-zA-Z0-9.<>()+\\-]/{1,20} "!" | /[.~uv]/'

@@ -10,379 +10,38 @@ whose every bar is as long as its meter: each closed bar full, except a short fi
 short bar closed by a repeat/double bar/ending that completes it; the bar in progress never over-full and
 fillable with the lengths the generation grammar allows; the last bar full or completing the anacrusis.
 The validator's ``bar_duration`` check tolerates more (any short bar beside a section boundary), so what
-the tracker passes the validator passes. To stay exact it rejects a few constructs whose timing abcnotes
-and abc2midi read differently: ``&`` overlays, tuplets with ``:``, broken rhythm inside or into a tuplet,
-grace notes or a tuplet while a broken rhythm waits for its note, notes after a ``Z``/``X`` in its bar.
+the tracker passes the validator passes. To stay exact it rejects the constructs whose timing abcnotes
+and abc2midi read differently (each found by playing random-model tunes through abc2midi): ``&`` overlays,
+tuplets with ``:``, ``(5``/``(7``/``(9`` in 3/4, 3/8, 3/2 (abc2midi: in the time of 3, abcnotes: of 2), broken
+rhythm inside or into a tuplet, between notes of different lengths (abc2midi keeps the pair's total) or
+chained, ``>``/``<`` not right after a note, rest or chord (abcnotes: none, abc2midi: one), grace notes or a
+tuplet or an inline field while a broken rhythm waits for its note, a chord with lengths both inside and outside
+(abc2midi takes the outer alone), ``//2``/``//4``/``//8`` (abc2midi: ``//``), a body line starting like a field
+line (``F:|``: abc2midi skips it), a tie not right after a note or chord or inside a chord or grace group
+(abc2midi ties across them), two grace groups with no note between them, notes after a ``Z``/``X`` in its bar.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from fractions import Fraction
-from functools import lru_cache
 
 import abcnotes
 
 from chatmusician.abc.fields import default_unit_length, parse_unit_length
-
-# The generation grammar's note lengths (grammar.py's _GENERATION_LEN), and none.
-LENGTHS = ("",) + tuple(
-    [f"{a}" for a in range(1, 9)]
-    + [f"{a}/{b}" for a in range(1, 9) for b in (2, 4, 8)]
-    + ["/", "//", "/2", "/4", "/8", "//2", "//4", "//8"]
+from chatmusician.abc.meter_base import (  # noqa: F401 - the names the decoder imports from here
+    _FIELD_LINE,
+    LENGTHS,
+    METERS,
+    UNITS,
+    State,
+    Violation,
+    extensions,
+    length,
+    meter_may_be,
+    split_suffix,
 )
-# The generation grammar's L: values.
-UNITS = ("1/1", "1/2", "1/4", "1/8", "1/16", "1/32")
-# The meters meter-aware decoding lets a tune write (a random model writes M:(41+11+15)/1, whose bars no
-# budget fills): up to two whole notes, denominators 2 to 16, C, C| and free meter.
-METERS = frozenset(
-    [f"{n}/{d}" for d in (2, 4, 8, 16) for n in range(1, 2 * d + 1) if n <= 16] + ["C", "C|", "none"]
-)
-_FIELD_LINE = re.compile(r"^([A-Za-z+]):")
-_NOTE = re.compile(r"(\^|\^\^|=|_|__)?([a-gA-G])([,']*)(\d+)?(/+)?(\d+)?")
-_CHORD_END = re.compile(r"\](\d+)?(/+)?(\d+)?")
-_BAR = re.compile(r"((?:\[\|\]|\|\]|\[\||[\|\:])+(?:\[(?=\d))?|\[(?=\d))(\d+(?:[\-,]\d+)*|[\-,])?")
-_REST = re.compile(r"([XZxz])(\d+)?(/+)?(\d+)?")
-_TUPLET = re.compile(r"\(([2-9])(?::(\d*))?(?::(\d*))?")
-_INLINE = re.compile(r"\[([" + "".join(abcnotes.inline_fields) + r"]):([^\]]+)\]")
-_SKIP = re.compile(r'\s+|[.~H-Wh-w]|![^! ]+!|"[^"]*"|[y$`#*;?@()\-]|\{[/\\]?|\}|\\$')
-
-
-def length(num: str | None, slash: str | None, den: str | None) -> Fraction:
-    """A length suffix's value in units (abcnotes.note_length: A2 -> 2, A/ -> 1/2, A3/2 -> 3/2)."""
-    n, d = abcnotes.note_length(num, slash, den)
-    return Fraction(n, d)
-
-
-def split_suffix(suffix: str) -> tuple[str | None, str | None, str | None]:
-    m = re.fullmatch(r"(\d+)?(/+)?(\d+)?", suffix)
-    return m.groups() if m else (None, None, None)
-
-
-@lru_cache(maxsize=256)
-def extensions(suffix: str) -> tuple[Fraction, ...]:
-    """The lengths (units) a length suffix written so far may still become."""
-    return tuple(sorted({length(*split_suffix(s)) for s in LENGTHS if s.startswith(suffix)}))
-
-
-def dotted(n_dots: int, longer: bool) -> Fraction:
-    """Factor of a broken rhythm (abcnotes.dotted_length): '>' 3/2 then 1/2, '>>' 7/4 then 1/4."""
-    num, den = abcnotes.dotted_length((1, 1), n_dots, longer)
-    return Fraction(num, den)
-
-
-def on_grid(rest: Fraction, unit: Fraction) -> bool:
-    """Can plain notes fill ``rest`` (whole notes) exactly? They are multiples of an eighth of the unit."""
-    return rest >= 0 and (rest / unit * 8).denominator == 1
-
-
-@lru_cache(maxsize=4096)
-def tuplet_fits(rest: Fraction, unit: Fraction, left: int, factor: Fraction) -> bool:
-    """Can ``left`` tuplet notes (lengths scaled by ``factor``) leave a rest plain notes fill? ``left`` notes
-    add up to any multiple of 1/8 unit from left/8 (one note: the grammar's lengths)."""
-    if left <= 0:
-        return on_grid(rest, unit)
-    sums = extensions("") if left == 1 else [Fraction(k, 8) for k in range(left, 64 * left + 1)]
-    return any(on_grid(rest - s * factor * unit, unit) for s in sums if s * factor * unit <= rest)
-
-
-@dataclass(frozen=True)
-class State:
-    """Where a tune stands at a clean point (a line start or just after a bar line)."""
-
-    body: bool = False
-    """Past the K: line."""
-    meter: Fraction | None = None
-    """The meter in force (None: free meter, nothing checked)."""
-    meter_text: str = "none"
-    unit: Fraction = Fraction(1, 8)
-    unit_set: bool = False
-    """An L: line has set the unit (else it follows the header's meter)."""
-    duration: Fraction = Fraction(0)
-    """Of the bar in progress, in whole notes."""
-    bar_meter: Fraction | None = None
-    """The meter at the bar's first note or rest (what the validator compares)."""
-    sounding: bool = False
-    whole_rest: bool = False
-    closed: int = 0
-    """Bars with notes closed so far."""
-    pickup: Fraction | None = None
-    """The short first bar's length."""
-
-
-class Violation(Exception):
-    """The text cannot end as a metrically right tune."""
-
-
-class _Line:
-    """Scans one line (or its end so far) from a clean state; ``clean`` is the last clean state met."""
-
-    def __init__(self, state: State, final: bool):
-        self.s, self.final, self.at = state, final, 0
-        self.clean, self.clean_at = state, 0  # the last clean state, and where in the line it is
-        self.dots: tuple[int, bool] | None = None  # a broken rhythm waiting for its right note
-        self.tuplet: list | None = None  # [q, p, notes left]
-        self.chord: Fraction | None = None  # the open chord's first note (units), once seen
-        self.chord_open = self.grace = False
-        self.last_sound: tuple[Fraction, bool] | None = None  # its whole-note length, in a tuplet
-        self.chord_suffix: str | None = None  # the chord's first note's suffix, while it may still grow
-
-    def _fail(self, why: str) -> None:
-        raise Violation(why)
-
-    def _sound(self, raw: Fraction) -> None:
-        """A note, rest or chord of ``raw`` units, with the broken rhythm and tuplet in progress applied."""
-        s, factor = self.s, Fraction(1)
-        if s.whole_rest:
-            self._fail("a note after a whole-bar rest")
-        if self.dots is not None:
-            factor *= dotted(*self.dots)
-            self.dots = None
-        in_tuplet = self.tuplet is not None
-        if in_tuplet:
-            q, p, left = self.tuplet
-            factor *= Fraction(q, p)
-            self.tuplet = [q, p, left - 1] if left > 1 else None
-        whole = raw * factor * s.unit
-        self.last_sound = (whole, in_tuplet)
-        meter = s.bar_meter if s.sounding else s.meter
-        self.s = replace(s, duration=s.duration + whole, sounding=True, bar_meter=meter)
-
-    def _fits(self, state: State) -> bool:
-        if state.bar_meter is None or state.whole_rest or not state.sounding:
-            return True
-        rest = state.bar_meter - state.duration
-        if rest < 0:
-            return False
-        if self.tuplet is not None:
-            q, p, left = self.tuplet
-            return tuplet_fits(rest, state.unit, left, Fraction(q, p))
-        if self.dots is not None:
-            f = dotted(*self.dots) * state.unit
-            return any(on_grid(rest - x * f, state.unit) for x in extensions(""))
-        return on_grid(rest, state.unit)
-
-    def _check(self) -> None:
-        if not self._fits(self.s):
-            self._fail(f"bar of {self.s.duration} cannot fill {self.s.bar_meter}")
-
-    def _bar(self, text: str, partial: bool) -> None:
-        s = self.s
-        if self.dots or self.tuplet or self.chord_open or self.grace:
-            self._fail("a bar line inside a broken rhythm, tuplet, chord or grace group")
-        bar = abcnotes.BarLine(line=0, char=0, text=text)
-        boundary = partial or bar.repeat_end or bar.double or bar.endings is not None or bar.repeat_start
-        pickup = s.pickup
-        if s.sounding and s.bar_meter is not None and not s.whole_rest and s.duration != s.bar_meter:
-            completes = pickup is not None and s.duration + pickup == s.bar_meter
-            if s.closed == 0 and s.duration < s.bar_meter:
-                pickup = s.duration
-            elif not (boundary and completes):
-                self._fail(f"bar closed at {s.duration} of {s.bar_meter}")
-        closed = s.closed + s.sounding
-        self.s = replace(
-            s, duration=Fraction(0), sounding=False, whole_rest=False, closed=closed, pickup=pickup
-        )
-        self.s = replace(self.s, bar_meter=None)
-        if not partial:
-            self.clean, self.clean_at = self.s, self.at
-        self.last_sound = None
-
-    def _field(self, letter: str, value: str) -> None:
-        if letter == "M":
-            meter_may_be(value, True)
-            try:
-                m = abcnotes.parse_meter(value)
-            except ValueError:
-                self._fail(f"unreadable meter {value!r}")
-            meter = Fraction(*m) if m and m[1] else None
-            self.s = replace(self.s, meter=meter, meter_text=value.strip())
-        elif letter == "L":
-            try:
-                n, d = ([int(x) for x in (value.strip() + "/1").split("/")[:2]] + [1])[:2]
-            except ValueError:
-                n, d = 1, 0
-            if d == 0:
-                self._fail("L: divides by zero")
-            self.s = replace(self.s, unit=Fraction(n, d), unit_set=True)
-
-    def music(self, line: str) -> State:
-        line = re.split(r"(?<!\\)%", line)[0]
-        j, end = 0, len(line)
-        while j < end:
-            part = line[j:]
-            at_end = lambda m, n=len(part): m.end() == n and not self.final  # noqa: E731 - may still grow
-            if part[0] == "[" and len(part) > 3 and part[2] == ":":
-                m = _INLINE.match(part)
-                if m is not None:
-                    self.last_sound = None
-                    self._field(m.group(1), m.group(2))
-                    self._check()
-                    j += m.end()
-                    continue
-            partial = re.fullmatch(r"\[([A-Za-z]):([^\]]*)", part)
-            if not self.final and partial is not None:
-                self.unit_may_change(partial.group(1), partial.group(2), done=False)
-                return self.clean  # an inline field still being written
-            if not self.final and len(part) < 4 and re.fullmatch(r"\[([H-Zh-z]:?)?", part):
-                return self.clean  # an inline field or chord not yet told apart
-            m = re.match(r"\s+", part)
-            if m is not None:
-                j += m.end()
-                continue
-            m = _NOTE.match(part)
-            if m is not None:
-                raw = length(*m.group(4, 5, 6))
-                suffix = "".join(g or "" for g in m.group(4, 5, 6))
-                if self.grace:
-                    if self.dots or self.tuplet:
-                        self._fail("grace notes inside a broken rhythm or tuplet")
-                elif self.chord_open:
-                    if self.chord is None:
-                        self._may_sound(tuple(raw * m for m in extensions("")))  # with the chord's length
-                        self.chord = raw
-                        self.chord_suffix = suffix if at_end(m) else None
-                else:
-                    self._pending_sound(raw, suffix if at_end(m) else None)
-                j += m.end()
-                continue
-            if part[0] == "[" and re.match(r"\[[\|\d]", part) is None:
-                self.chord_open, self.chord, self.chord_suffix = True, None, None
-                j += 1
-                continue
-            m = _CHORD_END.match(part)
-            if m is not None:
-                if self.chord_open and self.chord is not None:
-                    firsts = extensions(self.chord_suffix) if self.chord_suffix is not None else (self.chord,)
-                    self.chord_open = False
-                    suffix = "".join(g or "" for g in m.groups())
-                    sizes = extensions(suffix) if at_end(m) else (length(*m.groups()),)
-                    self._pending_sizes(tuple(sorted({a * b for a in firsts for b in sizes})))
-                self.chord_open = False
-                j += m.end()
-                continue
-            m = _BAR.match(part)
-            if m is not None:
-                self.at = j + m.end()
-                self._bar(m.group(), partial=at_end(m))
-                j += m.end()
-                continue
-            m = re.match("<+|>+", part)
-            if m is not None:
-                if self.last_sound is None or self.chord_open or self.grace:
-                    j += m.end()  # abcnotes: not a broken rhythm here (the grammar keeps these rare)
-                    continue
-                whole, in_tuplet = self.last_sound
-                if in_tuplet or self.tuplet is not None:
-                    self._fail("broken rhythm in a tuplet")
-                n, longer_left = len(m.group()), m.group()[0] == ">"
-                grow = whole * (dotted(n, longer_left) - 1)
-                self.s = replace(self.s, duration=self.s.duration + grow)
-                self.last_sound = None
-                self.dots = (n, not longer_left)
-                self._check()
-                j += m.end()
-                continue
-            m = _REST.match(part)
-            if m is not None:
-                if m.group(1) in "XZ":
-                    if self.s.sounding or self.dots or self.tuplet:
-                        self._fail("a whole-bar rest after notes")
-                    self._sound(Fraction(0))
-                    self.s = replace(self.s, whole_rest=True)
-                    self.last_sound = None
-                else:
-                    suffix = "".join(g or "" for g in m.group(2, 3, 4))
-                    self._pending_sound(length(*m.group(2, 3, 4)), suffix if at_end(m) else None)
-                j += m.end()
-                continue
-            m = _TUPLET.match(part)
-            if m is not None:
-                if ":" in m.group() or self.dots or self.s.whole_rest:
-                    self._fail("a tuplet with ':' or after a broken rhythm")
-                meter = abcnotes.parse_meter(self.s.meter_text) if self.s.meter is not None else None
-                compound = meter is not None and meter[0] % 3 == 0 and meter[0] > 3
-                t = abcnotes.Tuplet(num=m.group(1), compound=compound, line=0, char=0, text="")
-                self.tuplet = [t.q, t.p, t.r]
-                self._check()
-                j += m.end()
-                continue
-            if part[0] == "&":
-                self._fail("voice overlay")
-            if part[0] == "{":
-                if self.dots or self.tuplet:
-                    self._fail("grace notes inside a broken rhythm or tuplet")
-                self.grace = True
-            elif part[0] == "}":
-                self.grace = False
-            if not self.final and re.fullmatch(r"\^\^?|__?|=", part) and not (self.grace or self.chord_open):
-                self._may_sound(extensions(""))  # an accidental: a note follows
-            m = _SKIP.match(part)
-            if m is None and part[0] in '"!' and not self.final:
-                return self.clean  # a chord symbol or decoration not yet closed
-            if m is None or not m.group().isspace():
-                self.last_sound = None  # abcnotes: '>' only follows a note, rest or chord (spaces between)
-            j += m.end() if m is not None else 1
-        if self.final:
-            if self.dots or self.tuplet or self.chord_open:
-                self._fail("a broken rhythm, tuplet or chord left open at the end of the line")
-            self.clean = self.s
-        return self.clean
-
-    def unit_may_change(self, letter: str, value: str, done: bool) -> None:
-        """Violation unless an L: value written so far (``done``: all of it) can leave the bar fillable, or
-        an M: value so far can still become one of :data:`METERS`."""
-        if letter == "M":
-            meter_may_be(value, done)
-        if letter != "L":
-            return
-        written = value.strip()
-        options = (
-            [written] if done or value != value.rstrip() else [u for u in UNITS if u.startswith(written)]
-        )
-        before = self.s
-        for option in options:
-            try:
-                self._field("L", option)
-                self._check()
-                return
-            except Violation:
-                pass
-            finally:
-                self.s = before
-        self._fail(f"L:{written} leaves the bar unfillable")
-
-    def _may_sound(self, sizes: tuple[Fraction, ...]) -> None:
-        """Violation unless a sound of one of these sizes fits here (the state stays as it was)."""
-        before = (self.s, self.dots, self.tuplet, self.last_sound)
-        self._pending_sizes(sizes)
-        self.s, self.dots, self.tuplet, self.last_sound = before
-
-    def _pending_sound(self, raw: Fraction, suffix: str | None) -> None:
-        self._pending_sizes(extensions(suffix) if suffix is not None else (raw,))
-
-    def _pending_sizes(self, sizes: tuple[Fraction, ...]) -> None:
-        """A sound whose length is one of ``sizes`` (several while its suffix may still grow)."""
-        before = (self.s, self.dots, self.tuplet)
-        for size in sizes:
-            self.s, self.dots, self.tuplet = before[0], before[1], list(before[2]) if before[2] else None
-            self._sound(size)
-            if self._fits(self.s):
-                return
-        self._fail("no length of this note fits the bar")
-
-
-def meter_may_be(value: str, done: bool) -> None:
-    """Violation unless the M: value written so far (``done``: all of it) is, or may become, one of
-    :data:`METERS`."""
-    written = value.strip()
-    if done or value != value.rstrip():
-        ok = written in METERS
-    else:
-        ok = any(m.startswith(written) for m in METERS)
-    if not ok:
-        raise Violation(f"meter {written!r} is not one meter-aware decoding writes")
+from chatmusician.abc.meter_line import _Line
 
 
 def header_line(state: State, line: str) -> State:
@@ -409,12 +68,27 @@ def header_line(state: State, line: str) -> State:
     return state
 
 
-def scan(state: State, text: str, final: bool, mid_line: bool = False) -> tuple[State, int]:
+def scan(
+    state: State, text: str, final: bool, mid_line: bool = False, resume=None, out: dict | None = None
+) -> tuple[State, int]:
     """The state after ``text`` (lines from a clean point; ``mid_line``: it starts after a bar line), or
     Violation. Non-final: the text may still grow (its last note may get a longer suffix, its last line more
-    notes); then the state returned is the last clean point and the offset is where in ``text`` it is."""
+    notes); then the state returned is the last clean point and the offset is where in ``text`` it is.
+    ``resume``: a :attr:`_Line.snap` in ``text``'s first line (positions counted from ``text``'s start): the
+    scan goes on from there. ``out["line"]``: the last line's scanner, with the
+    offset of its line in ``text`` (``out["at"]``), when the scan stopped inside a body line."""
     lines, offset = text.split("\n"), 0
     for k, line in enumerate(lines):
+        if k == 0 and resume is not None:
+            complete = len(lines) > 1
+            scanner = _Line.resumed(resume, complete or final)
+            clean = scanner.music(line[scanner.base :])
+            if not (complete or final):
+                if out is not None:
+                    out["line"], out["at"] = scanner, 0
+                return clean, scanner.clean_at
+            state = clean
+            continue
         if k:
             offset += len(lines[k - 1]) + 1
             mid_line = False
@@ -429,6 +103,9 @@ def scan(state: State, text: str, final: bool, mid_line: bool = False) -> tuple[
                 continue
             return state, offset
         field = None if mid_line else _FIELD_LINE.match(line)
+        if field is not None and field.group(1) not in abcnotes.tune_body_fields:
+            # "F:|..." is a note and a repeat to abcnotes (and the validator), a field line to abc2midi
+            raise Violation(f"a music line that starts like a field line: {line[:2]!r}")
         if field is not None and field.group(1) in abcnotes.tune_body_fields:
             if not complete:
                 _Line(state, False).unit_may_change(field.group(1), line[2:], done=final)
@@ -443,6 +120,8 @@ def scan(state: State, text: str, final: bool, mid_line: bool = False) -> tuple[
         scanner = _Line(state, complete or final)
         clean = scanner.music(line)
         if not (complete or final):
+            if out is not None:
+                out["line"], out["at"] = scanner, offset
             return clean, offset + scanner.clean_at
         state = clean
     return state, len(text)
@@ -464,12 +143,16 @@ class MeterTracker:
         self.tail = ""  # the text since the last clean point (scanned again with each candidate)
         self.mid_line = False  # the tail starts after a bar line, not at a line start
         self.broken = False  # text it could not follow was pushed (a forced token): it checks nothing more
+        self.snap: tuple[int, dict] | None = None  # a scanner inside the tail to resume from (cheap checks)
+
+    def _scan(self, text: str, final: bool, out: dict | None = None) -> tuple[State, int]:
+        return scan(self.state, text, final, self.mid_line, self.snap, out)
 
     def allows(self, text: str) -> bool:
         if self.broken:
             return True
         try:
-            scan(self.state, self.tail + text, final=False, mid_line=self.mid_line)
+            self._scan(self.tail + text, final=False)
         except Violation:
             return False
         return True
@@ -478,11 +161,18 @@ class MeterTracker:
         if self.broken:
             return
         self.tail += text
+        out: dict = {}
         try:
-            state, at = scan(self.state, self.tail, final=False, mid_line=self.mid_line)
+            state, at = self._scan(self.tail, final=False, out=out)
         except Violation:
-            self.broken = True
+            self.broken, self.snap = True, None
             return
+        line = out.get("line")
+        snap = line.snap if line is not None else None
+        self.snap = None
+        if snap is not None and out["at"] + snap[0] >= at:  # rebased onto the tail that is kept
+            attrs = dict(snap[1], clean_at=snap[1]["clean_at"] + out["at"] - at)
+            self.snap = (snap[0] + out["at"] - at, attrs)
         if at:
             self.mid_line = not self.tail[:at].endswith("\n") if "\n" not in self.tail[at - 1 : at] else False
             self.state, self.tail = state, self.tail[at:]
@@ -491,7 +181,7 @@ class MeterTracker:
         if self.broken:
             return False
         try:
-            return can_end(scan(self.state, self.tail, final=True, mid_line=self.mid_line)[0])
+            return can_end(self._scan(self.tail, final=True)[0])
         except Violation:
             return False
 

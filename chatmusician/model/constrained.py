@@ -16,6 +16,14 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from chatmusician.abc.grammar import AbcConstraints, ConstraintError, tune_grammar
+from chatmusician.abc.meter import metrically_complete
+from chatmusician.model.meter import (
+    bar_fill,
+    copy_tracker,
+    field_endings,
+    token_texts,
+    tracker_for,
+)
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -93,6 +101,11 @@ def _encoded_tails(ll_tok, constraints: AbcConstraints | None, eos_id: int, note
     return encoded, closers
 
 
+@lru_cache(maxsize=4096)
+def _tokenized(ll_tok, text: str) -> tuple[int, ...]:
+    return tuple(ll_tok.tokenize_str(text))
+
+
 def ll_tokenizer(tokenizer):
     """llguidance's view of a fast Hugging Face tokenizer (built once per tokenizer: ~1 s on a 32k vocabulary)."""
     import llguidance.hf
@@ -146,8 +159,13 @@ def new_matcher(tokenizer, constraints: AbcConstraints | None):
 class RowState:
     """One constrained row: its matcher and where the grammar last accepted (a complete body line)."""
 
-    def __init__(self, matcher, eos_id: int, constraints: AbcConstraints | None = None, ll_tok=None):
+    def __init__(
+        self, matcher, eos_id: int, constraints: AbcConstraints | None = None, ll_tok=None, meter: bool = True
+    ):
         self.matcher, self.eos_id, self.constraints, self.ll_tok = matcher, eos_id, constraints, ll_tok
+        # Meter-aware (with ll_tok): every bar as long as its meter (chatmusician.model.meter).
+        self.meter = tracker_for("") if meter and ll_tok is not None else None
+        self.texts = token_texts(ll_tok) if self.meter is not None else None
         # With ll_tok, an accepting point counts (EOS allowed, cut-back target) only where the validator passes
         # the tune too.
         self.can_end = ll_tok is None
@@ -164,21 +182,59 @@ class RowState:
         self.accepts: list[int] = []
         self.checked: dict[int, bool] = {}
 
+    def ends_well(self, text: str) -> bool:
+        """May the tune end after ``text`` (the validator passes it; meter-aware: its last bar is full)?"""
+        return tune_ok(text) and (self.meter is None or metrically_complete(text))
+
+    def _ends_here(self) -> bool:
+        meter_ok = self.meter is None or self.meter.can_end()
+        return meter_ok and tune_ok(self.ll_tok.decode_str(self.ids))
+
+    def _meter_ends(self, more: str) -> bool:
+        """Meter-aware: may the tune end after the text so far and ``more`` (incremental: the line only)?"""
+        if self.meter is None:
+            return True
+        tracker = copy_tracker(self.meter)
+        tracker.push(more)
+        return tracker.can_end()
+
+    def _fills(self, ll_tok, head: str) -> list[tuple[int, ...]]:
+        """Meter-aware: after ``head``, the rest of an M:/L: line the row is in, the rests that fill the bar
+        in progress, then the line's end (and EOS)."""
+        if self.meter is None:
+            return []
+        out = []
+        for field in field_endings(self.meter.tail + head):
+            tracker = copy_tracker(self.meter)
+            tracker.push(head + field)
+            fill = bar_fill(tracker)
+            if fill is None:
+                continue
+            lead = "\n" if field else ""
+            ends = [fill + "|\n", fill + "\n"] + ([] if field else ["\n" + fill + "|\n", "\n" + fill + "\n"])
+            out += [_tokenized(ll_tok, field + lead + end) + (self.eos_id,) for end in ends]
+        return out
+
     def completion(self, ll_tok) -> list[int] | None:
-        """The shortest tokens (EOS last) that end this row's tune with notes from where it stands; None when
-        none of the tried completions fits the grammar."""
+        """The shortest tokens (EOS last) that end this row's tune with notes from where it stands (meter-aware:
+        with its last bar full); None when none of the tried completions fits the grammar."""
         text = ll_tok.decode_str(self.ids)
         encoded, closers = _encoded_tails(ll_tok, self.constraints, self.eos_id, has_notes(text))
         for heads in closers:
             best = None
             for head in heads:
-                for tokens in encoded:
+                if head and self.matcher.validate_tokens(list(head)) != len(head):
+                    continue  # the grammar refuses the head: no tail after it can fit
+                head_text = ll_tok.decode_str(list(head))
+                tails = sorted([*encoded, *self._fills(ll_tok, head_text)], key=len)
+                for tokens in tails:
                     candidate = head + tokens
                     if best is not None and len(candidate) >= len(best):
                         break  # tails are sorted by length
                     if self.matcher.validate_tokens(candidate) != len(candidate):
                         continue
-                    if tune_ok(text + ll_tok.decode_str(candidate[:-1])):
+                    more = ll_tok.decode_str(candidate[:-1])
+                    if self._meter_ends(more) and tune_ok(text + more):
                         best = candidate
                         break
             if best is not None:
@@ -205,6 +261,8 @@ class RowState:
         self.ids.append(token)
         if token == self.eos_id:
             return
+        if self.meter is not None:
+            self.meter.push(self.texts[token])
         if self.ll_tok is None:
             if self.matcher.is_accepting():
                 self.last_accept = self.consumed
@@ -214,14 +272,14 @@ class RowState:
             if self.can_end is None:
                 self.accepts.append(self.consumed)
             return
-        self.can_end = self.matcher.is_accepting() and tune_ok(self.ll_tok.decode_str(self.ids))
+        self.can_end = self.matcher.is_accepting() and self._ends_here()
         if self.can_end:
             self.last_accept = self.consumed
 
     def end_ok(self) -> bool:
         """May the tune end here (lazy rows: the validator is run now, once per point)?"""
         if self.can_end is None:
-            self.can_end = tune_ok(self.ll_tok.decode_str(self.ids))
+            self.can_end = self._ends_here()
             self.checked[self.consumed] = self.can_end
         return bool(self.can_end)
 
@@ -231,7 +289,7 @@ class RowState:
         for pos in reversed(self.accepts):  # the last accepting point the validator passes
             ok = self.checked.get(pos)
             if ok is None:
-                ok = tune_ok(self.ll_tok.decode_str(self.ids[:pos]))
+                ok = self.ends_well(self.ll_tok.decode_str(self.ids[:pos]))
             if ok:
                 return pos
         return 0

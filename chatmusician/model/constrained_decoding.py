@@ -36,6 +36,7 @@ from chatmusician.model.constrained import (
     ll_tokenizer,
     new_matcher,
 )
+from chatmusician.model.meter import meter_mask_row
 
 _NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -116,7 +117,11 @@ class AbcLogitsProcessor:
     def _wrap_up(self, i: int) -> None:
         """Near the end of the budget: EOS where the tune may end, else a newline where one may come (a
         complete body line is an accepting point), so a weak model still ends with a whole tune."""
-        for choice in [[self.eos_id], [t for t in self.newline_ids if self._allows(i, t)]]:
+        meter = self.rows[i].meter
+        newlines = [
+            t for t in self.newline_ids if self._allows(i, t) and (meter is None or meter.allows("\n"))
+        ]
+        for choice in [[self.eos_id], newlines]:
             if choice and all(self._allows(i, t) for t in choice):
                 self.bitmask[i].zero_()
                 for t in choice:
@@ -136,12 +141,14 @@ class AbcLogitsProcessor:
             last = input_ids[:, -1].tolist()
             for i in self.active:
                 self.rows[i].consume(last[i])
+        free = []  # rows the model chooses for (not forced, not ending): the meter masks those
         for i in self.active:
             row = self.rows[i]
             if row.error is not None or row.matcher.is_stopped():
                 self.bitmask[i].zero_()  # only EOS (set below): a broken or finished row just ends
                 self.bitmask[i, self.eos_id // 32] = _bit(self.eos_id)
             elif not self._finish_tune(i):
+                free.append(i)
                 llt.fill_next_token_bitmask(row.matcher, self.bitmask, i)
                 if row.can_end is not True and self._allows(i, self.eos_id):
                     # The grammar may end here: EOS stays only where the validator passes the tune; an EOS
@@ -161,6 +168,10 @@ class AbcLogitsProcessor:
         sub[:, :width] = sub[:, :width].masked_fill(~allowed, float("-inf"))
         sub[:, width:] = float("-inf")  # logits beyond the tokenizer's vocabulary (padded embeddings)
         scores[rows.to(scores.device)] = sub
+        for i in free:
+            row = self.rows[i]
+            if row.meter is not None and not row.meter.broken:
+                meter_mask_row(row.meter, scores[i], row.texts, self.eos_id)
         self.mask_seconds += time.perf_counter() - started
         self.steps += 1
         return scores

@@ -4,7 +4,7 @@ duration model, incremental).
 
 The grammar (llguidance) keeps syntax; here each step looks at the row's best tokens the grammar allows, in
 score order, and keeps those the meter tracker passes, until they hold nearly all of the probability the
-sampler could reach (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
+sampler could reach once the failed ones are masked (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
 Greedy decoding of a trained model usually tries one or two. Engine-neutral: :func:`meter_mask_row` takes a
 row's generated ids and its logits, so a vLLM logits processor can call it per row (see docs/serving/constrained.md).
 """
@@ -15,11 +15,11 @@ import threading
 from collections.abc import Sequence
 from fractions import Fraction
 
-from chatmusician.abc.meter import LENGTHS, METERS, UNITS, MeterTracker, Violation, length, scan, split_suffix
+from chatmusician.abc.meter import LENGTHS, METERS, UNITS, MeterTracker, Violation, length, split_suffix
 
 # Candidates tried per row and step, at most; candidates kept, at most; the probability they must cover.
 MAX_TRIED = 64
-MAX_KEPT = 16
+MAX_KEPT = 8
 MASS = 0.98
 _SUFFIX_START = frozenset("/12345678]")
 _TEXTS: dict[
@@ -46,6 +46,7 @@ def copy_tracker(tracker: MeterTracker) -> MeterTracker:
         tracker.mid_line,
         tracker.broken,
     )
+    other.snap = tracker.snap
     return other
 
 
@@ -90,29 +91,57 @@ def field_endings(text: str) -> list[str]:
     return [colon + v[len(written) :] for v in values[:4]]
 
 
-def bar_fill(tracker: MeterTracker) -> str | None:
-    """Rests that fill the bar in progress exactly ("" when it is empty or full; None when unknown)."""
+def bar_fill(tracker: MeterTracker, again: bool = True) -> str | None:
+    """Rests that fill the bar in progress exactly ("" when it is empty or full; None when unknown); a broken
+    rhythm waiting for its second note gets a rest as long as its first one."""
     try:
-        state, _ = scan(tracker.state, tracker.tail, final=True, mid_line=tracker.mid_line)
+        state, _ = tracker._scan(tracker.tail, final=True)
     except Violation:
-        return None
+        out: dict = {}
+        try:
+            tracker._scan(tracker.tail, final=False, out=out)
+        except Violation:
+            return None
+        line = out.get("line")
+        if not again or line is None or not line.dots or line.tuplet or line.chord_open or line.grace:
+            return None
+        right = _rest_text(line.dots[2] / line.s.unit)
+        if right.count("z") != 1:
+            return None
+        after = copy_tracker(tracker)
+        after.push(right)
+        rest = None if after.broken else bar_fill(after, again=False)
+        return None if rest is None else right + rest
     if not state.body or not state.sounding or state.bar_meter is None or state.whole_rest:
         return ""
     return _rest_text((state.bar_meter - state.duration) / state.unit)
 
 
 def keep_row(
-    tracker: MeterTracker, order: Sequence[int], probs: Sequence[float], texts: Sequence[str], eos_id: int
+    tracker: MeterTracker,
+    order: Sequence[int],
+    probs: Sequence[float],
+    texts: Sequence[str],
+    eos_id: int,
+    beyond: float = 0.0,
+    limit: int = MAX_KEPT,
 ) -> list[int]:
-    """Of the candidates ``order`` (best first, all allowed by the grammar, with their probabilities), those
-    the meter allows, stopping once they cover :data:`MASS` of the probability or :data:`MAX_KEPT` passed."""
+    """Of the candidates ``order`` (best first, all allowed by the grammar, with their probabilities; ``beyond``:
+    the probability of the allowed tokens after them), those the meter allows, stopping once they hold
+    :data:`MASS` of the probability not yet known to fail (what the sampler can reach once the meter has
+    masked the failures), or ``limit`` passed."""
+    rest = [0.0] * len(probs)  # probability of the candidates after each one, and beyond
+    total = beyond
+    for i in range(len(probs) - 1, -1, -1):
+        rest[i] = total
+        total += probs[i]
     kept, mass = [], 0.0
-    for token, p in zip(order, probs, strict=False):
+    for i, token in enumerate(order):
         ok = tracker.can_end() if token == eos_id else tracker.allows(texts[token])
         if ok:
             kept.append(token)
-            mass += p
-            if mass >= MASS or len(kept) >= MAX_KEPT:
+            mass += probs[i] if i < len(probs) else 0.0
+            if len(kept) >= limit or mass >= MASS * (mass + (rest[i] if i < len(rest) else 0.0)) > 0.0:
                 break
     return kept
 
@@ -129,16 +158,18 @@ def meter_mask_row(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: 
         return []
     k = min(n, MAX_TRIED)
     top = torch.topk(scores, k)
-    probs = torch.softmax(scores.float(), dim=-1)[top.indices].tolist()
-    kept = keep_row(tracker, top.indices.tolist(), probs, texts, eos_id)
+    all_probs = torch.softmax(scores.double(), dim=-1)
+    probs = all_probs[top.indices]
+    beyond = float(all_probs.sum() - probs.sum()) if n > k else 0.0
+    kept = keep_row(tracker, top.indices.tolist(), probs.tolist(), texts, eos_id, max(0.0, beyond))
     if not kept and n > k:
         # The best all fail: the row may need a length to finish its last note ("d4" -> "d4/8" in a full
         # bar), then anything else allowed, best first.
         order = torch.argsort(scores, descending=True)[k:n].tolist()
         suffixes = [t for t in order if texts[t][:1] in _SUFFIX_START]
-        kept = keep_row(tracker, suffixes, [0.0] * len(suffixes), texts, eos_id)[:1]
+        kept = keep_row(tracker, suffixes, [], texts, eos_id, limit=1)
         if not kept:
-            kept = keep_row(tracker, order, [0.0] * len(order), texts, eos_id)[:1]
+            kept = keep_row(tracker, order, [], texts, eos_id, limit=1)
     if kept:
         keep = torch.zeros_like(allowed)
         keep[torch.tensor(kept, device=scores.device)] = True

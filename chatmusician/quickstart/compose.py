@@ -1,5 +1,6 @@
 """Stage 9, first half: compose through the running app's ``/v1/compose``, free and grammar-constrained, every
-request at once (the Composer batches them); each answer judged as the evaluation does: the parse rate."""
+request at once (the Composer batches them); each answer judged as the evaluation does: the parse rate, and
+strict validity (parses, plays, and no bar-duration error: every bar as long as its meter)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def compose_prompts(tunes: list[str], n: int) -> list[str]:
 
 
 def judge_composition(text: str, midi_ok: bool) -> dict[str, Any]:
-    """Parse verdict of one answer: a tune found, no validator error, abc2midi wrote a usable MIDI (eval's metric)."""
+    """Parse verdict of one answer: a tune found, no validator error, abc2midi wrote a usable MIDI (eval's metric);
+    strict: that, and no bar-duration issue from the validator (every bar as long as its meter)."""
     from chatmusician.eval.abc_quality import tune_metrics
 
     m = tune_metrics(text, midi_ok=midi_ok)
@@ -40,11 +42,17 @@ def judge_composition(text: str, midi_ok: bool) -> dict[str, Any]:
         "syntax_ok": m["syntax_ok"],
         "midi_ok": m["midi_ok"],
         "parses": m["parse_success"],
+        "strict": bool(m["parse_success"]) and not m.get("bar_alignment_error"),
     }
 
 
 def parse_rate(rows: list[dict[str, Any]]) -> float:
     return sum(bool(r["parses"]) for r in rows) / len(rows) if rows else 0.0
+
+
+def strict_rate(rows: list[dict[str, Any]]) -> float:
+    """Share that parses, plays and has no bar-duration issue."""
+    return sum(bool(r.get("strict")) for r in rows) / len(rows) if rows else 0.0
 
 
 def first_parsing(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -102,7 +110,10 @@ def compose(cfg: QuickstartConfig, console: Console, app: AppClient, tunes: list
     with console.board() as board, ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         rows = list(pool.map(one, jobs))
     rates = {arm: parse_rate([r for r in rows if r["arm"] == arm]) for arm in ARMS}
+    strict = {arm: strict_rate([r for r in rows if r["arm"] == arm]) for arm in ARMS}
     console.detail(
-        f"parse rate: free {100 * rates['free']:.0f} %, constrained {100 * rates['constrained']:.0f} %"
+        f"parse rate: free {100 * rates['free']:.0f} %, constrained {100 * rates['constrained']:.0f} %; "
+        f"strictly valid (no bar-duration error too): free {100 * strict['free']:.0f} %, "
+        f"constrained {100 * strict['constrained']:.0f} %"
     )
-    return {"prompts": prompts, "rows": rows, "parse_rate": rates}
+    return {"prompts": prompts, "rows": rows, "parse_rate": rates, "strict_rate": strict}

@@ -107,6 +107,7 @@ def stages(cfg: QuickstartConfig, out: Path, console: Console) -> dict[str, Any]
             summary["compose"] = composed = compose.compose(cfg, console, client, tunes)
             summary["render"] = render.render(client, cfg.render_formats, composed, tunes[0], out)
         summary["parse_rate"] = composed["parse_rate"]
+        summary["strict_rate"] = composed.get("strict_rate")
         summary["parse_goal"] = cfg.parse_goal
         summary["parse_goal_met"] = composed["parse_rate"]["free"] >= cfg.parse_goal
         summary["serving"] = cfg.keep_serving

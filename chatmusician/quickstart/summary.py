@@ -63,6 +63,7 @@ def _num(value: float | None) -> str:
 def stage_table(s: dict[str, Any]) -> Table:
     """One row per stage: what it gave and how long it took (0 s: reused from an earlier run)."""
     t, rate, ev = s["timings_s"], s["parse_rate"], s["eval"]
+    strict = s.get("strict_rate") or {}
     goal = f"goal >= {_pct(s['parse_goal'])} " + ("met" if s["parse_goal_met"] else "NOT met")
     rows = [
         ("tokenize", f"{s['pt_manifest']['rows_read']} tunes -> {s['pt_manifest']['sequences']} packed blocks, "
@@ -76,6 +77,8 @@ def stage_table(s: dict[str, Any]) -> Table:
                  f"{_pct(ev.get('mtb_ppl_few_shot'))}; ABC parse {_pct(ev.get('abc_parse_success'))}", t.get("eval", 0)),
         ("serve", f"{s['api']}", t.get("serve", 0)),
         ("compose", f"free {_pct(rate['free'])} parse ({goal}), constrained {_pct(rate['constrained'])}; "
+                    f"strictly valid (parses, plays, no bar-duration error): free {_pct(strict.get('free'))}, "
+                    f"constrained {_pct(strict.get('constrained'))}; "
                     f"rendered {'ok' if s['render']['ok'] else 'with errors'}", t.get("compose_render", 0)),
     ]  # fmt: skip
     table = terminal.table("ChatMusician quickstart", "stage", "result", "time")
