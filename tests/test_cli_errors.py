@@ -30,9 +30,14 @@ def test_bad_values_and_unknown_arguments_are_one_line(capsys):
     assert main(["no-such-command"]) == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_tokenize_lengths_are_checked_before_ray_starts(capsys, tiny_model_path):
+def test_tokenize_lengths_are_checked_before_ray_starts(capsys, tiny_model_path, monkeypatch):
     import ray
 
+    def no_ray(*args, **kwargs):  # this process may hold another test's Ray already: no start may be asked
+        raise AssertionError("Ray was started before the lengths were checked")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # so that a start would be asked here
     err = one_line_error(
         capsys,
         [
@@ -48,7 +53,6 @@ def test_tokenize_lengths_are_checked_before_ray_starts(capsys, tiny_model_path)
         ],
     )
     assert "--max_source_len between 1 and 253" in err
-    assert not ray.is_initialized()
 
 
 def test_missing_sources_model_paths_and_offline_hub_ids_say_what_to_pass(capsys, tiny_model_path, tmp_path):

@@ -75,6 +75,10 @@ def test_pairs_top_valid_against_bottom_strictly_better_only():
     )
     with pytest.raises(ValueError, match="pair_fraction"):
         pairing.make_pairs(rows, 0.7)
+    # chosen_constrained: constrained answers (role chosen) only chosen, free ones (role rejected) only rejected.
+    roles = [{"reward": r, "valid": True, "role": role} for r, role in
+             [(0.9, "rejected"), (0.3, "rejected"), (0.8, "chosen"), (0.2, "chosen")]]  # fmt: skip
+    assert pairing.pair_prompt(roles, 0.5) == [(2, 1)]  # not the best free one, not the worst constrained one
 
 
 def good_user_reward(text: str, request: dict) -> float:
@@ -148,6 +152,36 @@ def test_prefs_job_files_and_answers_independent_of_batching(tiny_model_path, tm
         ("web-ui", "X:1\nK:G\nGAB|")
     ]
     assert [r["chosen"] for r in both if r["source"] == "rewards"] == pairs["chosen"].to_pylist()
+
+
+def test_chosen_answers_are_constrained_to_the_request_and_rejected_ones_free(tiny_model_path, tmp_path):
+    """chosen_constrained: each prompt also gets n answers through constrained decoding with its request's key
+    and meter; every pair chooses one of those (it parses, in the asked key and meter, every bar full) and
+    rejects a free one."""
+    from chatmusician.prefs.job import build
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"name": "reel", "family": "text_to_music",
+                                    "fields": {"description": {"M": "4/4", "K": "D"}},
+                                    "request": {"key": "D", "meter": "4/4"}}]))  # fmt: skip
+    cfg = PrefsConfig(model=tiny_model_path, device="cpu", prompts=str(prompts), n_per_prompt=4, max_new_tokens=64,
+                      pair_fraction=0.5, check_midi=False, chosen_constrained=True, output_dir=str(tmp_path / "c"),
+                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
+    meta = build(cfg)
+    samples = pq.read_table(tmp_path / "c" / "samples.parquet").to_pylist()
+    assert meta["samples"] == 8 and sorted(s["sample"] for s in samples) == list(range(8))
+    constrained = {s["text"] for s in samples if s["role"] == "chosen"}
+    assert {s["sample"] for s in samples if s["role"] == "chosen"} == {4, 5, 6, 7}
+    for text in constrained:  # judged by the validator, not by the decoder that wrote it
+        m = abc_quality.tune_metrics(text, {"key": "D", "meter": "4/4"})
+        assert m["syntax_ok"] and m["key_as_requested"] and m["meter_as_requested"], (text, m)
+        assert m["bar_alignment_error"] == 0.0, (text, m)
+    pairs = pq.read_table(tmp_path / "c" / "pairs.parquet").to_pylist()
+    assert pairs and all(p["chosen"] in constrained and p["rejected"] not in constrained for p in pairs)
+    with pytest.raises(ValueError, match="chosen_constrained false"):
+        from chatmusician.prefs.vllm_pool import check
+
+        check(replace(cfg, engine="vllm", pool=PoolConfig(use_ray=True)))
 
 
 def test_bad_prefs_settings_are_one_line_errors(tiny_model_path, capsys):

@@ -305,13 +305,16 @@ def test_vllm_rows_ending_with_eos_are_validated(engine, monkeypatch):
     vllm = VllmEngine.__new__(VllmEngine)  # the pure finishing logic only: no vLLM started
     vllm.tokenizer, vllm.eos_id = engine.tokenizer, engine.eos_id
     constraints = AbcConstraints()
-    text = "X:1\nL:1/8\nM:4/4\nK:G\nGABc|\nabba cab\n"
+    text = "X:1\nL:1/8\nM:4/4\nK:G\nGABc dcBA|\nabba cabc|\n"  # every bar full: the meter lets it end
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert vllm._finish_tune(constraints, [*ids, engine.eos_id], 200) == (ids, "stop")
     monkeypatch.setattr(constrained, "tune_ok", lambda t: "cab" not in t)  # the validator refuses that line
     kept, reason = vllm._finish_tune(constraints, [*ids, engine.eos_id], 200)
     decoded = engine.tokenizer.decode(kept)
-    assert "cab" not in decoded and decoded.startswith("X:1\nL:1/8\nM:4/4\nK:G\nGABc|"), (decoded, reason)
+    assert "cab" not in decoded and decoded.startswith("X:1\nL:1/8\nM:4/4\nK:G\nGABc dcBA|"), (
+        decoded,
+        reason,
+    )
 
 
 def test_engines_requests_and_abc_analysis_import_neither_serve_nor_the_composer():

@@ -67,6 +67,10 @@ class PrefsConfig:
     """Per prompt: the top fraction (valid, non-copied) is paired with the bottom fraction (at least one each)."""
     chosen_strict: bool = False
     """Choose only strictly valid tunes (the strict reward's test), not merely ones that parse and play."""
+    chosen_constrained: bool = False
+    """Also sample n_per_prompt answers through constrained decoding with each request's key and meter (strictly
+    valid by construction) and choose only among those, rejecting only free answers: the pairs teach the free
+    model what constrained decoding guarantees (transformers engine)."""
     weights: RewardWeights = field(default_factory=RewardWeights)
     """Reward weights."""
     user_reward: str | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,20 @@ def eval_config(cfg: PrefsConfig) -> EvalConfig:
 
 
 def sample(cfg: PrefsConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every answer: ``{name, sample, text, tokens}`` (Ray must be up when ``pool.use_ray``)."""
+    """Every answer: ``{name, sample, text, tokens}`` (Ray must be up when ``pool.use_ray``); with
+    ``chosen_constrained`` also as many constrained ones (``role`` chosen, samples numbered after the free ones,
+    which get ``role`` rejected)."""
+    free = _sample(cfg, prompts)
+    if not cfg.chosen_constrained:
+        return free
+    constrained = _sample(replace(cfg, constrained=True, seed=cfg.seed + 1), prompts)
+    n = cfg.n_per_prompt
+    return [a | {"role": "rejected"} for a in free] + [
+        a | {"sample": a["sample"] + n, "role": "chosen"} for a in constrained
+    ]
+
+
+def _sample(cfg: PrefsConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from chatmusician.eval.runner import abc_items, execute
 
     items = abc_items(prompts, cfg.n_per_prompt, cfg.seed)

@@ -16,14 +16,15 @@ def pair_prompt(samples: Sequence[Mapping[str, Any]], fraction: float) -> list[t
     ``k = max(1, round(fraction * n))``: the k best valid samples are chosen, the k worst samples (valid or not)
     rejected, best with worst, second best with second worst, ...; a pair whose chosen reward is not strictly
     above its rejected one is dropped (no preference to learn), and no sample is in two roles. Ties in reward
-    keep the samples' order, so the pairs are a pure function of the scores."""
+    keep the samples' order, so the pairs are a pure function of the scores. A sample with ``role`` "chosen" or
+    "rejected" may only take that side (``chosen_constrained``: constrained answers chosen, free ones rejected)."""
     n = len(samples)
     if n < 2:
         return []
     k = max(1, round(fraction * n))
     order = sorted(range(n), key=lambda i: (-samples[i]["reward"], i))
-    chosen = [i for i in order if samples[i]["valid"]][:k]
-    rejected = [i for i in reversed(order) if i not in chosen][:k]
+    chosen = [i for i in order if samples[i]["valid"] and samples[i].get("role") != "rejected"][:k]
+    rejected = [i for i in reversed(order) if i not in chosen and samples[i].get("role") != "chosen"][:k]
     return [
         (c, r) for c, r in zip(chosen, rejected, strict=False) if samples[c]["reward"] > samples[r]["reward"]
     ]
