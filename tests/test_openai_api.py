@@ -462,15 +462,18 @@ def test_short_non_streaming_request_is_not_held_behind_a_long_one(base_url, ser
             ] == batches and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # until the Composer has the long request
             short = await http.post("/v1/chat/completions", json=short_body)
-            long_was_running = not long_task.done()
+            long = long_task.result() if long_task.done() else None
             long_task.cancel()  # the client leaves: the long row is aborted
             with contextlib.suppress(asyncio.CancelledError):
                 await long_task
-            return short, long_was_running
+            return short, long
 
-    short, long_was_running = asyncio.run(race())
-    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
-    assert long_was_running
+    for _ in range(3):  # a loaded machine may finish the whole long answer first: then the race says nothing
+        short, long = asyncio.run(race())
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
+        if long is None or long.status_code != 200 or long.json()["usage"]["completion_tokens"] < CAP:
+            break
+    assert long is None, f"the long request came back first: {long.status_code} {long.text[:300]}"
 
 
 def test_health_probe_and_metrics(base_url):
