@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chatmusician.train.dpo_loss import pair_losses, pair_stats, sequence_logps
+from chatmusician.train.dpo_loss import chosen_nll, pair_losses, pair_stats, sequence_logps
 
 B, T = 3, 7  # pairs, completion positions
 
@@ -36,7 +36,7 @@ class _Accelerator:
     gather = gather_for_metrics
 
 
-def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_type: str, beta: float):
+def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_type: str, beta: float, sft_weight=0.0):
     """TRL 1.x's ``DPOTrainer._compute_loss`` itself on a stub trainer: the model returns ``per_token``
     (already masked) as its fused-head log-probs, references precomputed."""
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -51,7 +51,8 @@ def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_type: st
 
     stub = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type, "sft"][: 1 + bool(sft_weight)],
+        loss_weights=[1.0, sft_weight][: 1 + bool(sft_weight)],
         beta=beta, use_weighting=False, label_smoothing=0.0, _metrics={"train": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1,
     )  # fmt: skip
@@ -107,6 +108,21 @@ def test_dpop_equals_trl_sigmoid_with_the_positive_penalty(lam):
     if lam:  # the penalty changes the loss (pair 0 is penalised): this is not plain DPO
         plain, _ = ours(per_token, mask, ref, "sigmoid", 0.1)
         assert got.item() > plain.item() + 1e-3
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_the_chosen_nll_term_equals_trls_sft_loss_type(loss):
+    """RPO: the loss plus sft_weight x the chosen answers' NLL per token equals TRL's loss_type [loss, "sft"]
+    with loss_weights [1, sft_weight], loss and gradients (the ragged chosen answers weighted by their tokens)."""
+    per_token, mask, ref = _inputs(seed=3)
+    expected, _ = trl_loss(per_token, mask, ref[:B], ref[B:], loss, 0.1, sft_weight=0.5)
+    (expected_grad,) = torch.autograd.grad(expected, per_token)
+    got, logps = ours(per_token, mask, ref, loss, 0.1)
+    got = got + 0.5 * chosen_nll(logps[:B], mask[:B, 1:].sum(dim=1))
+    (got_grad,) = torch.autograd.grad(got, per_token)
+    plain, _ = ours(per_token, mask, ref, loss, 0.1)
+    assert abs(got.item() - expected.item()) < 1e-6 and got.item() > plain.item() + 0.1
+    assert torch.allclose(got_grad, expected_grad, atol=1e-6, rtol=0)
 
 
 def test_sequence_logps_sums_answer_tokens_only():

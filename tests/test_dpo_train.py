@@ -80,7 +80,7 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_path, 
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # the adapter now changes the model
-        moved, _ = sequence_logps(policy(**inputs).logits, batch["labels"])
+        moved, counts = sequence_logps(policy(**inputs).logits, batch["labels"])
         with reference_mode(policy):
             ref, _ = sequence_logps(policy(**inputs).logits, batch["labels"])
     assert torch.allclose(ref, expected, atol=1e-5) and (moved - expected).abs().max() > 1e-2
@@ -89,6 +89,9 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_path, 
     margin = 0.1 * ((moved[:2] - expected[:2]) - (moved[2:] - expected[2:]))
     assert loss.item() == pytest.approx(float(-torch.nn.functional.logsigmoid(margin).mean()), abs=1e-5)
     assert float(stats[1]) == pytest.approx(float(margin.sum()), abs=1e-5) and float(stats[-1]) == 2
+    with_nll, _ = micro_batch_pair_loss(policy, batch, replace(cfg, sft_weight=0.5))
+    nll = -moved[:2].sum() / counts[:2].sum()  # the chosen answers' NLL per token (RPO)
+    assert with_nll.item() == pytest.approx(loss.item() + 0.5 * float(nll), abs=1e-5) and float(nll) > 1
 
 
 def test_bad_dpo_settings_are_one_line_errors(tiny_model_path, tmp_path, capsys):
@@ -97,7 +100,7 @@ def test_bad_dpo_settings_are_one_line_errors(tiny_model_path, tmp_path, capsys)
     pairs = write_pairs(tmp_path / "p.parquet", 2)
     for args, expected in [
         (["--loss", "kto"], "loss must be one of ('sigmoid', 'dpop', 'ipo')"),
-        (["--beta", "0"], "beta must be > 0 and dpop_lambda >= 0"),
+        (["--beta", "0"], "beta must be > 0, dpop_lambda and sft_weight >= 0"),
         (["--pairs", str(tmp_path / "nowhere")], "pairs: no"),
     ]:
         code = main(["dpo", "--model", tiny_model_path, "--pairs", str(pairs), "--profile", "cpu",

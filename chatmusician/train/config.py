@@ -218,6 +218,8 @@ class DPOConfig(TrainConfig):
     """Strength of the pull to the reference (DPO's beta; IPO's tau). NotaGen: 0.1."""
     dpop_lambda: float = 10.0
     """DPO-Positive's lambda: weight of max(0, ref_chosen_logp - policy_chosen_logp) inside the sigmoid. NotaGen: 10."""
+    sft_weight: float = 0.0
+    """Weight of the chosen answers' NLL per token added to the loss (RPO; TRL's loss_type [..., "sft"]): 0 = off."""
     max_prompt_length: int = 1536
     """Prompt tokens kept (the rest of max_length goes to the answer), as the SFT layout."""
     lr: float = 5e-5

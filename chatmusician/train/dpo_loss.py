@@ -11,8 +11,12 @@ prompt tokens masked with -100); :func:`sequence_logps` sums each row's answer-t
 * ``ipo`` (Azar et al. 2023, eq. 17, in TRL's per-token form): ``(r_c / n_c - r_r / n_r - 1 / (2 beta))^2`` with
   ``n`` the answer's token count.
 
-TRL's ``DPOTrainer`` computes the same sigmoid and ipo losses (tests/test_dpo.py checks loss and gradients
-against its code); TRL has no dpop.
+Any of them plus ``sft_weight`` times :func:`chosen_nll` (the chosen answers' mean per-token negative log-prob:
+RPO, Pang et al. 2024; TRL's ``loss_type=[..., "sft"]``): it keeps raising the chosen answers' likelihood, so
+chosen answers the model would not write itself (constrained ones) are learnt, not only ranked.
+
+TRL's ``DPOTrainer`` computes the same sigmoid, ipo and sft losses (tests/test_dpo_loss.py checks loss and
+gradients against its code); TRL has no dpop.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def pair_losses(
         per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
         return (per_token - 1 / (2 * beta)) ** 2
     raise ValueError(f"loss must be one of sigmoid, dpop, ipo, got {loss!r}")
+
+
+def chosen_nll(policy_chosen, chosen_tokens):
+    """The chosen answers' negative log-prob per token over the micro batch (TRL's ``sft`` term)."""
+    return -policy_chosen.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 STAT_NAMES = ("loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected", "kl_estimate")

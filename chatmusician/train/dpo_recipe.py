@@ -27,9 +27,10 @@ def validate(cfg: DPOConfig) -> None:
     recipe.validate(cfg)
     if cfg.loss not in DPO_LOSSES:
         raise TrainConfigError(f"loss must be one of {DPO_LOSSES}, got {cfg.loss!r}")
-    if cfg.beta <= 0 or cfg.dpop_lambda < 0:
+    if cfg.beta <= 0 or cfg.dpop_lambda < 0 or cfg.sft_weight < 0:
         raise TrainConfigError(
-            f"beta must be > 0 and dpop_lambda >= 0, got beta {cfg.beta}, lambda {cfg.dpop_lambda}"
+            f"beta must be > 0, dpop_lambda and sft_weight >= 0, got beta {cfg.beta}, lambda {cfg.dpop_lambda}, "
+            f"sft_weight {cfg.sft_weight}"
         )
     if not 0 < cfg.max_prompt_length <= cfg.max_length - 3:
         raise TrainConfigError(f"max_prompt_length must be in 1..max_length - 3, got {cfg.max_prompt_length}")

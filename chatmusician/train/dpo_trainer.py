@@ -17,7 +17,7 @@ from typing import Any
 
 from chatmusician.train.batching import step_seed
 from chatmusician.train.dpo_data import pair_batches
-from chatmusician.train.dpo_loss import STAT_NAMES, pair_losses, pair_stats, sequence_logps
+from chatmusician.train.dpo_loss import STAT_NAMES, chosen_nll, pair_losses, pair_stats, sequence_logps
 from chatmusician.train.trainer import Trainer, _as_float, _loss_scale, _unreported_grad_norm, advance
 
 
@@ -32,7 +32,8 @@ def reference_mode(engine):
 
 
 def micro_batch_pair_loss(engine, batch: dict[str, Any], cfg):
-    """(loss to backward: the micro batch's mean pair loss, float64 sums of the logged stats [7])."""
+    """(loss to backward: the micro batch's mean pair loss, plus sft_weight x the chosen answers' NLL per token;
+    float64 sums of the logged stats [7])."""
     import torch
 
     labels = batch["labels"]
@@ -46,7 +47,10 @@ def micro_batch_pair_loss(engine, batch: dict[str, Any], cfg):
     b = logps.shape[0] // 2
     losses = pair_losses(logps[:b], logps[b:], ref[:b], ref[b:], cfg.loss, cfg.beta, cfg.dpop_lambda,
                          counts[:b], counts[b:])  # fmt: skip
-    return losses.mean(), pair_stats(losses, logps[:b], logps[b:], ref[:b], ref[b:], cfg.beta)
+    loss = losses.mean()
+    if cfg.sft_weight:
+        loss = loss + cfg.sft_weight * chosen_nll(logps[:b], counts[:b])
+    return loss, pair_stats(losses, logps[:b], logps[b:], ref[:b], ref[b:], cfg.beta)
 
 
 class DPOTrainer(Trainer):
