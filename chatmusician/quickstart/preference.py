@@ -63,7 +63,9 @@ def preference_round(
         status, chosen = "ok", rows[-1]["model"]
     except RoundsStopped as stop:
         rows = json.loads((root / "rounds.json").read_text()) if (root / "rounds.json").exists() else []
-        status, chosen = f"stopped: {stop}", model
+        # The stopped round's own status names the broken guards, before -> after (the exception adds where).
+        status = rows[-1]["status"] if len(rows) > 1 else f"stopped: {stop}"
+        chosen = model
     before = {g: rows[0].get(g) for g in GUARDS} if rows else {}
     after = {g: rows[-1].get(g) for g in GUARDS} if len(rows) > 1 else {}
     for name in GUARDS:

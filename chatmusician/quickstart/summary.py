@@ -53,7 +53,7 @@ def _preference(p: dict[str, Any]) -> str:
              f"diversity {_num(b.get('diversity'))} -> {_num(a.get('diversity'))}",
              f"val ppl {_num(b.get('val_perplexity'))} -> {_num(a.get('val_perplexity'))}",
              f"{p['pairs']} pairs"]  # fmt: skip
-    return ", ".join(parts) + ("" if p["status"] == "ok" else f" ({p['status'][:80]})")
+    return ", ".join(parts) + ("" if p["status"] == "ok" else f" ({p['status']}; the SFT model kept)")
 
 
 def _num(value: float | None) -> str:
