@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "mask_ms_per_row_step": timing[-1]["mask_ms_per_row_step"],
                 "cut_back": sum(a["reason"] == "length" for a in answers),
                 "bars": sum(a["bars"] for a in answers),
-                "bar_duration_issues": sum(len(a["whole_issues"]) for a in answers),
+                "issues": sum(len(a["whole_issues"]) for a in answers),  # an empty answer: its errors
             }
         row["ratio"] = row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"]
         summary["batches"][key] = row
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"batch {batch:>2}: tokens/s {off['tokens_per_s']:.0f} -> {on['tokens_per_s']:.0f} with the meter mask "
             f"({row['ratio']:.2f}x; rounds {off['rounds']} -> {on['rounds']}); mask "
             f"{mask:.2f} ms/row/step; cut back {off['cut_back']} -> {on['cut_back']} of {len(answers)}; bars "
-            f"{off['bars']} -> {on['bars']}; bar issues {off['bar_duration_issues']} -> {on['bar_duration_issues']}"
+            f"{off['bars']} -> {on['bars']}; validator errors and bar issues {off['issues']} -> {on['issues']}"
         )
     print(f"load average {summary['load_average']}")
     if args.json:
