@@ -9,10 +9,11 @@ Ray's ``runtime_env`` ``py_executable``. One thread steps the engine; the Compos
   per-request generator), ``stop`` strings, ``logprobs`` and ``echo`` prompt logprobs: vLLM's SamplingParams;
 - the pad token never sampled: a logit bias of -100;
 - multi-LoRA: ``LoRARequest`` per request (vLLM keeps ``max_loras`` on the device and an LRU cache of them);
-- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar; a row that
-  runs out of tokens ends with its shortest completion in tokens kept back for it (the transformers engine's
-  budget-aware finish), else it is cut back to the grammar's last accepting point as that engine does
-  (:class:`chatmusician.model.constrained.RowState` replayed over the ids);
+- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar, and the meter
+  masked while sampling by a vLLM logits processor (:mod:`chatmusician.serve.engines.vllm_meter`, after the
+  grammar's bitmask; ``vllm.meter_mask``); a row that runs out of tokens ends with its shortest completion in
+  tokens kept back for it (the transformers engine's budget-aware finish), else it is cut back to the grammar's
+  last accepting point (:class:`chatmusician.model.constrained.RowState` replayed over the ids, ``cut_backs``);
 - a cancelled non-streaming row and a closed stream abort the vLLM request.
 """
 
