@@ -196,3 +196,16 @@ def test_vllm_constrained_answers_are_steered_by_the_meter_while_sampling_not_cu
     assert sum(a["bars"] for a in answers) > 3 * sum(a["bars"] for a in off["answers"])
     assert on["free"] == off["free"] == own["free"] and all(on["free"])
     assert [a["text"] for a in own["answers"]] == [a["text"] for a in answers] and own["cut_backs"] == 0
+
+
+@pytest.mark.integration
+def test_the_meter_processor_follows_vllms_batch_and_masks_only_its_rows(tiny_model_path):
+    """The processor's bookkeeping, fed vLLM's own BatchUpdate: a row that asks (extra_args) is masked (a bar line
+    two eighths short, and the padded vocabulary), one that does not is untouched; a swap moves the mask with
+    its request, a removal drops it, a -1 placeholder in the live output ids is skipped, a bad value refused."""
+    found = _vllm_script("vllm_meter_units.py", tiny_model_path)[-1]
+    assert "must be true or false" in found["validate"]
+    assert found["rows_after_add"] == [0] and found["bar_masked"] == [True, False]
+    assert found["padded_masked"] == [True, False] and found["plain_untouched"]
+    assert found["rows_after_swap"] == [1] and found["bar_masked_after_swap"] == [False, True]
+    assert found["rows_after_remove"] == []
