@@ -6,7 +6,8 @@ issues), on the tiny random model (seeded sampling, six meters). Runs in the vLL
         [--batches 1,18] [--json out.json]
 
 MODEL defaults to the cached nano model (``chatmusician.model.tiny.ensure_tiny``). The random model's logits
-are nearly flat, so the mask tries many candidates per step: a worst case for its cost. Arms alternate within
+are nearly flat, so the mask tries many candidates per step: a worst case for its cost; its sampling gets a
+music bias (``--no_bias`` for a trained model, e.g. the quickstart's ``outputs/quickstart/models/chatmusician-tiny``). Arms alternate within
 each round (a fresh in-process engine each); tokens/s = tokens vLLM sampled for the constrained rows / wall
 time of their ``generate`` calls; the median over rounds is printed with the processor's mask time per row
 and step. The same workload is the test's (tests/vllm_meter_process.py).
@@ -87,6 +88,7 @@ def arm(
     engine_process: bool = False,
     batches: tuple[int | None, ...] = (None,),
     free: bool = True,
+    bias: bool = True,
 ) -> dict:
     """One engine (``meter_mask`` on or off): ``seeds`` x six constrained rows, sent ``batch`` at a time for each
     of ``batches`` (None: all at once, with two greedy unconstrained rows in the same batch when ``free``)."""
@@ -103,7 +105,8 @@ def arm(
     )
     engine = vllm_engine.VllmEngine(config)
     plain = vllm_engine.sampling_kwargs
-    vllm_engine.sampling_kwargs = biased_sampling(plain, engine.tokenizer)
+    if bias:
+        vllm_engine.sampling_kwargs = biased_sampling(plain, engine.tokenizer)
     raw, finish_tune = [], engine._finish_tune
 
     def record(constraints, new_ids, budget):  # what vLLM sampled, before the completion or the cut-back
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batches", default="1,18")
+    parser.add_argument("--no_bias", action="store_true", help="a trained model: no music bias, top_k 8 kept")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.model is None:
