@@ -142,10 +142,8 @@ def test_a_failed_engine_step_aborts_its_requests():
     assert sorted(engine.llm.aborted) == ["a", "b"] and engine.llm.steps == 1
 
 
-@pytest.mark.integration
-def test_the_engine_core_in_its_own_process_answers_as_in_process_and_leaves_with_the_engine(tiny_model_path):
-    """``vllm.engine_process``: vLLM's engine core in its own process (as `vllm serve` runs it) gives the same
-    greedy answers and logprobs, streamed and final-only, and its processes end with the engine's shutdown."""
+def _vllm_script(script: str, *args: str) -> list[dict]:
+    """Run tests/``script`` in the vLLM environment (as a ``vllm`` Composer replica runs); its JSON lines."""
     import os
     import subprocess
 
@@ -153,14 +151,21 @@ def test_the_engine_core_in_its_own_process_answers_as_in_process_and_leaves_wit
 
     env = runtime_env(str(Path(".venv-vllm/bin/python").absolute()), kv_cache_gib=1)  # not resolved: a venv
     proc = subprocess.run(
-        [env["py_executable"], str(Path(__file__).parent / "vllm_engine_process.py"), tiny_model_path],
+        [env["py_executable"], str(Path(__file__).parent / script), *args],
         env={**os.environ, **env["env_vars"]},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.integration
+def test_the_engine_core_in_its_own_process_answers_as_in_process_and_leaves_with_the_engine(tiny_model_path):
+    """``vllm.engine_process``: vLLM's engine core in its own process (as `vllm serve` runs it) gives the same
+    greedy answers and logprobs, streamed and final-only, and its processes end with the engine's shutdown."""
+    result = _vllm_script("vllm_engine_process.py", tiny_model_path)[-1]
     inside, own = result["in_process"], result["own_process"]
     assert own["final"] and own["stream"] and own["stream"] == own["stream_completion"]
     assert (own["final"], own["stream"]) == (inside["final"], inside["stream"])
@@ -169,3 +174,38 @@ def test_the_engine_core_in_its_own_process_answers_as_in_process_and_leaves_wit
         inside["children"] == 0 and own["children"] >= 1
     )  # the engine core ran beside, not in, this process
     assert own["alive_after_shutdown"] == []
+
+
+@pytest.mark.integration
+def test_vllm_constrained_answers_are_steered_by_the_meter_while_sampling_not_cut_back(tiny_model_path):
+    """The meter logits processor (serve/engines/vllm_meter.py): 18 seeded constrained rows of the random model
+    over six meters, with two greedy unconstrained rows in the same batch. With it, every answer is a tune with
+    zero bar-duration issues that ends where it should (none cut back, finish "stop") and plays bars (55 in all
+    when written); without it (``vllm.meter_mask: false``, the engine before the processor: the meter checked
+    after sampling only) the same seeds are cut back to their last right bar, 17 of 18, mostly to nothing (10
+    bars in all). The unconstrained rows are untouched (the same greedy answers as with no processor loaded),
+    and in vLLM's engine core process the processor gives the same answers as in-process."""
+    on, off, own = _vllm_script("vllm_meter_process.py", tiny_model_path, "3", "128", "on,off,on-process")
+    answers = on["answers"]
+    assert len(answers) == 18 and on["cut_backs"] == 0
+    assert [a["reason"] for a in answers] == ["stop"] * 18
+    assert [a["bar_duration"] for a in answers] == [[]] * 18  # a tune each, and no bar of the wrong length
+    assert [a["whole_issues"] for a in answers] == [[]] * 18  # nor in the whole answer read as one tune
+    assert all(a["bars"] >= 1 for a in answers), [(a["bars"], a["text"]) for a in answers]
+    assert off["cut_backs"] >= 9, off["cut_backs"]  # the sensitivity check: what the processor prevents
+    assert sum(a["bars"] for a in answers) > 3 * sum(a["bars"] for a in off["answers"])
+    assert on["free"] == off["free"] == own["free"] and all(on["free"])
+    assert [a["text"] for a in own["answers"]] == [a["text"] for a in answers] and own["cut_backs"] == 0
+
+
+@pytest.mark.integration
+def test_the_meter_processor_follows_vllms_batch_and_masks_only_its_rows(tiny_model_path):
+    """The processor's bookkeeping, fed vLLM's own BatchUpdate: a row that asks (extra_args) is masked (a bar line
+    two eighths short, and the padded vocabulary), one that does not is untouched; a swap moves the mask with
+    its request, a removal drops it, a -1 placeholder in the live output ids is skipped, a bad value refused."""
+    found = _vllm_script("vllm_meter_units.py", tiny_model_path)[-1]
+    assert "must be true or false" in found["validate"]
+    assert found["rows_after_add"] == [0] and found["bar_masked"] == [True, False]
+    assert found["padded_masked"] == [True, False] and found["plain_untouched"]
+    assert found["rows_after_swap"] == [1] and found["bar_masked_after_swap"] == [False, True]
+    assert found["rows_after_remove"] == []

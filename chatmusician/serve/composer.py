@@ -113,6 +113,7 @@ class Composer:
             "largest_batch": max(self.batch_sizes, default=0),
             "cancelled": list(self.cancelled),
             "engine_aborted": getattr(self.engine, "aborted", None),
+            "engine_cut_backs": getattr(self.engine, "cut_backs", None),  # vllm: constrained answers cut back
             "probes": self.probes,
             **self.observed,
         }

@@ -50,6 +50,9 @@ class VllmOptions:
     """Share of the GPU's memory vLLM takes for weights and KV cache (ignored on CPU)."""
     kv_cache_gib: int = 1
     """KV cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    meter_mask: bool = True
+    """Constrained requests: mask bar lines and note lengths by the meter while sampling (a vLLM logits
+    processor, chatmusician.serve.engines.vllm_meter); false = check the meter after sampling only."""
 
 
 @dataclass

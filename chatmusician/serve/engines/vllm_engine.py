@@ -9,10 +9,11 @@ Ray's ``runtime_env`` ``py_executable``. One thread steps the engine; the Compos
   per-request generator), ``stop`` strings, ``logprobs`` and ``echo`` prompt logprobs: vLLM's SamplingParams;
 - the pad token never sampled: a logit bias of -100;
 - multi-LoRA: ``LoRARequest`` per request (vLLM keeps ``max_loras`` on the device and an LRU cache of them);
-- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar; a row that
-  runs out of tokens ends with its shortest completion in tokens kept back for it (the transformers engine's
-  budget-aware finish), else it is cut back to the grammar's last accepting point as that engine does
-  (:class:`chatmusician.model.constrained.RowState` replayed over the ids);
+- constrained ABC: vLLM structured outputs with the guidance backend over the repo's Lark grammar, and the meter
+  masked while sampling by a vLLM logits processor (:mod:`chatmusician.serve.engines.vllm_meter`, after the
+  grammar's bitmask; ``vllm.meter_mask``); a row that runs out of tokens ends with its shortest completion in
+  tokens kept back for it (the transformers engine's budget-aware finish), else it is cut back to the grammar's
+  last accepting point (:class:`chatmusician.model.constrained.RowState` replayed over the ids, ``cut_backs``);
 - a cancelled non-streaming row and a closed stream abort the vLLM request.
 """
 
@@ -39,6 +40,7 @@ from chatmusician.serve.engines.vllm_support import (
     check_adapter_ranks,
     eager_default,
     engine_process_default,
+    finish_tune,
     guidance_grammar,
     patch_prompt_logprobs_with_lora,
     reserve_tokens,
@@ -62,6 +64,8 @@ class VllmEngine:
     continuous_batching = True
     """Every request joins the running batch on arrival: the Composer hands each one over alone (no
     ``@serve.batch``, whose batches would wait for their slowest row)."""
+    cut_backs = 0
+    """Constrained answers cut back to their last accepting point (no completion fitted where vLLM stopped)."""
 
     prepare_raw = TransformersEngine.prepare_raw
     check_adapter = TransformersEngine.check_adapter
@@ -102,6 +106,12 @@ class VllmEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         c = self.config
+        meter = []
+        if c.vllm.meter_mask:  # built by vLLM where the model runs: here, or the engine core's process
+            from chatmusician.serve.engines.vllm_meter import PROCESSOR, share_tokenizer
+
+            share_tokenizer(c.tokenizer or c.model, self.tokenizer)
+            meter = [PROCESSOR]
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[c.precision]
         args = EngineArgs(
             model=c.model,
@@ -115,6 +125,7 @@ class VllmEngine:
             max_loras=max(1, c.max_loras),
             max_lora_rank=c.vllm.max_lora_rank,
             structured_outputs_config={"backend": "guidance"},
+            logits_processors=meter,
             enable_prefix_caching=False,
             disable_log_stats=True,
             seed=0,
@@ -205,6 +216,7 @@ class VllmEngine:
             grammar = guidance_grammar(tune_grammar(prepared.constraints))
             kwargs["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
             kwargs["max_tokens"] = params.max_new_tokens - reserve_tokens(params.max_new_tokens)
+            kwargs["extra_args"] = {"chatmusician_meter": self.config.vllm.meter_mask}  # vllm_meter.METER_KEY
         if prepared.prompt_logprobs is not None:
             kwargs["prompt_logprobs"] = prepared.prompt_logprobs
         return SamplingParams(**kwargs, output_kind=RequestOutputKind[kind])
@@ -220,24 +232,11 @@ class VllmEngine:
     def _finish_tune(
         self, constraints: AbcConstraints, new_ids: list[int], budget: int
     ) -> tuple[list[int], str]:
-        """A constrained row's answer. vLLM's grammar lets EOS through wherever the grammar accepts; the tune
-        stands only where the validator passes it too (the transformers engine masks EOS elsewhere). A row that
-        ran out of tokens (vLLM stopped it ``reserve_tokens`` early), or whose EOS the validator refuses, ends
-        with its shortest completion (close what is open, end the line, the rest of the header, a one-note line)
-        in the tokens left, as the transformers engine's budget-aware decoding forces it; where none fits, the
-        answer is cut back to the last point the grammar and the validator accept."""
-        row = self._row(constraints)
-        row.lazy = True  # the validator runs only at the end, for the completion and the cut-back
-        ended_eos = bool(new_ids) and new_ids[-1] == self.eos_id
-        ids = list(new_ids[:-1] if ended_eos else new_ids)
-        for token in ids:
-            row.consume(token)
-        if ended_eos and row.error is None and row.matcher.is_accepting() and row.end_ok():
-            return ids, "stop"
-        plan = row.completion(row.ll_tok) if row.error is None else None
-        if plan is not None and len(plan) - 1 <= budget - len(ids):
-            return ids + plan[:-1], "stop"
-        return ids[: row._cut_back()], "length"
+        """A constrained row's answer (:func:`~chatmusician.serve.engines.vllm_support.finish_tune`); counts
+        the answers cut back (``cut_backs``: the budget ran out where no completion fits, or a wrong bar)."""
+        ids, reason = finish_tune(lambda: self._row(constraints), self.eos_id, new_ids, budget)
+        self.cut_backs += reason == "cut"
+        return ids, "length" if reason == "cut" else reason
 
     def _lora(self, adapter: str | None):
         if adapter is None:

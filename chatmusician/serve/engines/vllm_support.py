@@ -123,3 +123,43 @@ def patch_prompt_logprobs_with_lora(paths: dict[str, str]) -> None:
 
     add_lora_logits._chatmusician = True
     PunicaWrapperCPU.add_lora_logits = add_lora_logits
+
+
+def finish_tune(new_row, eos_id: int, new_ids: list[int], budget: int) -> tuple[list[int], str]:
+    """A constrained row's answer from vLLM's ids (``new_row()``: a fresh
+    :class:`~chatmusician.model.constrained.RowState` with the row's grammar) -> (ids, "stop" | "cut").
+
+    vLLM's grammar lets EOS through wherever the grammar accepts (the meter processor,
+    :mod:`chatmusician.serve.engines.vllm_meter`, only where the last bar is full); the tune stands only where
+    the validator passes it too (the transformers engine masks EOS elsewhere). A row that ran out of tokens
+    (vLLM stopped it ``reserve_tokens`` early), or whose EOS the validator refuses, ends with its shortest
+    completion (close what is open, rests that fill the bar, end the line, the rest of the header, a one-note
+    line) in the tokens left, as the transformers engine's budget-aware decoding forces it; where none fits
+    at its end (a field value cut in the middle: ``K:Ad``), from the start of its unfinished last line (the
+    transformers engine ends its lines in the budget's last tokens); where none fits there either, the answer
+    is cut back ("cut") to the last point the grammar and the validator accept."""
+    ended_eos = bool(new_ids) and new_ids[-1] == eos_id
+    ids = list(new_ids[:-1] if ended_eos else new_ids)
+    row = _replayed(new_row(), ids)
+    if ended_eos and row.error is None and row.matcher.is_accepting() and row.end_ok():
+        return ids, "stop"
+    plan = row.completion(row.ll_tok) if row.error is None else None
+    if plan is not None and len(plan) - 1 <= budget - len(ids):
+        return ids + plan[:-1], "stop"
+    from chatmusician.model.meter import token_texts
+
+    texts = token_texts(row.ll_tok)
+    line = max((i + 1 for i, t in enumerate(ids) if texts[t].endswith("\n")), default=0)
+    if row.error is None and 0 < line < len(ids):
+        start = _replayed(new_row(), ids[:line])
+        plan = start.completion(start.ll_tok)
+        if plan is not None and len(plan) - 1 <= budget - line:
+            return ids[:line] + plan[:-1], "stop"
+    return ids[: row._cut_back()], "cut"
+
+
+def _replayed(row, ids: list[int]):
+    row.lazy = True  # the validator runs only at the end, for the completion and the cut-back
+    for token in ids:
+        row.consume(token)
+    return row
