@@ -178,10 +178,38 @@ def test_chosen_answers_are_constrained_to_the_request_and_rejected_ones_free(ti
         assert m["bar_alignment_error"] == 0.0, (text, m)
     pairs = pq.read_table(tmp_path / "c" / "pairs.parquet").to_pylist()
     assert pairs and all(p["chosen"] in constrained and p["rejected"] not in constrained for p in pairs)
-    with pytest.raises(ValueError, match="chosen_constrained false"):
+    with pytest.raises(ValueError, match="chosen_header false"):
         from chatmusician.prefs.vllm_pool import check
 
         check(replace(cfg, engine="vllm", pool=PoolConfig(use_ray=True)))
+
+
+def test_chosen_answers_start_with_the_asked_header_and_rejected_ones_are_free(tiny_model_path, tmp_path):
+    """chosen_header: each prompt also gets n answers that start with the asked meter, unit length (1/8 when
+    none is described) and key, the model writing the rest; pairs choose only those and reject free ones."""
+    from chatmusician.prefs.job import build, check_config
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"name": "jig", "family": "text_to_music",
+                                    "fields": {"description": {"Meter": "6/8", "Key": "G"}},
+                                    "request": {"key": "G", "meter": "6/8"}}]))  # fmt: skip
+    cfg = PrefsConfig(model=tiny_model_path, device="cpu", prompts=str(prompts), n_per_prompt=3, max_new_tokens=48,
+                      pair_fraction=0.5, check_midi=False, chosen_header=True, output_dir=str(tmp_path / "h"),
+                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
+    build(cfg)
+    samples = pq.read_table(tmp_path / "h" / "samples.parquet").to_pylist()
+    chosen = [s for s in samples if s["role"] == "chosen"]
+    header = "X:1\nM:6/8\nL:1/8\nK:G\n"
+    assert sorted(s["sample"] for s in chosen) == [3, 4, 5] and len({s["text"] for s in chosen}) == 3
+    assert all(s["text"].startswith(header) and len(s["text"]) > len(header) for s in chosen)
+    assert not any(s["text"].startswith(header) for s in samples if s["role"] == "rejected")
+    for s in chosen:  # the validator reads the header it was given
+        m = abc_quality.tune_metrics(s["text"], {"key": "G", "meter": "6/8"})
+        assert m["key_as_requested"] and m["meter_as_requested"], (s["text"], m)
+    pairs = pq.read_table(tmp_path / "h" / "pairs.parquet").to_pylist()
+    assert all(p["chosen"].startswith(header) and not p["rejected"].startswith(header) for p in pairs)
+    with pytest.raises(ValueError, match="set one"):
+        check_config(replace(cfg, chosen_constrained=True))
 
 
 def test_bad_prefs_settings_are_one_line_errors(tiny_model_path, capsys):

@@ -41,7 +41,8 @@ _COMMENT = re.compile(r"%.*")
 
 
 def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """The prompt set: ``[{name, family, fields, request}]`` (JSON list or JSONL); each becomes a user prompt."""
+    """The prompt set: ``[{name, family, fields, request}]`` (JSON list or JSONL); each becomes a user prompt
+    (``prompt`` added)."""
     path = Path(path) if path else DEFAULT_PROMPTS
     text = path.read_text(encoding="utf-8")
     rows = (
@@ -53,7 +54,7 @@ def load_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         prompt = build_task_prompt(Task(row["family"], row.get("fields", {})))  # ValueError names a bad field
         out.append({"name": row.get("name", f"prompt-{i}"), "family": row["family"], "prompt": prompt,
-                    "request": row.get("request", {})})  # fmt: skip
+                    "fields": row.get("fields", {}), "request": row.get("request", {})})  # fmt: skip
     return out
 
 

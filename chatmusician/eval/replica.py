@@ -75,16 +75,21 @@ def _gen(model, tokenizer, payloads: Sequence[Mapping[str, Any]], cfg: EvalConfi
 def _abc(model, tokenizer, payloads: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> list[dict]:
     q = cfg.abc_quality
     kwargs = sampling_kwargs(q.max_new_tokens, q.temperature, q.top_p, q.top_k, q.repetition_penalty)
+    # The answer's forced start (prefs' chosen_header), written before the model's own tokens.
+    prefixes = [p.get("answer_prefix", "") for p in payloads]
     answers = generate_counted(
         model,
         tokenizer,
-        chat_prompts([p["prompt"] for p in payloads]),
+        [
+            chat + prefix
+            for chat, prefix in zip(chat_prompts([p["prompt"] for p in payloads]), prefixes, strict=True)
+        ],
         constrained=q.constrained,
         constraints=[p.get("request") for p in payloads],
         seeds=[int(p["seed"]) for p in payloads],  # each item its own: batching does not change answers
         **kwargs,
     )
-    return [{"text": t, "tokens": n} for t, n in answers]
+    return [{"text": prefix + t, "tokens": n} for prefix, (t, n) in zip(prefixes, answers, strict=True)]
 
 
 def process(model, tokenizer, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:

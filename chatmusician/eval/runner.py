@@ -93,7 +93,12 @@ def abc_items(prompts: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[d
             "key": json.dumps(["abc", p["name"], k]),
             "kind": "abc",
             "payload": json.dumps(
-                {"prompt": p["prompt"], "seed": item_seed(seed, p["name"], k), "request": p["request"]}
+                {
+                    "prompt": p["prompt"],
+                    "seed": item_seed(seed, p["name"], k),
+                    "request": p["request"],
+                    "answer_prefix": p.get("answer_prefix", ""),
+                }
             ),
         }  # fmt: skip
         for p in prompts

@@ -71,6 +71,9 @@ class PrefsConfig:
     """Also sample n_per_prompt answers through constrained decoding with each request's key and meter (strictly
     valid by construction) and choose only among those, rejecting only free answers: the pairs teach the free
     model what constrained decoding guarantees (transformers engine)."""
+    chosen_header: bool = False
+    """Also sample n_per_prompt answers that start with the asked header (X:, M:, L:, K: from the request; free
+    after it) and choose only among those, rejecting only free answers: the pairs teach writing the asked header."""
     weights: RewardWeights = field(default_factory=RewardWeights)
     """Reward weights."""
     user_reward: str | None = None

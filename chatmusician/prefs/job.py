@@ -32,6 +32,10 @@ def check_config(cfg: PrefsConfig) -> None:
         )
     if not 0.0 < cfg.pair_fraction <= 0.5:
         raise ValueError(f"pair_fraction must be in (0, 0.5], got {cfg.pair_fraction}")
+    if cfg.chosen_constrained and cfg.chosen_header:
+        raise ValueError(
+            "chosen_constrained and chosen_header each say where chosen answers come from: set one"
+        )
     if cfg.max_new_tokens < 1 or cfg.temperature < 0:
         raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
     from chatmusician.prefs.vllm_pool import check
@@ -60,16 +64,31 @@ def eval_config(cfg: PrefsConfig) -> EvalConfig:
 
 def sample(cfg: PrefsConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every answer: ``{name, sample, text, tokens}`` (Ray must be up when ``pool.use_ray``); with
-    ``chosen_constrained`` also as many constrained ones (``role`` chosen, samples numbered after the free ones,
-    which get ``role`` rejected)."""
+    ``chosen_constrained`` / ``chosen_header`` also as many constrained / asked-header-first ones (``role`` chosen,
+    samples numbered after the free ones, which get ``role`` rejected)."""
     free = _sample(cfg, prompts)
-    if not cfg.chosen_constrained:
+    if cfg.chosen_constrained:
+        chosen = _sample(replace(cfg, constrained=True, seed=cfg.seed + 1), prompts)
+    elif cfg.chosen_header:
+        chosen = _sample(
+            replace(cfg, seed=cfg.seed + 1), [p | {"answer_prefix": asked_header(p)} for p in prompts]
+        )
+    else:
         return free
-    constrained = _sample(replace(cfg, constrained=True, seed=cfg.seed + 1), prompts)
     n = cfg.n_per_prompt
     return [a | {"role": "rejected"} for a in free] + [
-        a | {"sample": a["sample"] + n, "role": "chosen"} for a in constrained
+        a | {"sample": a["sample"] + n, "role": "chosen"} for a in chosen
     ]
+
+
+def asked_header(prompt: dict[str, Any]) -> str:
+    """The header a tune answering ``prompt`` starts with: the asked meter, unit length and key (X:1 first). The
+    unit length is always written (the description's, else 1/8): ABC's default for a meter under 3/4 is 1/16,
+    which a model trained on the corpus rarely means."""
+    request, described = prompt.get("request", {}), prompt.get("fields", {}).get("description", {})
+    unit = request.get("unit_length") or described.get("Note Length") or "1/8"
+    fields = [("M", request.get("meter")), ("L", unit), ("K", request.get("key"))]
+    return "X:1\n" + "".join(f"{name}:{value}\n" for name, value in fields if value)
 
 
 def _sample(cfg: PrefsConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,9 +20,11 @@ def check(cfg: PrefsConfig) -> None:
         raise ValueError(f"engine must be transformers or vllm, got {cfg.engine!r}")
     if cfg.engine == "vllm" and not cfg.pool.use_ray:
         raise ValueError("engine vllm runs in Ray actors of the vLLM environment: set pool.use_ray true")
-    if cfg.engine == "vllm" and (cfg.adapter or cfg.constrained or cfg.chosen_constrained):
+    if cfg.engine == "vllm" and (
+        cfg.adapter or cfg.constrained or cfg.chosen_constrained or cfg.chosen_header
+    ):
         raise ValueError("engine vllm samples a merged model without the ABC grammar: merge the adapter first "
-                         "(chatmusician merge) and set constrained and chosen_constrained false, or use engine transformers")  # fmt: skip
+                         "(chatmusician merge) and set constrained, chosen_constrained and chosen_header false, or use engine transformers")  # fmt: skip
 
 
 def sampling(cfg: PrefsConfig) -> dict[str, Any]:
