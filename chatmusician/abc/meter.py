@@ -23,7 +23,6 @@ line (``F:|``: abc2midi skips it), a tie not right after a note or chord or insi
 
 from __future__ import annotations
 
-from dataclasses import replace
 from fractions import Fraction
 
 import abcnotes
@@ -40,6 +39,7 @@ from chatmusician.abc.meter_base import (  # noqa: F401 - the names the decoder 
     length,
     meter_may_be,
     split_suffix,
+    with_,
 )
 from chatmusician.abc.meter_line import _Line
 
@@ -56,15 +56,15 @@ def header_line(state: State, line: str) -> State:
         except ValueError:
             meter = None
         frac = Fraction(*meter) if meter and meter[1] else None
-        state = replace(state, meter=frac, meter_text=value)
+        state = with_(state, meter=frac, meter_text=value)
     elif letter == "L":
         try:
-            state = replace(state, unit=parse_unit_length(value), unit_set=True)
+            state = with_(state, unit=parse_unit_length(value), unit_set=True)
         except ValueError:
             pass
     elif letter == "K":
         unit = state.unit if state.unit_set else default_unit_length(state.meter)
-        state = replace(state, body=True, unit=unit)
+        state = with_(state, body=True, unit=unit)
     return state
 
 
