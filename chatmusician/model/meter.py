@@ -39,15 +39,7 @@ def token_texts(ll_tok) -> list[str]:
 
 
 def copy_tracker(tracker: MeterTracker) -> MeterTracker:
-    other = MeterTracker()
-    other.state, other.tail, other.mid_line, other.broken = (
-        tracker.state,
-        tracker.tail,
-        tracker.mid_line,
-        tracker.broken,
-    )
-    other.snap = tracker.snap
-    return other
+    return tracker.copy()
 
 
 def tracker_for(text: str) -> MeterTracker:
