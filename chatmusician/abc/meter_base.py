@@ -67,7 +67,10 @@ def dotted(n_dots: int, longer: bool) -> Fraction:
 def on_grid(rest: Fraction, unit: Fraction) -> bool:
     """Can plain notes fill ``rest`` (whole notes) exactly? They are multiples of an eighth of the unit."""
     # rest / unit * 8 is whole (integer arithmetic: Fraction division is slow in the decoder's hot path)
-    return rest >= 0 and (rest.numerator * unit.denominator * 8) % (rest.denominator * unit.numerator) == 0
+    return (
+        rest.numerator >= 0
+        and (rest.numerator * unit.denominator * 8) % (rest.denominator * unit.numerator) == 0
+    )
 
 
 @lru_cache(maxsize=4096)

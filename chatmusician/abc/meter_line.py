@@ -41,6 +41,13 @@ _ACCIDENTAL = re.compile(r"\^\^?|__?|=")
 _NOTE_START = frozenset("^=_abcdefgABCDEFG")
 
 
+@lru_cache(maxsize=1024)
+def _boundary(text: str) -> bool:
+    """Is this bar line a section boundary (a repeat, a double bar or an ending)?"""
+    bar = abcnotes.BarLine(line=0, char=0, text=text)
+    return bool(bar.repeat_end or bar.double or bar.endings is not None or bar.repeat_start)
+
+
 @lru_cache(maxsize=256)
 def ratio(q: int, p: int) -> Fraction:
     return Fraction(q, p)
@@ -105,7 +112,7 @@ class _Line:
         if state.bar_meter is None or state.whole_rest or not state.sounding:
             return True
         rest = state.bar_meter - state.duration
-        if rest < 0:
+        if rest.numerator < 0:  # rest < 0 without Fraction's numbers.Rational check
             return False
         if self.tuplet is not None:
             q, p, left = self.tuplet
@@ -122,8 +129,7 @@ class _Line:
         s = self.s
         if self.dots or self.tuplet or self.chord_open or self.grace:
             self._fail("a bar line inside a broken rhythm, tuplet, chord or grace group")
-        bar = abcnotes.BarLine(line=0, char=0, text=text)
-        boundary = partial or bar.repeat_end or bar.double or bar.endings is not None or bar.repeat_start
+        boundary = _boundary(text) or partial
         pickup = s.pickup
         if s.sounding and s.bar_meter is not None and not s.whole_rest and s.duration != s.bar_meter:
             completes = pickup is not None and s.duration + pickup == s.bar_meter
@@ -159,7 +165,8 @@ class _Line:
             self.s = with_(self.s, unit=Fraction(n, d), unit_set=True)
 
     def music(self, line: str) -> State:
-        line = _COMMENT.split(line)[0]
+        if "%" in line:
+            line = _COMMENT.split(line)[0]
         j, end = 0, len(line)
         while j < end:
             if j + 4 <= end and not self.final and line[j - 1 : j] != "\\":
