@@ -36,7 +36,9 @@ class _Accelerator:
     gather = gather_for_metrics
 
 
-def trl_loss(per_token, completion_mask, ref_chosen, ref_rejected, loss_type: str, beta: float, sft_weight=0.0):
+def trl_loss(
+    per_token, completion_mask, ref_chosen, ref_rejected, loss_type: str, beta: float, sft_weight=0.0
+):
     """TRL 1.x's ``DPOTrainer._compute_loss`` itself on a stub trainer: the model returns ``per_token``
     (already masked) as its fused-head log-probs, references precomputed."""
     from trl.trainer.dpo_trainer import DPOTrainer

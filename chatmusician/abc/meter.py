@@ -23,7 +23,6 @@ line (``F:|``: abc2midi skips it), a tie not right after a note or chord or insi
 
 from __future__ import annotations
 
-from dataclasses import replace
 from fractions import Fraction
 
 import abcnotes
@@ -40,6 +39,7 @@ from chatmusician.abc.meter_base import (  # noqa: F401 - the names the decoder 
     length,
     meter_may_be,
     split_suffix,
+    with_,
 )
 from chatmusician.abc.meter_line import _Line
 
@@ -56,15 +56,15 @@ def header_line(state: State, line: str) -> State:
         except ValueError:
             meter = None
         frac = Fraction(*meter) if meter and meter[1] else None
-        state = replace(state, meter=frac, meter_text=value)
+        state = with_(state, meter=frac, meter_text=value)
     elif letter == "L":
         try:
-            state = replace(state, unit=parse_unit_length(value), unit_set=True)
+            state = with_(state, unit=parse_unit_length(value), unit_set=True)
         except ValueError:
             pass
     elif letter == "K":
         unit = state.unit if state.unit_set else default_unit_length(state.meter)
-        state = replace(state, body=True, unit=unit)
+        state = with_(state, body=True, unit=unit)
     return state
 
 
@@ -144,6 +144,15 @@ class MeterTracker:
         self.mid_line = False  # the tail starts after a bar line, not at a line start
         self.broken = False  # text it could not follow was pushed (a forced token): it checks nothing more
         self.snap: tuple[int, dict] | None = None  # a scanner inside the tail to resume from (cheap checks)
+        # allows()/can_end() answers at this point (a function of state, tail and mid_line): a step's
+        # candidates asked twice, copies asked what the original was; push() starts a fresh dict
+        self.verdicts: dict[str | None, bool] = {}
+
+    def copy(self) -> MeterTracker:
+        """The same tracker, to push to without moving this one (shares the verdicts until either pushes)."""
+        other = MeterTracker.__new__(MeterTracker)
+        other.__dict__.update(self.__dict__)
+        return other
 
     def _scan(self, text: str, final: bool, out: dict | None = None) -> tuple[State, int]:
         return scan(self.state, text, final, self.mid_line, self.snap, out)
@@ -151,15 +160,20 @@ class MeterTracker:
     def allows(self, text: str) -> bool:
         if self.broken:
             return True
-        try:
-            self._scan(self.tail + text, final=False)
-        except Violation:
-            return False
-        return True
+        ok = self.verdicts.get(text)
+        if ok is None:
+            try:
+                self._scan(self.tail + text, final=False)
+                ok = True
+            except Violation:
+                ok = False
+            self.verdicts[text] = ok
+        return ok
 
     def push(self, text: str) -> None:
         if self.broken:
             return
+        self.verdicts = {}
         self.tail += text
         out: dict = {}
         try:
@@ -180,10 +194,14 @@ class MeterTracker:
     def can_end(self) -> bool:
         if self.broken:
             return False
-        try:
-            return can_end(self._scan(self.tail, final=True)[0])
-        except Violation:
-            return False
+        ok = self.verdicts.get(None)  # None: the end of the tune
+        if ok is None:
+            try:
+                ok = can_end(self._scan(self.tail, final=True)[0])
+            except Violation:
+                ok = False
+            self.verdicts[None] = ok
+        return ok
 
 
 def metrically_complete(text: str) -> bool:

@@ -33,6 +33,7 @@ _INLINE = re.compile(r"\[([" + "".join(abcnotes.inline_fields) + r"]):([^\]]+)\]
 _SKIP = re.compile(r'\s+|[.~H-Wh-w]|![^! ]+!|"[^"]*"|[y$`#*;?@()\-]|\{[/\\]?|\}|\\$')
 
 
+@lru_cache(maxsize=1024)
 def length(num: str | None, slash: str | None, den: str | None) -> Fraction:
     """A length suffix's value in units (abcnotes.note_length: A2 -> 2, A/ -> 1/2, A3/2 -> 3/2)."""
     n, d = abcnotes.note_length(num, slash, den)
@@ -56,6 +57,7 @@ def extensions(suffix: str) -> tuple[Fraction, ...]:
     return tuple(sorted({length(*split_suffix(s)) for s in LENGTHS if s.startswith(suffix)}))
 
 
+@lru_cache(maxsize=64)
 def dotted(n_dots: int, longer: bool) -> Fraction:
     """Factor of a broken rhythm (abcnotes.dotted_length): '>' 3/2 then 1/2, '>>' 7/4 then 1/4."""
     num, den = abcnotes.dotted_length((1, 1), n_dots, longer)
@@ -64,7 +66,11 @@ def dotted(n_dots: int, longer: bool) -> Fraction:
 
 def on_grid(rest: Fraction, unit: Fraction) -> bool:
     """Can plain notes fill ``rest`` (whole notes) exactly? They are multiples of an eighth of the unit."""
-    return rest >= 0 and (rest / unit * 8).denominator == 1
+    # rest / unit * 8 is whole (integer arithmetic: Fraction division is slow in the decoder's hot path)
+    return (
+        rest.numerator >= 0
+        and (rest.numerator * unit.denominator * 8) % (rest.denominator * unit.numerator) == 0
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -99,6 +105,14 @@ class State:
     """Bars with notes closed so far."""
     pickup: Fraction | None = None
     """The short first bar's length."""
+
+
+def with_(state: State, **changes) -> State:
+    """``dataclasses.replace`` without its per-call field introspection (the scanner's hot path)."""
+    new = object.__new__(State)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 class Violation(Exception):

@@ -5,8 +5,8 @@ tuplet, broken rhythm, grace group, bar line and inline field, with abcnotes' ar
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from fractions import Fraction
+from functools import lru_cache
 
 import abcnotes
 
@@ -28,7 +28,29 @@ from chatmusician.abc.meter_base import (
     meter_may_be,
     on_grid,
     tuplet_fits,
+    with_,
 )
+
+_COMMENT = re.compile(r"(?<!\\)%")
+_PARTIAL_FIELD = re.compile(r"\[([A-Za-z]):([^\]]*)")
+_OPEN_BRACKET = re.compile(r"\[([H-Zh-z]:?)?")
+_SPACE = re.compile(r"\s+")
+_BRACKET_BAR = re.compile(r"\[[\|\d]")
+_BROKEN = re.compile("<+|>+")
+_ACCIDENTAL = re.compile(r"\^\^?|__?|=")
+_NOTE_START = frozenset("^=_abcdefgABCDEFG")
+
+
+@lru_cache(maxsize=1024)
+def _boundary(text: str) -> bool:
+    """Is this bar line a section boundary (a repeat, a double bar or an ending)?"""
+    bar = abcnotes.BarLine(line=0, char=0, text=text)
+    return bool(bar.repeat_end or bar.double or bar.endings is not None or bar.repeat_start)
+
+
+@lru_cache(maxsize=256)
+def ratio(q: int, p: int) -> Fraction:
+    return Fraction(q, p)
 
 
 class _Line:
@@ -66,7 +88,7 @@ class _Line:
 
     def _sound(self, raw: Fraction) -> None:
         """A note, rest or chord of ``raw`` units, with the broken rhythm and tuplet in progress applied."""
-        s, factor = self.s, Fraction(1)
+        s, factor = self.s, None
         if s.whole_rest:
             self._fail("a note after a whole-bar rest")
         dotted_now = self.dots is not None
@@ -74,27 +96,27 @@ class _Line:
             if raw * s.unit != self.dots[2]:
                 # abc2midi keeps a broken pair's total (C2>D lasts 3 units, abcnotes 7/2): equal notes only
                 self._fail("a broken rhythm between notes of different lengths")
-            factor *= dotted(*self.dots[:2])
+            factor = dotted(*self.dots[:2])
             self.dots = None
         in_tuplet = self.tuplet is not None
         if in_tuplet:
             q, p, left = self.tuplet
-            factor *= Fraction(q, p)
+            factor = ratio(q, p) if factor is None else factor * ratio(q, p)
             self.tuplet = [q, p, left - 1] if left > 1 else None
-        whole = raw * factor * s.unit
+        whole = raw * s.unit if factor is None else raw * factor * s.unit
         self.last_sound = (whole, in_tuplet, dotted_now)
         meter = s.bar_meter if s.sounding else s.meter
-        self.s = replace(s, duration=s.duration + whole, sounding=True, bar_meter=meter)
+        self.s = with_(s, duration=s.duration + whole, sounding=True, bar_meter=meter)
 
     def _fits(self, state: State) -> bool:
         if state.bar_meter is None or state.whole_rest or not state.sounding:
             return True
         rest = state.bar_meter - state.duration
-        if rest < 0:
+        if rest.numerator < 0:  # rest < 0 without Fraction's numbers.Rational check
             return False
         if self.tuplet is not None:
             q, p, left = self.tuplet
-            return tuplet_fits(rest, state.unit, left, Fraction(q, p))
+            return tuplet_fits(rest, state.unit, left, ratio(q, p))
         if self.dots is not None:
             return on_grid(rest - dotted(*self.dots[:2]) * self.dots[2], state.unit)
         return on_grid(rest, state.unit)
@@ -107,8 +129,7 @@ class _Line:
         s = self.s
         if self.dots or self.tuplet or self.chord_open or self.grace:
             self._fail("a bar line inside a broken rhythm, tuplet, chord or grace group")
-        bar = abcnotes.BarLine(line=0, char=0, text=text)
-        boundary = partial or bar.repeat_end or bar.double or bar.endings is not None or bar.repeat_start
+        boundary = _boundary(text) or partial
         pickup = s.pickup
         if s.sounding and s.bar_meter is not None and not s.whole_rest and s.duration != s.bar_meter:
             completes = pickup is not None and s.duration + pickup == s.bar_meter
@@ -117,10 +138,10 @@ class _Line:
             elif not (boundary and completes):
                 self._fail(f"bar closed at {s.duration} of {s.bar_meter}")
         closed = s.closed + s.sounding
-        self.s = replace(
+        self.s = with_(
             s, duration=Fraction(0), sounding=False, whole_rest=False, closed=closed, pickup=pickup
         )
-        self.s = replace(self.s, bar_meter=None)
+        self.s = with_(self.s, bar_meter=None)
         if not partial:
             self.clean, self.clean_at = self.s, self.at
         self.last_sound = None
@@ -133,7 +154,7 @@ class _Line:
             except ValueError:
                 self._fail(f"unreadable meter {value!r}")
             meter = Fraction(*m) if m and m[1] else None
-            self.s = replace(self.s, meter=meter, meter_text=value.strip())
+            self.s = with_(self.s, meter=meter, meter_text=value.strip())
         elif letter == "L":
             try:
                 n, d = ([int(x) for x in (value.strip() + "/1").split("/")[:2]] + [1])[:2]
@@ -141,10 +162,11 @@ class _Line:
                 n, d = 1, 0
             if d == 0:
                 self._fail("L: divides by zero")
-            self.s = replace(self.s, unit=Fraction(n, d), unit_set=True)
+            self.s = with_(self.s, unit=Fraction(n, d), unit_set=True)
 
     def music(self, line: str) -> State:
-        line = re.split(r"(?<!\\)%", line)[0]
+        if "%" in line:
+            line = _COMMENT.split(line)[0]
         j, end = 0, len(line)
         while j < end:
             if j + 4 <= end and not self.final and line[j - 1 : j] != "\\":
@@ -154,9 +176,12 @@ class _Line:
                 del attrs["snap"]
                 self.snap = (self.base + j, attrs)
             part = line[j:]
+            c = part[
+                0
+            ]  # each pattern below needs its first character in a set: skip the ones that cannot match
             after_note, self.tie_ok = self.tie_ok, False
             at_end = lambda m, n=len(part): m.end() == n and not self.final  # noqa: E731 - may still grow
-            if part[0] == "[" and len(part) > 3 and part[2] == ":":
+            if c == "[" and len(part) > 3 and part[2] == ":":
                 m = _INLINE.match(part)
                 if m is not None:
                     if self.dots:
@@ -166,25 +191,25 @@ class _Line:
                     self._check()
                     j += m.end()
                     continue
-            partial = re.fullmatch(r"\[([A-Za-z]):([^\]]*)", part)
+            partial = _PARTIAL_FIELD.fullmatch(part) if c == "[" else None
             if not self.final and partial is not None:
                 if self.dots:
                     self._fail("an inline field inside a broken rhythm")
                 self.unit_may_change(partial.group(1), partial.group(2), done=False)
                 return self.clean  # an inline field still being written
-            if not self.final and len(part) < 4 and re.fullmatch(r"\[([H-Zh-z]:?)?", part):
+            if c == "[" and not self.final and len(part) < 4 and _OPEN_BRACKET.fullmatch(part):
                 if self.dots and len(part) > 1:
                     self._fail("an inline field inside a broken rhythm")
                 return self.clean  # an inline field or chord not yet told apart
-            m = re.match(r"\s+", part)
+            m = _SPACE.match(part) if c.isspace() else None
             if m is not None:
                 j += m.end()
                 continue
-            m = _NOTE.match(part)
+            m = _NOTE.match(part) if c in _NOTE_START else None
             if m is not None:
                 check_suffix(*m.group(5, 6))
                 raw = length(*m.group(4, 5, 6))
-                suffix = "".join(g or "" for g in m.group(4, 5, 6))
+                suffix = part[m.end(3) : m.end()]  # groups 4 to 6, the match's end
                 if self.grace:
                     if self.dots or self.tuplet:
                         self._fail("grace notes inside a broken rhythm or tuplet")
@@ -200,17 +225,17 @@ class _Line:
                 self.grace_done = self.grace_done and self.grace
                 j += m.end()
                 continue
-            if part[0] == "[" and re.match(r"\[[\|\d]", part) is None:
+            if c == "[" and _BRACKET_BAR.match(part) is None:
                 self.chord_open, self.chord, self.chord_suffix = True, None, None
                 j += 1
                 continue
-            m = _CHORD_END.match(part)
+            m = _CHORD_END.match(part) if c == "]" else None
             if m is not None:
                 check_suffix(*m.group(2, 3))
                 if self.chord_open and self.chord is not None:
                     firsts = extensions(self.chord_suffix) if self.chord_suffix is not None else (self.chord,)
                     self.chord_open = False
-                    suffix = "".join(g or "" for g in m.groups())
+                    suffix = m.group()[1:]
                     if self.chord_lengthed and suffix:
                         # abc2midi then takes the chord's own length alone ([C2E]2 lasts 2, abcnotes 4)
                         self._fail("a chord with lengths inside and outside")
@@ -224,13 +249,13 @@ class _Line:
                 self.tie_ok = True
                 j += m.end()
                 continue
-            m = _BAR.match(part)
+            m = _BAR.match(part) if c in "[|:" else None
             if m is not None:
                 self.at = self.base + j + m.end()
                 self._bar(m.group(), partial=at_end(m))
                 j += m.end()
                 continue
-            m = re.match("<+|>+", part)
+            m = _BROKEN.match(part) if c in "<>" else None
             if m is not None:
                 if self.last_sound is None or self.chord_open or self.grace:
                     # abcnotes: no broken rhythm here (after a slur, grace group, decoration, bar...);
@@ -241,28 +266,28 @@ class _Line:
                     self._fail("broken rhythm in a tuplet or after a broken rhythm's right note")
                 n, longer_left = len(m.group()), m.group()[0] == ">"
                 grow = whole * (dotted(n, longer_left) - 1)
-                self.s = replace(self.s, duration=self.s.duration + grow)
+                self.s = with_(self.s, duration=self.s.duration + grow)
                 self.last_sound = None
                 self.dots = (n, not longer_left, whole)
                 self._check()
                 j += m.end()
                 continue
-            m = _REST.match(part)
+            m = _REST.match(part) if c in "XZxz" else None
             if m is not None:
                 self.grace_done = False
                 if m.group(1) in "XZ":
                     if self.s.sounding or self.dots or self.tuplet:
                         self._fail("a whole-bar rest after notes")
                     self._sound(Fraction(0))
-                    self.s = replace(self.s, whole_rest=True)
+                    self.s = with_(self.s, whole_rest=True)
                     self.last_sound = None
                 else:
                     check_suffix(*m.group(3, 4))
-                    suffix = "".join(g or "" for g in m.group(2, 3, 4))
+                    suffix = m.group()[1:]
                     self._pending_sound(length(*m.group(2, 3, 4)), suffix if at_end(m) else None)
                 j += m.end()
                 continue
-            m = _TUPLET.match(part)
+            m = _TUPLET.match(part) if c == "(" else None
             if m is not None:
                 if ":" in m.group() or self.dots or self.s.whole_rest:
                     self._fail("a tuplet with ':' or after a broken rhythm")
@@ -290,7 +315,12 @@ class _Line:
                 self.grace = True
             elif part[0] == "}":
                 self.grace, self.grace_done = False, True
-            if not self.final and re.fullmatch(r"\^\^?|__?|=", part) and not (self.grace or self.chord_open):
+            if (
+                c in "^_="
+                and not self.final
+                and _ACCIDENTAL.fullmatch(part)
+                and not (self.grace or self.chord_open)
+            ):
                 self._may_sound(extensions(""))  # an accidental: a note follows
             m = _SKIP.match(part)
             if m is None and part[0] in '"!' and not self.final:

@@ -39,15 +39,7 @@ def token_texts(ll_tok) -> list[str]:
 
 
 def copy_tracker(tracker: MeterTracker) -> MeterTracker:
-    other = MeterTracker()
-    other.state, other.tail, other.mid_line, other.broken = (
-        tracker.state,
-        tracker.tail,
-        tracker.mid_line,
-        tracker.broken,
-    )
-    other.snap = tracker.snap
-    return other
+    return tracker.copy()
 
 
 def tracker_for(text: str) -> MeterTracker:
@@ -170,10 +162,11 @@ def meter_mask_row(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: 
         kept = keep_row(tracker, suffixes, [], texts, eos_id, limit=1)
         if not kept:
             kept = keep_row(tracker, order, [], texts, eos_id, limit=1)
-    if kept:
-        keep = torch.zeros_like(allowed)
-        keep[torch.tensor(kept, device=scores.device)] = True
-        scores.masked_fill_(~keep, float("-inf"))
+    if kept:  # -inf everywhere else (as a masked_fill_ of the others, without a vocabulary-wide bool mask)
+        index = torch.tensor(kept, device=scores.device)
+        values = scores[index]
+        scores.fill_(float("-inf"))
+        scores[index] = values
     return kept
 
 
