@@ -154,29 +154,39 @@ def test_prefs_job_files_and_answers_independent_of_batching(tiny_model_path, tm
     assert [r["chosen"] for r in both if r["source"] == "rewards"] == pairs["chosen"].to_pylist()
 
 
+def one_request_run(tmp_path, model: str, name: str, description: dict, request: dict, **options):
+    """(config, samples, pairs) of a prefs run on the transformers loop for one request, with ``options``."""
+    from chatmusician.prefs.job import build
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"name": name, "family": "text_to_music", "fields": {"description": description},
+                                    "request": request}]))  # fmt: skip
+    cfg = PrefsConfig(model=model, device="cpu", prompts=str(prompts), pair_fraction=0.5, check_midi=False,
+                      output_dir=str(tmp_path / "out"), pool=PoolConfig(use_ray=False, batch_size=8),
+                      **options)  # fmt: skip
+    build(cfg)
+    out = tmp_path / "out"
+    return (
+        cfg,
+        pq.read_table(out / "samples.parquet").to_pylist(),
+        pq.read_table(out / "pairs.parquet").to_pylist(),
+    )
+
+
 def test_chosen_answers_are_constrained_to_the_request_and_rejected_ones_free(tiny_model_path, tmp_path):
     """chosen_constrained: each prompt also gets n answers through constrained decoding with its request's key
     and meter; every pair chooses one of those (it parses, in the asked key and meter, every bar full) and
     rejects a free one."""
-    from chatmusician.prefs.job import build
-
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"name": "reel", "family": "text_to_music",
-                                    "fields": {"description": {"M": "4/4", "K": "D"}},
-                                    "request": {"key": "D", "meter": "4/4"}}]))  # fmt: skip
-    cfg = PrefsConfig(model=tiny_model_path, device="cpu", prompts=str(prompts), n_per_prompt=4, max_new_tokens=64,
-                      pair_fraction=0.5, check_midi=False, chosen_constrained=True, output_dir=str(tmp_path / "c"),
-                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
-    meta = build(cfg)
-    samples = pq.read_table(tmp_path / "c" / "samples.parquet").to_pylist()
-    assert meta["samples"] == 8 and sorted(s["sample"] for s in samples) == list(range(8))
+    cfg, samples, pairs = one_request_run(tmp_path, tiny_model_path, "reel", {"M": "4/4", "K": "D"},
+                                          {"key": "D", "meter": "4/4"}, n_per_prompt=4, max_new_tokens=64,
+                                          chosen_constrained=True)  # fmt: skip
+    assert sorted(s["sample"] for s in samples) == list(range(8))
     constrained = {s["text"] for s in samples if s["role"] == "chosen"}
     assert {s["sample"] for s in samples if s["role"] == "chosen"} == {4, 5, 6, 7}
     for text in constrained:  # judged by the validator, not by the decoder that wrote it
         m = abc_quality.tune_metrics(text, {"key": "D", "meter": "4/4"})
         assert m["syntax_ok"] and m["key_as_requested"] and m["meter_as_requested"], (text, m)
         assert m["bar_alignment_error"] == 0.0, (text, m)
-    pairs = pq.read_table(tmp_path / "c" / "pairs.parquet").to_pylist()
     assert pairs and all(p["chosen"] in constrained and p["rejected"] not in constrained for p in pairs)
     with pytest.raises(ValueError, match="chosen_header false"):
         from chatmusician.prefs.vllm_pool import check
@@ -187,17 +197,11 @@ def test_chosen_answers_are_constrained_to_the_request_and_rejected_ones_free(ti
 def test_chosen_answers_start_with_the_asked_header_and_rejected_ones_are_free(tiny_model_path, tmp_path):
     """chosen_header: each prompt also gets n answers that start with the asked meter, unit length (1/8 when
     none is described) and key, the model writing the rest; pairs choose only those and reject free ones."""
-    from chatmusician.prefs.job import build, check_config
+    from chatmusician.prefs.job import check_config
 
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"name": "jig", "family": "text_to_music",
-                                    "fields": {"description": {"Meter": "6/8", "Key": "G"}},
-                                    "request": {"key": "G", "meter": "6/8"}}]))  # fmt: skip
-    cfg = PrefsConfig(model=tiny_model_path, device="cpu", prompts=str(prompts), n_per_prompt=3, max_new_tokens=48,
-                      pair_fraction=0.5, check_midi=False, chosen_header=True, output_dir=str(tmp_path / "h"),
-                      pool=PoolConfig(use_ray=False, batch_size=8))  # fmt: skip
-    build(cfg)
-    samples = pq.read_table(tmp_path / "h" / "samples.parquet").to_pylist()
+    cfg, samples, pairs = one_request_run(tmp_path, tiny_model_path, "jig", {"Meter": "6/8", "Key": "G"},
+                                          {"key": "G", "meter": "6/8"}, n_per_prompt=3, max_new_tokens=48,
+                                          chosen_header=True)  # fmt: skip
     chosen = [s for s in samples if s["role"] == "chosen"]
     header = "X:1\nM:6/8\nL:1/8\nK:G\n"
     assert sorted(s["sample"] for s in chosen) == [3, 4, 5] and len({s["text"] for s in chosen}) == 3
@@ -206,7 +210,6 @@ def test_chosen_answers_start_with_the_asked_header_and_rejected_ones_are_free(t
     for s in chosen:  # the validator reads the header it was given
         m = abc_quality.tune_metrics(s["text"], {"key": "G", "meter": "6/8"})
         assert m["key_as_requested"] and m["meter_as_requested"], (s["text"], m)
-    pairs = pq.read_table(tmp_path / "h" / "pairs.parquet").to_pylist()
     assert all(p["chosen"].startswith(header) and not p["rejected"].startswith(header) for p in pairs)
     with pytest.raises(ValueError, match="set one"):
         check_config(replace(cfg, chosen_constrained=True))
