@@ -35,6 +35,11 @@ def test_tune_shapes(tokenizer):
     assert not accepts(tokenizer, g, TUNE.replace("K:G\n", ""))  # no K: line
     assert not accepts(tokenizer, g, "T:Test\n" + TUNE)  # X: must come first
     assert not accepts(tokenizer, g, TUNE.replace("|]\n", "|]\n\nabc|\n"))  # a blank line ends a tune
+    for blank in (" ", "  \t"):  # so does a line of spaces only, before the music or inside it
+        assert not accepts(tokenizer, g, TUNE.replace("K:G\n", f"K:G\n{blank}\n"))
+        assert not accepts(tokenizer, g, TUNE.replace("|]\n", f"|]\n{blank}\nabc|\n"))
+    spaced = TUNE.replace("K:G\n|:", "K:G\n |:").replace("3:|", "3 :|  \n")  # spaces beside music and bars
+    assert accepts(tokenizer, g, spaced)
     assert not accepts(tokenizer, g, TUNE.rstrip("\n"))  # not complete before the line's newline
     assert not accepts(tokenizer, g, TUNE.replace("M:6/8", "M:six"))  # typed header values
     assert not accepts(tokenizer, g, TUNE.replace("K:G", "K:H"))
