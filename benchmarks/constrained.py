@@ -5,14 +5,17 @@ model and a random one.
 
 ``--model`` is the quickstart's trained model (e.g. its merged SFT model); without it the benchmark trains
 the nano model itself for ``--train_steps`` on the Nottingham tunes (plain PyTorch, a few minutes on CPU).
-The random model is the untrained nano model. Same prompts and seeds for every arm, one run. Metrical
-correctness per arm (constrained decoding is meter-aware): the share of tunes with no ``bar_duration`` issue
-from the validator (an answer with no tune counts as not correct), and the bar-alignment error, bars whose
-length differs from the meter / bars checked, over all the arm's tunes (NotaGen's metric). Parse success =
-an ABC tune is found, the validator reports no error other than bar durations, and abc2midi writes a MIDI that
-the renderer's judge finds usable (it parses, plays notes and lasts about what the bars say:
-``chatmusician.render.judge``; abc2midi's messages are warnings there, as in rendering). Speed = generated tokens/s, constrained vs unconstrained, at batch 1 and 8, plus
-llguidance's mask time per token at batch 8; speed is the median ratio over ``--rounds`` alternating rounds.
+The random model is the untrained nano model. Same prompts and per-row seeds for every arm (temperature 0.8,
+top-k 40, top-p 0.95, repetition penalty 1.1, drawn by the engine's ``RowSampler``). Metrical correctness per
+arm (constrained decoding is meter-aware): the share of tunes with no ``bar_duration`` issue from the validator
+(an answer with no tune counts as not correct), and the bar-alignment error, bars whose length differs from
+the meter / bars checked, over all the arm's tunes (NotaGen's metric). Parse success = an ABC tune is found,
+the validator reports no error other than bar durations, and abc2midi writes a MIDI that the renderer's judge
+finds usable (it parses, plays notes and lasts about what the bars say: ``chatmusician.render.judge``;
+abc2midi's messages are warnings there, as in rendering). Speed = tokens the model generated per second (EOS
+included; a cut-back answer's dropped tokens count: they were decoded), constrained vs unconstrained, at batch
+1 and 8, the median ratio over ``--rounds`` alternating rounds, plus the constrained processor's time (grammar
+mask, meter checks, completion search) per token and row.
 """
 
 from __future__ import annotations
@@ -146,10 +149,9 @@ def usable_midi(path: Path, tune: str, returncode: int) -> bool:
 
 
 def run_arm(model, tok, constrained: bool, batch: int, cfg: ConstrainedBenchConfig) -> dict:
-    import torch
-
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.model import constrained_decoding as C
+    from chatmusician.model.sampling import RowSampling
     from chatmusician.prompts import build_chat_prompt
 
     prompts = [build_chat_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(cfg.prompts)]
@@ -166,23 +168,16 @@ def run_arm(model, tok, constrained: bool, batch: int, cfg: ConstrainedBenchConf
     try:
         for start in range(0, len(prompts), batch):
             chunk = prompts[start : start + batch]
-            torch.manual_seed(start)
+            sampling = [
+                RowSampling(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=start + r)
+                for r in range(len(chunk))
+            ]
+            constraints = [AbcConstraints() if constrained else None] * len(chunk)
             began = time.perf_counter()
-            outs = C.generate_outputs(
-                model,
-                tok,
-                chunk,
-                [AbcConstraints() if constrained else None] * len(chunk),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=True,
-                temperature=0.8,
-                top_k=40,
-                top_p=0.95,
-                repetition_penalty=1.1,
-            )
+            outs = C.generate_outputs(model, tok, chunk, constraints, cfg.max_new_tokens, sampling)
             seconds += time.perf_counter() - began
             texts += [o.text for o in outs]
-            tokens += sum(len(o.ids) + (o.finish_reason == "stop") for o in outs)
+            tokens += sum(o.generated for o in outs)
     finally:
         C.logits_processor = original
     for p in made:

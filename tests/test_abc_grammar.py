@@ -49,6 +49,27 @@ def test_tune_shapes(tokenizer):
     assert not accepts(tokenizer, g, TUNE.replace("GAB", "G[|]AB"))  # abc2midi errors on the invisible bar
 
 
+def test_every_body_line_the_grammar_takes_is_music_to_the_extractor(tokenizer):
+    """Property over random body lines built from the body's elements: a line the grammar accepts stays in
+    the tune the extractor finds (else a constrained answer with a line such as " .%" loses its tune there)."""
+    import random
+
+    from chatmusician.abc import extract_tunes
+
+    pieces = ["G", "a2", "z", "Z2", "y", "X", "(3", ".", "~", "u", "-", ">", "(", ")", "`", "&", "[CE]"]
+    pieces += ["{g}", '"C"', "[K:D]", "[1", "\\", "!trill!", " ", "|", "::", ":|", "%c", "%."]
+    g, rng, taken = tune_grammar(), random.Random(0), 0
+    for _ in range(400):
+        line = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))
+        tune = f"X:1\nM:6/8\nL:1/8\nK:G\nGAB d2e|\n{line}\nc3 B3|]\n"
+        if accepts(tokenizer, g, tune):
+            taken += 1
+            assert extract_tunes(tune).tunes == ["\n".join(x.rstrip() for x in tune.splitlines())], line
+    assert 100 < taken < 350  # both kinds drawn
+    for weak in (" .%", "(3", "~ -", "y", "X4"):  # no note, rest, chord, bar: prose to the extractor
+        assert not accepts(tokenizer, g, f"X:1\nK:G\nGAB|\n{weak}\nc3|]\n")
+
+
 def test_constraints_fix_header_values_and_bound_bars(tokenizer):
     c = AbcConstraints(key="G", meter="6/8", unit_length="1/8")
     assert accepts(tokenizer, tune_grammar(c), TUNE)

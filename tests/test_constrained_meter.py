@@ -62,6 +62,13 @@ def test_tracker_allows_only_what_fills_the_bar(prefix, text, ok):
     assert _tracker(HEAD + prefix).allows(text) is ok
 
 
+def test_a_second_meter_or_unit_line_in_the_header_is_refused():
+    """abcnotes (the validator) keeps a header's first M:/L: line, abc2midi its last: no second one."""
+    for header, line in [("X:1\nM:2/2\n", "M"), ("X:1\nM:2/2\nT:a\n", "M:4/2\n"), ("X:1\nL:1/8\n", "L:")]:
+        assert not _tracker(header).allows(line)
+    assert _tracker("X:1\nM:2/2\n").allows("L:1/8\nK:C\nC8|\nM:4/2\n")  # a change in the body is read alike
+
+
 @pytest.mark.parametrize(
     ("body", "ends"),
     [
@@ -190,22 +197,29 @@ def test_meter_row_for_an_engine_hook_masks_tokens_that_overflow_the_bar():
     assert row.fill() == "z2" and not row.may_end()
 
 
-def _random_rows(seed: int, rows: int, budget: int) -> list[tuple[tuple[str, str], str]]:
+def _random_rows(seed: int, rows: int, budget: int, in_sampler: bool) -> list[tuple[tuple[str, str], str]]:
     """One batch of ``rows`` meter-aware constrained rows (each its own meter and unit length) sampled from
-    seeded random logits through the real logits processor; their answers."""
+    seeded random logits through the real logits processor (``in_sampler``: as the meter's verifier behind
+    the serving engine's RowSampler, which draws, else as a mask); their answers."""
     import torch
 
     from chatmusician.model.constrained_decoding import finish, logits_processor
+    from chatmusician.model.sampling import RowSampler, RowSampling
 
     tokenizer = _tokenizer()
     generator = torch.Generator().manual_seed(seed)
     pick = [HEADERS[(seed * rows + r) % len(HEADERS)] for r in range(rows)]
     constraints = [AbcConstraints(meter=m, unit_length=u, key="G") for m, u in pick]
-    processor, states = logits_processor(tokenizer, constraints, budget)
+    processor, states = logits_processor(tokenizer, constraints, budget, meter_in_sampler=in_sampler)
+    sampler = RowSampler(
+        [RowSampling(top_p=0.95, seed=seed * rows + r) for r in range(rows)], "cpu", processor
+    )
     bias = _bias(tokenizer)
     ids = torch.zeros((rows, 1), dtype=torch.long)
     for _ in range(budget):
         scores = processor(ids, torch.randn((rows, len(bias)), generator=generator) * SPREAD + bias)
+        if in_sampler:
+            scores = sampler(ids, scores)
         token = scores.argmax(-1, keepdim=True)  # the logits are random already: greedy on them samples
         ids = torch.cat([ids, token], dim=1)
         if all(s.ids and s.ids[-1] == tokenizer.eos_token_id for s in states):
@@ -248,16 +262,17 @@ def _body_notes(tune: str) -> int:
 
 @pytest.mark.integration
 @NO_ABC2MIDI
-def test_random_model_constrained_tunes_have_every_bar_right_and_abc2midi_agrees(tmp_path):
+@pytest.mark.parametrize("in_sampler", [False, True], ids=["mask", "verifier"])
+def test_random_model_constrained_tunes_have_every_bar_right_and_abc2midi_agrees(tmp_path, in_sampler):
     """Property: over SEEDS x ROWS random-model rows (six meters, three unit lengths), every constrained answer
-    parses, has zero bar-duration issues, and abc2midi strikes each bar's first note where the validator puts
-    the bar (onsets at the meter's multiples, pickup aside)."""
+    is one whole tune to the extractor, parses, has zero bar-duration issues, and abc2midi strikes each bar's
+    first note where the validator puts the bar (onsets at the meter's multiples, pickup aside)."""
     checked, deep, problems = 0, 0, []
     for seed in range(SEEDS):
-        for _header, text in _random_rows(seed, rows=ROWS, budget=BUDGET):
+        for _header, text in _random_rows(seed, rows=ROWS, budget=BUDGET, in_sampler=in_sampler):
             tunes = extract_tunes(text).tunes
-            if not tunes:
-                problems.append(("no tune", text))
+            if len(tunes) != 1 or len(tunes[0].strip().splitlines()) != len(text.strip().splitlines()):
+                problems.append(("not one whole tune to the extractor", text))
                 continue
             tune = tunes[0]
             issues = [i for i in validate_tune(tune) if i.severity == "error" or i.code == "bar_duration"]

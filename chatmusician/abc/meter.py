@@ -18,7 +18,8 @@ chained, ``>``/``<`` not right after a note, rest or chord (abcnotes: none, abc2
 tuplet or an inline field while a broken rhythm waits for its note, a chord with lengths both inside and outside
 (abc2midi takes the outer alone), ``//2``/``//4``/``//8`` (abc2midi: ``//``), a body line starting like a field
 line (``F:|``: abc2midi skips it), a tie not right after a note or chord or inside a chord or grace group
-(abc2midi ties across them), two grace groups with no note between them, notes after a ``Z``/``X`` in its bar.
+(abc2midi ties across them), two grace groups with no note between them, notes after a ``Z``/``X`` in its bar,
+a second ``M:`` or ``L:`` line in the header (abcnotes keeps the first, abc2midi the last).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def header_line(state: State, line: str) -> State:
         except ValueError:
             meter = None
         frac = Fraction(*meter) if meter and meter[1] else None
-        state = with_(state, meter=frac, meter_text=value)
+        state = with_(state, meter=frac, meter_text=value, meter_set=True)
     elif letter == "L":
         try:
             state = with_(state, unit=parse_unit_length(value), unit_set=True)
@@ -96,6 +97,9 @@ def scan(
         if not complete and not final and line == "":
             return state, offset
         if not state.body:
+            if line[:2] in ("M", "M:", "L", "L:") and (state.meter_set if line[0] == "M" else state.unit_set):
+                # the validator (abcnotes) keeps the first, abc2midi the last
+                raise Violation(f"a second {line[0]}: line in the header")
             if line.startswith("M:"):
                 meter_may_be(line[2:], complete or final)
             if complete:

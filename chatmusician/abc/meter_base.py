@@ -92,6 +92,8 @@ class State:
     meter: Fraction | None = None
     """The meter in force (None: free meter, nothing checked)."""
     meter_text: str = "none"
+    meter_set: bool = False
+    """An M: line in the header has set the meter."""
     unit: Fraction = Fraction(1, 8)
     unit_set: bool = False
     """An L: line has set the unit (else it follows the header's meter)."""

@@ -13,9 +13,11 @@ emits text up to such a point. Batch users::
 
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.model.constrained_decoding import generate
+    from chatmusician.model.sampling import RowSampling
 
     texts = generate(model, tokenizer, [build_chat_prompt(q) for q in questions],
-                     [AbcConstraints(meter="6/8"), None], max_new_tokens=512, do_sample=False)
+                     [AbcConstraints(meter="6/8"), None], max_new_tokens=512,
+                     sampling=RowSampling(temperature=0.8, top_p=0.95, seed=1))
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from chatmusician.abc.grammar import AbcConstraints
 from chatmusician.model.constrained import (
@@ -36,7 +37,8 @@ from chatmusician.model.constrained import (
     ll_tokenizer,
     new_matcher,
 )
-from chatmusician.model.meter import meter_mask_row
+from chatmusician.model.meter import first_allowed, meter_mask_row
+from chatmusician.model.sampling import RowSampler, RowSampling, SuppressToken
 
 _NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -53,6 +55,9 @@ class AbcLogitsProcessor:
 
     ``rows[i]`` is the row's :class:`RowState`, or ``None`` for an unconstrained row (left untouched).
     ``mask_seconds`` / ``steps`` add up the time spent computing masks (the benchmark reads them).
+    The meter (every bar as long as its meter) is a mask here too, unless ``meter_in_sampler``: then the
+    processor is the :class:`~chatmusician.model.sampling.RowSampler`'s verifier, asked only about the
+    token each row draws (a token or two per step instead of every candidate a sampler might reach).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class AbcLogitsProcessor:
         wrap_up_tokens: int = WRAP_UP_TOKENS,
         ll_tok=None,
         reserve_tokens: int = RESERVE_TOKENS,
+        meter_in_sampler: bool = False,
     ):
         import torch
 
@@ -73,7 +79,6 @@ class AbcLogitsProcessor:
         self.vocab_size, self.eos_id = vocab_size, eos_id
         words = (vocab_size + 31) // 32
         self.bitmask = torch.zeros((len(self.rows), words), dtype=torch.int32)
-        self.bits = torch.arange(32, dtype=torch.int32)
         self.prompt_width: int | None = None
         self.mask_seconds, self.steps = 0.0, 0
         # Each row's token budget (one for all, or per row: rows of one batch may ask different lengths).
@@ -85,6 +90,8 @@ class AbcLogitsProcessor:
         self.wrap_up_tokens = wrap_up_tokens
         self.newline_ids = list(newline_ids)
         self.ll_tok, self.reserve_tokens = ll_tok, reserve_tokens
+        self.meter_in_sampler = meter_in_sampler
+        self.free: set[int] = set()  # this step's rows the model chooses for (the meter checks those)
 
     def _wrapping_up(self, i: int) -> bool:
         return self.budgets[i] is not None and self.budgets[i] - self.steps <= self.wrap_up_tokens
@@ -130,6 +137,7 @@ class AbcLogitsProcessor:
 
     def __call__(self, input_ids, scores):
         import llguidance.torch as llt
+        import numpy
         import torch
 
         if not self.active:
@@ -159,22 +167,46 @@ class AbcLogitsProcessor:
                         self.bitmask[i, self.eos_id // 32] &= ~_bit(self.eos_id)
                 if self._wrapping_up(i):
                     self._wrap_up(i)
-        rows = torch.tensor(self.active)
-        # [R, words] int32 -> [R, words*32] bool: bit b of word w allows token 32*w + b.
-        allowed = ((self.bitmask[rows].unsqueeze(-1) >> self.bits) & 1).bool().flatten(1)
-        allowed = allowed[:, : min(self.vocab_size, scores.shape[1])].to(scores.device)
-        sub = scores[rows.to(scores.device)]
-        width = allowed.shape[1]
-        sub[:, :width] = sub[:, :width].masked_fill(~allowed, float("-inf"))
-        sub[:, width:] = float("-inf")  # logits beyond the tokenizer's vocabulary (padded embeddings)
-        scores[rows.to(scores.device)] = sub
-        for i in free:
-            row = self.rows[i]
-            if row.meter is not None and not row.meter.broken:
+        # [R, words] int32 -> [R, words*32] bool, True where a token is refused: bit b of word w (little-endian)
+        # is token 32*w + b, so numpy's little-endian unpacking of the bytes lists the tokens in order.
+        width = min(self.vocab_size, scores.shape[1])
+        words = (~self.bitmask[self.active]).numpy().view(numpy.uint8)
+        refused = torch.from_numpy(numpy.unpackbits(words, axis=1, bitorder="little")[:, :width].view(bool))
+        refused = refused.to(scores.device)
+        if len(self.active) == scores.shape[0]:
+            scores[:, :width].masked_fill_(refused, float("-inf"))
+            scores[:, width:] = float("-inf")  # logits beyond the tokenizer's vocabulary (padded embeddings)
+        else:
+            rows = torch.tensor(self.active, device=scores.device)
+            sub = scores[rows]
+            sub[:, :width].masked_fill_(refused, float("-inf"))
+            sub[:, width:] = float("-inf")
+            scores[rows] = sub
+        self.free = {i for i in free if self.rows[i].meter is not None and not self.rows[i].meter.broken}
+        if not self.meter_in_sampler:
+            for i in self.free:
+                row = self.rows[i]
                 meter_mask_row(row.meter, scores[i], row.texts, self.eos_id)
         self.mask_seconds += time.perf_counter() - started
         self.steps += 1
         return scores
+
+    def accepts(self, row: int, token: int) -> bool:
+        """The sampler's verifier: may ``row`` take ``token`` by its meter? (Rows the processor forced, ended
+        or does not constrain take what they drew.)"""
+        if row not in self.free:
+            return True
+        started, state = time.perf_counter(), self.rows[row]
+        ok = state.meter.can_end() if token == self.eos_id else state.meter.allows(state.texts[token])
+        self.mask_seconds += time.perf_counter() - started
+        return ok
+
+    def rescue(self, row: int, logits) -> int | None:
+        """The sampler's verifier: the best token the meter passes, when the row's draws all failed."""
+        started, state = time.perf_counter(), self.rows[row]
+        token = first_allowed(state.meter, logits, state.texts, self.eos_id)
+        self.mask_seconds += time.perf_counter() - started
+        return token
 
 
 def newline_ids(tokenizer) -> tuple[int, ...]:
@@ -192,10 +224,12 @@ def logits_processor(
     tokenizer,
     constraints: Sequence[AbcConstraints | None],
     max_new_tokens: int | Sequence[int] | None = None,
+    meter_in_sampler: bool = False,
 ) -> tuple[AbcLogitsProcessor | None, list[RowState | None]]:
     """The processor for a batch whose row i obeys ``constraints[i]`` (None: unconstrained), and its row states.
     No processor at all when no row is constrained. With ``max_new_tokens`` (one budget, or one per row) the
-    rows wrap up in time."""
+    rows wrap up in time. ``meter_in_sampler``: the processor is the verifier of a ``RowSampler`` that
+    follows it (see :class:`AbcLogitsProcessor`)."""
     eos_id = tokenizer.eos_token_id
     ll_tok = ll_tokenizer(tokenizer) if any(c is not None for c in constraints) else None
     rows = [
@@ -213,6 +247,7 @@ def logits_processor(
         max_new_tokens=max_new_tokens,
         newline_ids=newline_ids(tokenizer),
         ll_tok=ll_tok,
+        meter_in_sampler=meter_in_sampler,
     )
     return processor, rows
 
@@ -231,6 +266,8 @@ class Generated:
     ids: list[int]
     finish_reason: str
     """stop (EOS) | length (max_new_tokens ran out; a constrained row was cut back to its last complete line)."""
+    generated: int = 0
+    """Tokens the model generated for the row, EOS included (a cut-back answer's dropped tokens too)."""
 
 
 def generate_outputs(
@@ -238,15 +275,18 @@ def generate_outputs(
     tokenizer,
     prompts: Sequence[str],
     constraints: Sequence[AbcConstraints | None],
-    **generate_kwargs: Any,
+    max_new_tokens: int,
+    sampling: RowSampling | Sequence[RowSampling] = RowSampling(temperature=0.0),
 ) -> list[Generated]:
-    """Like :func:`generate`, with ids and finish reasons."""
+    """Like :func:`generate`, with ids, finish reasons and generated-token counts."""
     import torch
+    from transformers import GenerationConfig
 
     if len(prompts) != len(constraints):
         raise ValueError(f"{len(prompts)} prompts but {len(constraints)} constraints")
     if not prompts:
         return []
+    samplings = [sampling] * len(prompts) if isinstance(sampling, RowSampling) else list(sampling)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -256,21 +296,30 @@ def generate_outputs(
     for i, row in enumerate(encoded):  # left padding: decoder-only models continue from the right end
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
-    budget = generate_kwargs.get("max_new_tokens")
-    config = generate_kwargs.get("generation_config")
-    if budget is None and config is not None:
-        budget = config.max_new_tokens
-    processor, rows = logits_processor(tokenizer, constraints, budget)
-    kwargs = {"eos_token_id": eos_id, "pad_token_id": pad_id, **generate_kwargs}
-    if processor is not None:
-        kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), processor]
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    processor, rows = logits_processor(tokenizer, constraints, max_new_tokens, meter_in_sampler=True)
+    chain = [SuppressToken(pad_id)] if pad_id != eos_id else []  # LLaMA pads with <unk>: never in an answer
+    chain += [processor] if processor is not None else []
+    chain.append(RowSampler(samplings, device, verifier=processor))
+    # transformers fills every setting a passed config leaves unset from model.generation_config (a checkpoint's
+    # repetition penalty, beams, banned n-grams...): set aside while the sampler applies every setting itself
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id
+    )
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config, logits_processor=chain)  # fmt: skip
+    finally:
+        model.generation_config = saved
     results = []
     for i, row in enumerate(rows):
-        answer, reason = finish(row, out[i, width:].tolist(), eos_id)
-        results.append(Generated(tokenizer.decode(answer, skip_special_tokens=True), answer, reason))
+        new = out[i, width:].tolist()
+        generated = new.index(eos_id) + 1 if eos_id in new else len(new)
+        answer, reason = finish(row, new, eos_id)
+        text = tokenizer.decode(answer, skip_special_tokens=True)
+        results.append(Generated(text, answer, reason, generated))
     return results
 
 
@@ -279,10 +328,15 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     constraints: Sequence[AbcConstraints | None],
-    **generate_kwargs: Any,
+    max_new_tokens: int,
+    sampling: RowSampling | Sequence[RowSampling] = RowSampling(temperature=0.0),
 ) -> list[str]:
     """One batched ``model.generate`` over ``prompts`` (the model's input text, e.g. ``build_chat_prompt(q)``;
     no special tokens added); row i obeys ``constraints[i]`` (``AbcConstraints()`` = syntax only, ``None`` =
-    unconstrained). ``generate_kwargs`` go to ``model.generate`` (max_new_tokens, do_sample, ...). Returns the
-    answers; a constrained answer is always a complete tune (cut back when max_new_tokens ran out)."""
-    return [g.text for g in generate_outputs(model, tokenizer, prompts, constraints, **generate_kwargs)]
+    unconstrained) and samples with ``sampling`` (one for all rows, or one per row; greedy by default) from its
+    own seeded generator (:class:`~chatmusician.model.sampling.RowSampler`: an answer does not depend on its
+    batch). Returns the answers; a constrained answer is always a complete tune (cut back when
+    ``max_new_tokens`` ran out)."""
+    return [
+        g.text for g in generate_outputs(model, tokenizer, prompts, constraints, max_new_tokens, sampling)
+    ]

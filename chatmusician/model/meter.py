@@ -138,6 +138,31 @@ def keep_row(
     return kept
 
 
+def _rescue(tracker: MeterTracker, order: list[int], texts: Sequence[str], eos_id: int) -> list[int]:
+    """The best of the remaining allowed tokens ``order`` (best first) that the meter passes, when the best
+    all failed: the row may need a length to finish its last note ("d4" -> "d4/8" in a full bar), so those
+    first."""
+    suffixes = [t for t in order if texts[t][:1] in _SUFFIX_START]
+    return keep_row(tracker, suffixes, [], texts, eos_id, limit=1) or keep_row(
+        tracker, order, [], texts, eos_id, limit=1
+    )
+
+
+def first_allowed(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: int) -> int | None:
+    """The highest-scoring token of a row (a 1-D torch tensor, -inf where the grammar forbids) that the meter
+    passes; None when none does. A sampler that drew only failing tokens ends here (greedy: at once)."""
+    import torch
+
+    n = int(torch.isfinite(scores).sum())
+    if n == 0:
+        return None
+    order = torch.topk(scores, min(n, MAX_TRIED)).indices.tolist()
+    kept = keep_row(tracker, order, [], texts, eos_id, limit=1)
+    if not kept and n > MAX_TRIED:
+        kept = _rescue(tracker, torch.argsort(scores, descending=True)[MAX_TRIED:n].tolist(), texts, eos_id)
+    return kept[0] if kept else None
+
+
 def meter_mask_row(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: int):
     """Mask one row's scores (a 1-D torch tensor, already masked by the grammar: -inf where not allowed) to
     the tokens the meter allows; returns the kept token ids. With none kept, the scores stay as they were
@@ -155,13 +180,7 @@ def meter_mask_row(tracker: MeterTracker, scores, texts: Sequence[str], eos_id: 
     beyond = float(all_probs.sum() - probs.sum()) if n > k else 0.0
     kept = keep_row(tracker, top.indices.tolist(), probs.tolist(), texts, eos_id, max(0.0, beyond))
     if not kept and n > k:
-        # The best all fail: the row may need a length to finish its last note ("d4" -> "d4/8" in a full
-        # bar), then anything else allowed, best first.
-        order = torch.argsort(scores, descending=True)[k:n].tolist()
-        suffixes = [t for t in order if texts[t][:1] in _SUFFIX_START]
-        kept = keep_row(tracker, suffixes, [], texts, eos_id, limit=1)
-        if not kept:
-            kept = keep_row(tracker, order, [], texts, eos_id, limit=1)
+        kept = _rescue(tracker, torch.argsort(scores, descending=True)[k:n].tolist(), texts, eos_id)
     if kept:  # -inf everywhere else (as a masked_fill_ of the others, without a vocabulary-wide bool mask)
         index = torch.tensor(kept, device=scores.device)
         values = scores[index]

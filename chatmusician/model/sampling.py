@@ -18,6 +18,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ def _generator(seed: int | None, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63) if seed is None else seed)
     return generator
+
+
+class SuppressToken:
+    """Logits processor that rules one token out (LLaMA pads with ``<unk>``: never part of an answer)."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token_id] = float("-inf")
+        return scores
 
 
 class LogprobRecorder:
@@ -91,15 +103,35 @@ class LogprobRecorder:
         return out
 
 
+class Verifier(Protocol):
+    """Checks a drawn token before the sampler takes it (meter-aware constrained decoding): the sampler draws
+    from the row's distribution as usual and only asks about what it drew."""
+
+    def accepts(self, row: int, token: int) -> bool:
+        """May row ``row`` take ``token``?"""
+
+    def rescue(self, row: int, logits) -> int | None:
+        """The best token of ``logits`` (one row) it accepts when no draw was accepted (None: none)."""
+
+
+# Draws per row and step before the verifier's rescue: each failed draw is taken out of the distribution.
+MAX_DRAWS = 8
+
+
 class RowSampler:
     """Last logits processor: penalties, temperature, top-k, top-p and one draw per row from its generator.
-    Returns scores that are 0 at the drawn token and -inf elsewhere, so greedy ``generate`` takes it."""
+    Returns scores that are 0 at the drawn token and -inf elsewhere, so greedy ``generate`` takes it.
+    With a ``verifier``, a drawn token it refuses is removed and the row draws again (rejection sampling: the
+    draw comes from the row's top-k/top-p distribution restricted to what the verifier accepts, at the cost of
+    checking one or two tokens instead of every candidate); after :data:`MAX_DRAWS` refusals, or greedy at
+    once, the verifier's rescue picks the best accepted token."""
 
-    def __init__(self, rows: Sequence[RowSampling], device):
+    def __init__(self, rows: Sequence[RowSampling], device, verifier: Verifier | None = None):
         import torch
 
         self.rows = list(rows)
         self.generators = [_generator(r.seed, device) for r in self.rows]
+        self.verifier = verifier
 
         def per_row(name: str):
             return torch.tensor([getattr(r, name) for r in self.rows], dtype=torch.float32, device=device)
@@ -130,28 +162,43 @@ class RowSampler:
             scores = scores - self.frequency[:, None] * counts - self.presence[:, None] * (counts > 0)
         chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
         for i, row in enumerate(self.rows):
-            chosen[i] = self._draw(scores[i], row, self.generators[i])
+            chosen[i] = self._draw(i, scores[i], row, self.generators[i])
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
         return out
 
-    @staticmethod
-    def _draw(logits, row: RowSampling, generator) -> int:
+    def _draw(self, i: int, logits, row: RowSampling, generator) -> int:
         import torch
 
+        verifier = self.verifier
         if row.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / row.temperature
-        if row.top_k and row.top_k < logits.shape[0]:
-            kth = logits.topk(row.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(logits.argmax())
+            if verifier is None or verifier.accepts(i, token):
+                return token
+            rescued = verifier.rescue(i, logits)
+            return token if rescued is None else rescued
+        warped = logits / row.temperature
+        if row.top_k and row.top_k < warped.shape[0]:
+            kth = warped.topk(row.top_k).values[-1]
+            warped = warped.masked_fill(warped < kth, float("-inf"))
         if row.top_p < 1.0:
-            sorted_logits, order = logits.sort(descending=True)
+            sorted_logits, order = warped.sort(descending=True)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= row.top_p  # keep the smallest set reaching top_p
-            logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+            warped = warped.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = warped.softmax(-1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+        if verifier is None:
+            return token
+        for _ in range(MAX_DRAWS):
+            if verifier.accepts(i, token):
+                return token
+            probs[token] = 0.0
+            if not bool(probs.sum() > 0):
+                break
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        rescued = verifier.rescue(i, logits)
+        return token if rescued is None else rescued
 
 
 class RowStops:

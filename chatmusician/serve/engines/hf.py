@@ -182,11 +182,11 @@ class TransformersEngine:
         from chatmusician.model.sampling import LogprobRecorder, RowSampler
 
         recorder = LogprobRecorder(tops)
-        processor, rows = logits_processor(self.tokenizer, constraints, budgets)
+        processor, rows = logits_processor(self.tokenizer, constraints, budgets, meter_in_sampler=True)
         chain = [
             recorder,
             *([processor] if processor is not None else []),
-            RowSampler(samplings, self.device),
+            RowSampler(samplings, self.device, verifier=processor),
         ]
         return chain, recorder, rows
 
