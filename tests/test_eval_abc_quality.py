@@ -104,7 +104,10 @@ def test_constrained_generation_masks_before_each_rows_draw_with_each_prompts_re
             masked[:, only] = scores[:, only]
             return masked
 
-    def fake_processor(tok, constraints, budget):
+        def accepts(self, row, token):  # the sampler's verifier: nothing more to check
+            return True
+
+    def fake_processor(tok, constraints, budget, meter_in_sampler=False):
         calls.append((list(constraints), budget))
         return OnlyG(), [None] * len(constraints)
 
