@@ -54,12 +54,25 @@ HEAD = "X:1\nM:4/4\nL:1/8\nK:G\n"
         ("GABc defg|GABc de", "[f2a]|", True),
         ("GABc defg|GABc de", "f//8", False),  # abc2midi reads //8 as //
         ("GABc defg|\n", "F:|", False),  # a note and a repeat to abcnotes, a field line to abc2midi
+        ("GABc defg|\n", " X:|", False),  # the extractor reads a field line: a new tune starts there
+        ("GABc defg|\n", "X ::", False),
+        ("GABc defg|\n", "Z4|", False),  # abcnotes: one bar of no length, abc2midi: four bars
         ("GABc defg|\nL:1/4\n", "GABc|", True),
         ("GABc defg|\nM:none\n", "GABc defg abc|", True),  # free meter: nothing checked
     ],
 )
 def test_tracker_allows_only_what_fills_the_bar(prefix, text, ok):
     assert _tracker(HEAD + prefix).allows(text) is ok
+
+
+def test_a_music_line_that_grows_into_a_field_line_is_refused_token_by_token():
+    """Pushed piece by piece (the tracker resumes inside the line): " X :" would start a new tune to the
+    extractor, "F:|" is a field line to abc2midi."""
+    for pieces in ([" ", " X", " ", ":"], ["F", ":|"], [" ", "C", ":|"], ["  ", "X", " ::"]):
+        tracker = _tracker("X:1\nM:4/4\nL:1/4\nK:C\nC4|\n")
+        for piece in pieces[:-1]:
+            tracker.push(piece)
+        assert not tracker.allows(pieces[-1]), pieces
 
 
 def test_a_second_meter_or_unit_line_in_the_header_is_refused():

@@ -19,11 +19,14 @@ tuplet or an inline field while a broken rhythm waits for its note, a chord with
 (abc2midi takes the outer alone), ``//2``/``//4``/``//8`` (abc2midi: ``//``), a body line starting like a field
 line (``F:|``: abc2midi skips it), a tie not right after a note or chord or inside a chord or grace group
 (abc2midi ties across them), two grace groups with no note between them, notes after a ``Z``/``X`` in its bar,
-a second ``M:`` or ``L:`` line in the header (abcnotes keeps the first, abc2midi the last).
+a second ``M:`` or ``L:`` line in the header (abcnotes keeps the first, abc2midi the last), a multi-bar rest
+``Z4``/``X4`` (abcnotes: one bar of no length, abc2midi: four bars), a music line that the tune extractor reads as a field line
+(`` X :|``: it would start a new tune there).
 """
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import abcnotes
@@ -43,6 +46,10 @@ from chatmusician.abc.meter_base import (  # noqa: F401 - the names the decoder 
     with_,
 )
 from chatmusician.abc.meter_line import _Line
+
+# What the tune extractor (chatmusician.abc.extract) reads as a field line: a letter and a colon, with spaces
+# around the letter (" X :|" would start a new tune there).
+_FIELD_LIKE = re.compile(r"[ \t]*[A-Za-z][ \t]*:")
 
 
 def header_line(state: State, line: str) -> State:
@@ -81,6 +88,8 @@ def scan(
     lines, offset = text.split("\n"), 0
     for k, line in enumerate(lines):
         if k == 0 and resume is not None:
+            if not mid_line and _FIELD_LIKE.match(line):  # the line grew into one a reader takes for a field
+                raise Violation("a music line that starts like a field line")
             complete = len(lines) > 1
             scanner = _Line.resumed(resume, complete or final)
             clean = scanner.music(line[scanner.base :])
@@ -107,6 +116,8 @@ def scan(
                 continue
             return state, offset
         field = None if mid_line else _FIELD_LINE.match(line)
+        if field is None and not mid_line and _FIELD_LIKE.match(line):
+            raise Violation("a music line that the tune extractor reads as a field line (' X :|')")
         if field is not None and field.group(1) not in abcnotes.tune_body_fields:
             # "F:|..." is a note and a repeat to abcnotes (and the validator), a field line to abc2midi
             raise Violation(f"a music line that starts like a field line: {line[:2]!r}")
