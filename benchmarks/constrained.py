@@ -117,7 +117,7 @@ def parses(text: str) -> bool:
         (Path(tmp) / "t.abc").write_text(tune + "\n", encoding="utf-8")
         number = tune.split("\n", 1)[0][2:].strip() or "1"
         out = subprocess.run(
-            ["abc2midi", "t.abc", number, "-o", "t.mid"], cwd=tmp, capture_output=True, text=True, timeout=30
+            ["abc2midi", "t.abc", number, "-o", "t.mid"], cwd=tmp, capture_output=True, timeout=30
         )
         return (Path(tmp) / "t.mid").exists() and usable_midi(Path(tmp) / "t.mid", tune, out.returncode)
 
