@@ -56,7 +56,7 @@ HEAD = "X:1\nM:4/4\nL:1/8\nK:G\n"
         ("GABc defg|\n", "F:|", False),  # a note and a repeat to abcnotes, a field line to abc2midi
         ("GABc defg|\n", " X:|", False),  # the extractor reads a field line: a new tune starts there
         ("GABc defg|\n", "X ::", False),
-        ("GABc defg|\n", "Z4|", False),  # abcnotes: one bar of no length, abc2midi: four bars
+        ("GABc defg|\n", "Z4|", True),  # a multi-bar rest
         ("GABc defg|\nL:1/4\n", "GABc|", True),
         ("GABc defg|\nM:none\n", "GABc defg abc|", True),  # free meter: nothing checked
     ],
@@ -101,6 +101,7 @@ WRITTEN = [  # metrically right tunes in the shapes the tracker allows: abc2midi
     "X:1\nM:4/4\nL:1/8\nK:G\nG>A B<c (3ded c2|[GB]4 z4|{a}g2 f2 e2 d2|\n",
     "X:1\nM:3/4\nL:1/8\nK:G\nGABc de|[M:2/4]f2 g2|\nL:1/4\nab|\n",
     "X:1\nM:4/4\nL:1/16\nK:G\nG4 A4 B4 c4|d8 e8|\n",
+    "X:1\nM:3/4\nL:1/8\nK:G\nGABc de|Z3|f2 g2 a2|X|b2 a2 g2|\n",  # multi-bar and invisible rests
 ]
 
 
@@ -171,7 +172,11 @@ def _bar_starts(tune_text: str) -> list[Fraction]:
             continue
         if type(bar.first) is abcnotes.Note and not tied and not bar.first.grace:
             starts.append(now)
-        now += bar.duration if not bar.whole_bar_rest else bar.meter or 0
+        if bar.whole_bar_rest:  # Z4: four bars (abcnotes gives the bar no length)
+            rest = next(t for t in bar.tokens if type(t) is abcnotes.Rest)
+            now += (bar.meter or 0) * Fraction(*rest.length)
+        else:
+            now += bar.duration
         # Tied into the next bar: its last note carries a tie, or a "-" (with spaces before it) follows it.
         last = [
             t for t in bar.tokens if type(t) is abcnotes.Tie or (type(t) is abcnotes.Note and not t.grace)

@@ -278,8 +278,6 @@ class _Line:
                 if m.group(1) in "XZ":
                     if self.s.sounding or self.dots or self.tuplet:
                         self._fail("a whole-bar rest after notes")
-                    if m.group(2) not in (None, "1") or m.group(3):
-                        self._fail("a multi-bar rest (abcnotes reads one bar of no length, abc2midi n bars)")
                     self._sound(Fraction(0))
                     self.s = with_(self.s, whole_rest=True)
                     self.last_sound = None

@@ -22,6 +22,7 @@ _BARE_TEMPO = re.compile(r"^\s*(\d+)\s*$")
 # Text that holds '|' without being a bar line: chord symbols/annotations, !decorations!, comments, fields.
 _NOT_MUSIC = re.compile(r'"[^"\n]*"|![^!\n]*!|%[^\n]*|^[A-Za-z]:[^\n]*$|\[[A-Za-z]:[^\]\n]*\]', re.MULTILINE)
 _BAR_LINE = re.compile(r"[:\[\]]*\|+[:\]\[]*\d?|::")
+_BAR_REST = re.compile(r"[ZX](\d*)")
 # abcm2ps draws a staff as one path of horizontal lines: "m x y h w M x y h w …".
 _STAFF_PATH = re.compile(r'<path[^>]*\sd="\s*m[\d.]+ [\d.]+\s+h[\d.]+(?:\s+M[\d.]+ [\d.]+\s+h[\d.]+)*\s*"')
 
@@ -60,6 +61,9 @@ def expected_music_s(tune_text: str) -> float | None:
     except Exception:  # noqa: BLE001 - the third-party tokenizer; fall back to counting bar lines
         whole_notes = Fraction(0)
     if whole_notes > 0:
+        # whole-bar rests: no length to the validator, Z4/X4 four bars to abc2midi
+        rests = sum(int(n or 1) for n in _BAR_REST.findall(_NOT_MUSIC.sub(" ", tune.body)))
+        whole_notes += rests * (tune.meter or 0) / max(1, len(tune.voices))
         return float(whole_notes) / rate
     bars = len(_BAR_LINE.findall(_NOT_MUSIC.sub(" ", tune.body)))
     if not tune.meter or not bars:
