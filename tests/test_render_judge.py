@@ -25,6 +25,8 @@ def test_expected_length_adds_up_the_longest_voice_at_the_tempo():
     assert expected_music_s("X:1\nM:4/4\nK:C\n") is None
     # whole-bar rests last their bars (the validator gives them no length): Z6 is six bars, X one
     assert expected_music_s(REEL.replace("|]", "|Z6|X|]")) == pytest.approx(16.0 + 7 * 2.0)
+    assert expected_music_s(REEL.replace("M:4/4\n", "").replace("|]", "|X27|]")) == pytest.approx(16.0 + 54.0)
+    assert expected_music_s(REEL.replace("Q:1/4=120", "Q:1/16=30\nQ:1/4=120")) == pytest.approx(16.0)
     assert beats_per_second("3/8=40", 1 / 8) == pytest.approx(0.25)
     assert beats_per_second("120", 0.125) == pytest.approx(0.25)  # ABC 1.6: unit lengths per minute
     assert beats_per_second(None, 0.125) == pytest.approx(0.5)  # abc2midi's default 1/4=120

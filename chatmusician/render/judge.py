@@ -53,7 +53,8 @@ def expected_music_s(tune_text: str) -> float | None:
     from chatmusician.abc.validate import bar_durations
 
     tune = parse_tune(tune_text)
-    rate = beats_per_second(tune.header("Q"), tune.unit_length)
+    tempos = tune.headers.get("Q")
+    rate = beats_per_second(tempos[-1] if tempos else None, tune.unit_length)  # abc2midi: the last Q: holds
     try:
         whole_notes = max(
             (sum(bars, Fraction(0)) for bars in bar_durations(tune).values()), default=Fraction(0)
@@ -61,9 +62,9 @@ def expected_music_s(tune_text: str) -> float | None:
     except Exception:  # noqa: BLE001 - the third-party tokenizer; fall back to counting bar lines
         whole_notes = Fraction(0)
     if whole_notes > 0:
-        # whole-bar rests: no length to the validator, Z4/X4 four bars to abc2midi
+        # whole-bar rests: no length to the validator, Z4/X4 four bars to abc2midi (4/4 with no meter)
         rests = sum(int(n or 1) for n in _BAR_REST.findall(_NOT_MUSIC.sub(" ", tune.body)))
-        whole_notes += rests * (tune.meter or 0) / max(1, len(tune.voices))
+        whole_notes += rests * (tune.meter or 1) / max(1, len(tune.voices))
         return float(whole_notes) / rate
     bars = len(_BAR_LINE.findall(_NOT_MUSIC.sub(" ", tune.body)))
     if not tune.meter or not bars:
