@@ -56,7 +56,8 @@ def generate_counted(
     ``kwargs`` are :func:`sampling_kwargs`' arguments. Row i samples from its own generator seeded ``seeds[i]``
     (default: ``seed`` for every row), so an item's answer does not depend on which items share its batch (the
     serving engine's ``RowSampler``). ``constrained`` routes through the ABC grammar, row i also held to
-    ``constraints[i]`` (``{key, meter, ...}``: what it asked for); its mask runs before the draw."""
+    ``constraints[i]`` (``{key, meter, ...}``: what it asked for); its grammar mask runs before the draw, its
+    meter checks the token drawn (:func:`chatmusician.model.constrained_decoding.generate_outputs`)."""
     from chatmusician.abc.grammar import AbcConstraints
     from chatmusician.model.constrained_decoding import generate_outputs
     from chatmusician.model.sampling import RowSampling
