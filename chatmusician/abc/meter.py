@@ -20,8 +20,7 @@ tuplet or an inline field while a broken rhythm waits for its note, a chord with
 line (``F:|``: abc2midi skips it), a tie not right after a note or chord or inside a chord or grace group
 (abc2midi ties across them), two grace groups with no note between them, notes after a ``Z``/``X`` in its bar,
 a second ``M:`` or ``L:`` line in the header (abcnotes keeps the first, abc2midi the last), a music line that
-the tune extractor reads as a field line
-(`` X :|``: it would start a new tune there).
+the tune extractor reads as a field line (`` X :|``: it would start a new tune there).
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 its tune can still end with every bar as long as its meter (``chatmusician.abc.meter``, the validator's
 duration model, incremental).
 
-The grammar (llguidance) keeps syntax; here each step looks at the row's best tokens the grammar allows, in
-score order, and keeps those the meter tracker passes, until they hold nearly all of the probability the
-sampler could reach once the failed ones are masked (or :data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked.
-Greedy decoding of a trained model usually tries one or two. Engine-neutral: :func:`meter_mask_row` takes a
-row's generated ids and its logits, so a vLLM logits processor can call it per row (see docs/serving/constrained.md).
+The grammar (llguidance) keeps syntax; the meter is checked one of two ways. Behind our own sampler
+(``chatmusician.model.sampling.RowSampler``) only the token drawn is checked, and :func:`first_allowed` picks
+the best token the meter passes when the draws all fail. Where the sampler is not ours (vLLM),
+:func:`meter_mask_row` masks: it looks at the row's best tokens the grammar allows, in score order, and keeps
+those the tracker passes until they hold nearly all of the probability the sampler could reach (or
+:data:`MAX_KEPT` passed, or :data:`MAX_TRIED` were tried); everything else is masked. Both are engine-neutral:
+they take a row's tracker and its logits (see docs/serving/constrained.md).
 """
 
 from __future__ import annotations
